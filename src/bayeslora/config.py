@@ -1,0 +1,146 @@
+"""BayesLoraConfig: what a Bayesian-LoRA adapter is, persisted next to its weights.
+
+It *is* a PEFT ``LoraConfig`` (every LoRA field keeps its PEFT meaning: ``r``, ``lora_alpha``,
+``target_modules`` with names, a regex or "all-linear", ``None`` for per-architecture defaults, ...)
+plus the fields of the Bayesian posterior. In memory its ``peft_type`` is LORA, so PEFT's LoRA
+machinery (injection, save, merge, ``disable_adapter``) runs unchanged; on disk ``adapter_config.json``
+says ``"peft_type": "BAYESLORA"``, so plain ``PeftModel.from_pretrained`` refuses the folder instead of
+silently loading a plain LoRA (load it with :func:`bayeslora.load`, or pass
+``config=BayesLoraConfig.from_pretrained(path)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Optional, Union
+
+from peft import LoraConfig
+
+__all__ = ["BayesLoraConfig", "SAVED_PEFT_TYPE", "matches_module"]
+
+SAVED_PEFT_TYPE = "BAYESLORA"
+CONFIG_NAME = "adapter_config.json"
+
+
+def matches_module(patterns: Union[list[str], str], key: str) -> bool:
+    """PEFT's matching rule: a string is a regex (full match); a list matches names or dotted suffixes."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, key) is not None
+    return key in patterns or any(key.endswith(f".{p}") for p in patterns)
+
+
+@dataclass
+class BayesLoraConfig(LoraConfig):
+    """A LoRA config whose chosen factors get a Kronecker inducing posterior with a flow."""
+
+    bayesian_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Which targets are Bayesian (names, dotted suffixes or a regex, as target_modules). "
+                  "None = every Linear/Conv1D target; [] = plain PEFT LoRA."},
+    )
+    inducing_rows: int = field(default=9, metadata={"help": "R: rows of each factor's inducing matrix."})
+    inducing_cols: int = field(default=9, metadata={"help": "C: columns of the inducing matrix (flow width)."})
+    flow_depth: int = field(default=1, metadata={"help": "Masked autoregressive flow layers; 0 = no flow."})
+    flow_hidden: int = field(default=16, metadata={"help": "Hidden width of each flow conditioner."})
+    prior_std: float = field(default=0.1, metadata={"help": "Prior std; σ_p = prior_std / sqrt(d_in)."})
+    lambda_init: float = field(default=1e-3, metadata={"help": "Initial conditional-noise scale λ."})
+    lambda_max: float = field(default=0.03, metadata={"help": "Upper clamp of λ."})
+    sigma_u_init: float = field(default=1e-3, metadata={"help": "Initial inducing std σ_U."})
+    sigma_u_max: float = field(default=0.1, metadata={"help": "Upper clamp of σ_U."})
+    inducing_diag_init: float = field(default=1e-3, metadata={"help": "Initial D = softplus(δ)."})
+    jitter: float = field(default=1e-5, metadata={"help": "Relative jitter added to K's diagonal."})
+    inducing_dtype: str = field(
+        default="float32", metadata={"help": "Precision of the inducing maths: float32 or float64."}
+    )
+    mean_samples: int = field(
+        default=4096, metadata={"help": "Flow evaluations averaged for the posterior mean (mean mode)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the CPU generator behind the mean-mode average."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field when the configuration cannot work."""
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"BayesLoraConfig.r must be a positive integer, got {self.r!r}")
+        for name in ("inducing_rows", "inducing_cols", "flow_hidden", "mean_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"BayesLoraConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.flow_depth, int) or self.flow_depth < 0:
+            raise ValueError(f"BayesLoraConfig.flow_depth must be an integer >= 0, got {self.flow_depth!r}")
+        for name in ("prior_std", "lambda_init", "lambda_max", "sigma_u_init", "sigma_u_max",
+                     "inducing_diag_init"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"BayesLoraConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.jitter >= 0:
+            raise ValueError(f"BayesLoraConfig.jitter must be >= 0, got {self.jitter!r}")
+        if self.lambda_init > self.lambda_max:
+            raise ValueError(
+                f"BayesLoraConfig.lambda_init ({self.lambda_init}) must not exceed lambda_max ({self.lambda_max})"
+            )
+        if self.sigma_u_init > self.sigma_u_max:
+            raise ValueError(
+                f"BayesLoraConfig.sigma_u_init ({self.sigma_u_init}) must not exceed sigma_u_max ({self.sigma_u_max})"
+            )
+        if self.inducing_dtype not in ("float32", "float64"):
+            raise ValueError(
+                f"BayesLoraConfig.inducing_dtype must be 'float32' or 'float64', got {self.inducing_dtype!r}"
+            )
+        if self.bayesian_modules is not None and not isinstance(self.bayesian_modules, str):
+            self.bayesian_modules = list(self.bayesian_modules)
+        if self.use_dora:
+            raise ValueError("BayesLoraConfig.use_dora: DoRA cannot be combined with Bayesian-LoRA")
+
+    def is_bayesian(self, key: str) -> bool:
+        """Whether the target module called ``key`` carries a Bayesian adapter."""
+        if self.bayesian_modules is None:
+            return True
+        return matches_module(self.bayesian_modules, key)
+
+    # Persistence: the folder must never be mistaken for a plain LoRA adapter.
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Write ``adapter_config.json`` atomically with ``peft_type`` BAYESLORA."""
+        os.makedirs(save_directory, exist_ok=True)
+        output = self.to_dict()
+        output = {k: (sorted(v) if isinstance(v, set) else v) for k, v in output.items()}
+        output["peft_type"] = SAVED_PEFT_TYPE
+        auto_mapping = kwargs.pop("auto_mapping_dict", None)
+        if auto_mapping is not None:
+            output["auto_mapping"] = auto_mapping
+        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=".adapter_config.", suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(output, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, os.path.join(save_directory, CONFIG_NAME))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None,
+                        **kwargs) -> "BayesLoraConfig":
+        """Read a saved Bayesian-LoRA config from a local folder or a Hub repository."""
+        path = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        config_file = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(config_file):
+            from huggingface_hub import hf_hub_download  # the Hub path real users have
+
+            config_file = hf_hub_download(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder,
+                                          revision=kwargs.get("revision"), token=kwargs.get("token"))
+        with open(config_file) as handle:
+            data = json.load(handle)
+        peft_type = data.pop("peft_type", None)
+        if peft_type != SAVED_PEFT_TYPE:
+            raise ValueError(
+                f"{config_file}: field 'peft_type' is {peft_type!r}, not {SAVED_PEFT_TYPE!r}: "
+                "this is not a Bayesian-LoRA adapter"
+            )
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(f"{config_file}: ignoring fields unknown to this bayeslora version: {unknown}")
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,97 @@
+"""The variational parameters of one Bayesian LoRA factor (METHOD.md section 2).
+
+A factor is a weight W of shape (d_out, d_in): for LoRA's A, (r, d_in); for B, (d_out, r). Its
+posterior lives in an R×C inducing matrix mapped to full size by Kronecker-factored inducing
+locations. This module only *holds* parameters; the maths that turns them into samples, means and KL
+terms lives in :mod:`bayeslora.core.posterior`, which works on many same-shaped factors at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import astuple, dataclass
+
+import torch
+from torch import nn
+
+from .flow import RowFlow
+
+__all__ = ["FactorShape", "InducingFactor", "inverse_softplus"]
+
+
+def inverse_softplus(y: float) -> float:
+    """x such that softplus(x) = y, for initialising positive parameters."""
+    if y <= 0:
+        raise ValueError(f"inverse_softplus needs a positive value, got {y}")
+    return y + math.log(-math.expm1(-y))
+
+
+@dataclass(frozen=True)
+class FactorShape:
+    """Everything that must agree for factors to be sampled together in one batched call."""
+
+    d_out: int
+    d_in: int
+    rows: int
+    cols: int
+    flow_depth: int
+    flow_hidden: int
+    prior_std: float
+    sigma_u_max: float
+    lambda_max: float
+    jitter: float
+
+    @property
+    def prior_scale(self) -> float:
+        """σ_p = prior_std / √d_in."""
+        return self.prior_std / math.sqrt(self.d_in)
+
+    def key(self) -> str:
+        """A stable text key (used to seed per-group generators identically on every rank)."""
+        return "|".join(str(v) for v in astuple(self))
+
+
+class InducingFactor(nn.Module):
+    """Inducing mean m, std parameter ρ_U, locations Z_r, Z_c, diagonals δ_r, δ_c, noise scale ℓ, flow.
+
+    Initialisation (METHOD.md section 2): m ~ N(0, 1); σ_U = softplus(ρ_U) = sigma_u_init;
+    Z_r ~ N(0, 1)/√R, Z_c ~ N(0, 1)/√C; softplus(δ) = d_init; λ = softplus(ℓ) = lambda_init.
+    Parameters are created in float32 and draw from the global RNG in sequence, so same-shaped factors
+    start different (the reference code re-seeded per factor and made them identical).
+    """
+
+    def __init__(
+        self,
+        shape: FactorShape,
+        *,
+        sigma_u_init: float,
+        lambda_init: float,
+        d_init: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        self.shape = shape
+        rows, cols = shape.rows, shape.cols
+        self.inducing_mean = nn.Parameter(torch.randn(rows, cols))
+        self.inducing_rho = nn.Parameter(torch.full((rows, cols), inverse_softplus(sigma_u_init)))
+        self.z_rows = nn.Parameter(torch.randn(rows, shape.d_out) / math.sqrt(rows))
+        self.z_cols = nn.Parameter(torch.randn(cols, shape.d_in) / math.sqrt(cols))
+        self.delta_rows = nn.Parameter(torch.full((rows,), inverse_softplus(d_init)))
+        self.delta_cols = nn.Parameter(torch.full((cols,), inverse_softplus(d_init)))
+        self.lambda_raw = nn.Parameter(torch.tensor(inverse_softplus(lambda_init)))
+        self.flow = RowFlow(cols, shape.flow_depth, shape.flow_hidden) if shape.flow_depth > 0 else None
+
+    def sigma_u(self) -> torch.Tensor:
+        """σ_U = clamp(softplus(ρ_U), max=sigma_u_max), in float32."""
+        return nn.functional.softplus(self.inducing_rho.float()).clamp(max=self.shape.sigma_u_max)
+
+    def lam(self) -> torch.Tensor:
+        """λ = clamp(softplus(ℓ), max=lambda_max), in float32."""
+        return nn.functional.softplus(self.lambda_raw.float()).clamp(max=self.shape.lambda_max)
+
+    def version(self) -> tuple[tuple[int, int], ...]:
+        """Identity and in-place version of every parameter: changes whenever an optimizer steps."""
+        return tuple((id(p), p._version) for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        s = self.shape
+        return f"d_out={s.d_out}, d_in={s.d_in}, inducing={s.rows}x{s.cols}, flow_depth={s.flow_depth}"

@@ -1,0 +1,183 @@
+"""Sampling, mean and KL of many same-shaped Bayesian factors at once (METHOD.md sections 2 to 4).
+
+Everything here works on a *group*: G factors with one :class:`FactorShape`, their parameters stacked
+along a leading dimension, so a model's whole posterior is drawn with a handful of batched kernels
+(batched Cholesky, solves, one flow call) rather than many tiny per-factor ones. The inducing maths
+runs in ``dtype`` (float32 or float64) whatever the dtype of the base model. No host synchronisation
+happens on the sampling path.
+
+Notation per factor: K_r = Z_r Z_rᵀ + D_r², K_c = Z_c Z_cᵀ + D_c² (jitter folded into D),
+L = chol(K), T_r = Z_rᵀ K_r⁻¹ (d_o×R), T_c = K_c⁻¹ Z_c (C×d_i).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.functional import softplus
+
+from .factor import FactorShape, InducingFactor
+from .flow import apply_flows
+from .kl import conditional_kl, flow_kl_sample
+
+__all__ = ["Geometry", "GroupDraw", "StackedFactors", "draw_group", "mean_group", "mean_flow_noise"]
+
+
+@dataclass
+class StackedFactors:
+    """The parameters of G same-shaped factors, stacked and cast to the inducing dtype."""
+
+    shape: FactorShape
+    factors: list[InducingFactor]
+    mean: Tensor  # (G, R, C)
+    sigma: Tensor  # (G, R, C)
+    z_rows: Tensor  # (G, R, d_o)
+    z_cols: Tensor  # (G, C, d_i)
+    d_rows: Tensor  # (G, R)  softplus(δ_r), before jitter
+    d_cols: Tensor  # (G, C)
+    lam: Tensor  # (G,)
+
+    @classmethod
+    def of(cls, factors: list[InducingFactor], dtype: torch.dtype) -> "StackedFactors":
+        def stack(name: str) -> Tensor:
+            return torch.stack([getattr(f, name) for f in factors]).to(dtype)
+
+        shape = factors[0].shape
+        return cls(
+            shape=shape,
+            factors=factors,
+            mean=stack("inducing_mean"),
+            sigma=softplus(stack("inducing_rho")).clamp(max=shape.sigma_u_max),
+            z_rows=stack("z_rows"),
+            z_cols=stack("z_cols"),
+            d_rows=softplus(stack("delta_rows")),
+            d_cols=softplus(stack("delta_cols")),
+            lam=softplus(stack("lambda_raw")).clamp(max=shape.lambda_max),
+        )
+
+
+@dataclass
+class Geometry:
+    """Cholesky factors and projections derived from Z and D (one set per factor in the group)."""
+
+    chol_rows: Tensor  # (G, R, R)
+    chol_cols: Tensor  # (G, C, C)
+    proj_rows: Tensor  # T_r (G, d_o, R)
+    proj_cols: Tensor  # T_c (G, C, d_i)
+    diag_rows: Tensor  # D_r with jitter folded in, (G, R)
+    diag_cols: Tensor  # (G, C)
+
+
+def _kernel(z: Tensor, diag: Tensor, jitter: float) -> tuple[Tensor, Tensor, Tensor]:
+    """K = Z Zᵀ + D² + jitter·mean(diag K)·I, its Cholesky factor, and the jittered D."""
+    gram = z @ z.transpose(-1, -2)
+    d2 = diag.square()
+    jit = jitter * (gram.diagonal(dim1=-2, dim2=-1) + d2).mean(-1, keepdim=True)
+    d2 = d2 + jit
+    kernel = gram + torch.diag_embed(d2)
+    chol, info = torch.linalg.cholesky_ex(kernel)
+    if chol.device.type == "cpu":  # a check is free on the CPU; on accelerators it would sync the host
+        if bool((info != 0).any()):
+            raise FloatingPointError(
+                "inducing kernel K = Z Zᵀ + D² is not positive definite (non-finite parameters?); "
+                "check the learning rate or raise `jitter`"
+            )
+    return chol, d2.sqrt(), kernel
+
+
+def geometry(p: StackedFactors) -> Geometry:
+    """Cholesky factors L_r, L_c and projections T_r, T_c by Cholesky solves (never inverses)."""
+    chol_r, d_r, _ = _kernel(p.z_rows, p.d_rows, p.shape.jitter)
+    chol_c, d_c, _ = _kernel(p.z_cols, p.d_cols, p.shape.jitter)
+    proj_rows = torch.cholesky_solve(p.z_rows, chol_r).transpose(-1, -2)
+    proj_cols = torch.cholesky_solve(p.z_cols, chol_c)
+    return Geometry(chol_r, chol_c, proj_rows, proj_cols, d_r, d_c)
+
+
+@dataclass
+class GroupDraw:
+    """Weights drawn for a group, (G, n, d_o, d_i), and the one-sample flow KL of each factor, (G,)."""
+
+    weights: Tensor
+    kl_flow: Tensor
+
+
+def _whitened(p: StackedFactors, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """U0 = m + σ ⊙ ε and U_w = T_φ(U0) row-wise; returns (U_w, ladj) with ladj (G, n, R)."""
+    u0 = p.mean.unsqueeze(1) + p.sigma.unsqueeze(1) * eps
+    flows = [f.flow for f in p.factors]
+    if flows[0] is None:
+        return u0, u0.new_zeros(u0.shape[:-1])
+    return apply_flows(flows, u0)
+
+
+def draw_group(p: StackedFactors, n: int, generator: torch.Generator | None = None) -> GroupDraw:
+    """Draw n weights per factor by METHOD.md section 2, steps 1 to 6 (exact Matheron rule).
+
+    W = σ_p (T_r (U − λŪ) T_c + λ e1), which is M + λξ with M = T_r U T_c and ξ = e1 − T_r Ū T_c
+    folded into one projection. Ū = [Z_r D_r] [[e1, e2], [e3, e4]] [Z_c D_c]ᵀ is a prior draw of the
+    inducing matrix made jointly with e1, so ξ has covariance I − P_r ⊗ P_c and no d×d matrix forms.
+    All noise comes from one ``randn`` call (torch's global RNG unless ``generator`` is given).
+    """
+    s = p.shape
+    g, rows, cols, d_o, d_i = len(p.factors), s.rows, s.cols, s.d_out, s.d_in
+    sizes = [rows * cols, d_o * d_i, d_o * cols, rows * d_i, rows * cols]
+    noise = torch.randn(
+        (g, n, sum(sizes)), generator=generator, device=p.mean.device, dtype=p.mean.dtype
+    )
+    eps, e1, e2, e3, e4 = noise.split(sizes, dim=-1)
+    eps = eps.view(g, n, rows, cols)
+    e1, e2 = e1.view(g, n, d_o, d_i), e2.view(g, n, d_o, cols)
+    e3, e4 = e3.view(g, n, rows, d_i), e4.view(g, n, rows, cols)
+
+    geo = geometry(p)
+    u_w, ladj = _whitened(p, eps)
+    chol_r, chol_c = geo.chol_rows.unsqueeze(1), geo.chol_cols.unsqueeze(1)
+    u = chol_r @ u_w @ chol_c.transpose(-1, -2)
+
+    z_r, z_c = p.z_rows.unsqueeze(1), p.z_cols.unsqueeze(1)
+    d_r, d_c = geo.diag_rows[:, None, :, None], geo.diag_cols[:, None, None, :]
+    u_prior = z_r @ (e1 @ z_c.transpose(-1, -2) + e2 * d_c) + (d_r * e3) @ z_c.transpose(-1, -2)
+    u_prior = u_prior + d_r * e4 * d_c
+
+    lam = p.lam[:, None, None, None]
+    inner = (u - lam * u_prior) @ geo.proj_cols.unsqueeze(1)  # (G, n, R, d_i)
+    weights = s.prior_scale * (geo.proj_rows.unsqueeze(1) @ inner + lam * e1)
+    kl = flow_kl_sample(eps, p.sigma.log(), ladj, u_w)
+    return GroupDraw(weights=weights, kl_flow=kl)
+
+
+def mean_flow_noise(shape: FactorShape, num_samples: int, seed: int, like: Tensor) -> Tensor:
+    """The fixed ε (K, R, C) that averages the flow in mean mode.
+
+    Drawn on a CPU generator so every device agrees, and the same for every factor of a shape, so a
+    factor's mean does not depend on which other factors it was grouped with (merge and mean mode match).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    eps = torch.randn((num_samples, shape.rows, shape.cols), generator=gen, dtype=torch.float64)
+    return eps.to(device=like.device, dtype=like.dtype)
+
+
+def mean_group(p: StackedFactors, eps: Tensor | None) -> Tensor:
+    """Posterior mean E_q[W] of every factor, (G, d_o, d_i) (METHOD.md section 4).
+
+    E[W] = σ_p T_r L_r E[U_w] L_cᵀ T_c since the conditional noise has mean zero. Without a flow
+    E[U_w] = m exactly; with one it is the average of the flow over the draws ``eps`` (K, R, C).
+    """
+    if p.factors[0].flow is None:
+        mean_w = p.mean
+    else:
+        if eps is None:
+            raise ValueError("a flow's mean needs the Monte-Carlo noise `eps`")
+        u_w, _ = _whitened(p, eps.expand(len(p.factors), *eps.shape))
+        mean_w = u_w.mean(1)
+    geo = geometry(p)
+    u = geo.chol_rows @ mean_w @ geo.chol_cols.transpose(-1, -2)
+    return p.shape.prior_scale * (geo.proj_rows @ (u @ geo.proj_cols))
+
+
+def conditional_kl_group(p: StackedFactors) -> Tensor:
+    """KL_cond of every factor in the group, (G,)."""
+    return conditional_kl(p.lam, p.shape.d_out * p.shape.d_in)

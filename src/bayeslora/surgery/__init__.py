@@ -1,0 +1,14 @@
+"""Model surgery: the only place that touches PEFT and transformers internals."""
+
+from .api import (
+    attach, count_parameters, fixed_sample, get_model, get_sampler, kl_breakdown, kl_divergence, load,
+    posterior_stats, set_draw_seed, set_mode, using_mode,
+)
+from .layer import BayesLoraLinear
+from .sampler import PosteriorSampler
+
+__all__ = [
+    "BayesLoraLinear", "PosteriorSampler", "attach", "count_parameters", "fixed_sample", "get_model",
+    "get_sampler", "kl_breakdown", "kl_divergence", "load", "posterior_stats", "set_draw_seed",
+    "set_mode", "using_mode",
+]

@@ -1,0 +1,192 @@
+"""The public surface of the adapter: build, load, switch modes, read KL terms and statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import peft
+import torch
+from torch import Tensor, nn
+
+from ..config import BayesLoraConfig
+from ..core import StackedFactors, conditional_kl_group, draw_group
+from .inject import prepare_config, resolve_targets, untie_targets
+from .layer import BayesLoraLinear
+from .sampler import PosteriorSampler
+
+__all__ = [
+    "attach", "count_parameters", "fixed_sample", "get_model", "get_sampler", "kl_breakdown",
+    "kl_divergence", "load", "posterior_stats", "set_draw_seed", "set_mode", "using_mode",
+]
+
+_SAMPLER_ATTR = "_bayeslora_sampler"
+
+
+def _inner_model(model: nn.Module) -> nn.Module:
+    """The model PEFT wraps (PeftModel -> LoraModel -> model); the model itself otherwise."""
+    if isinstance(model, peft.PeftModel):
+        return model.base_model.model
+    if isinstance(model, peft.tuners.lora.LoraModel):
+        return model.model
+    return model
+
+
+def get_sampler(model: nn.Module) -> PosteriorSampler:
+    """The sampler attached to ``model`` (a PeftModel, its LoraModel or the wrapped model)."""
+    for module in model.modules():
+        sampler = module.__dict__.get(_SAMPLER_ATTR)
+        if sampler is not None:
+            return sampler
+    raise ValueError("this model has no Bayesian-LoRA sampler: build it with bayeslora.get_model or "
+                     "bayeslora.load, or call bayeslora.attach(model)")
+
+
+def attach(model: nn.Module) -> nn.Module:
+    """Attach the model-level sampler (idempotent) and untie tied adapter targets; returns ``model``."""
+    inner = _inner_model(model)
+    if inner.__dict__.get(_SAMPLER_ATTR) is None:
+        inner.__dict__[_SAMPLER_ATTR] = PosteriorSampler(inner)
+    untie_targets(inner)
+    for module in inner.modules():
+        if isinstance(module, BayesLoraLinear):
+            for pair in module.lora_bayes.values():
+                pair.float()  # the inducing parameters stay float32 whatever the base dtype
+    return model
+
+
+def get_model(model: nn.Module, config: BayesLoraConfig, adapter_name: str = "default",
+              **peft_kwargs) -> peft.PeftModel:
+    """Wrap ``model`` with a Bayesian-LoRA adapter; returns a ``peft.PeftModel``.
+
+    Bad configurations raise ``ValueError`` naming the field before the model is touched.
+    """
+    prepare_config(config)
+    resolve_targets(model, config)
+    peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **peft_kwargs)
+    return attach(peft_model)
+
+
+def load(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+         is_trainable: bool = False, **peft_kwargs) -> peft.PeftModel:
+    """Load a saved Bayesian-LoRA adapter onto a fresh base ``model`` (local folder or Hub id)."""
+    config = prepare_config(BayesLoraConfig.from_pretrained(str(path)))
+    peft_model = peft.PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, config=config,
+                                                is_trainable=is_trainable, **peft_kwargs)
+    return attach(peft_model)
+
+
+# ------------------------------------------------------------------------------------- modes
+def set_mode(model: nn.Module, mode: str, num_samples: int = 1) -> None:
+    """``"sample"`` (fresh draws every forward; ``num_samples`` per forward for S×B batched Monte
+    Carlo) or ``"mean"`` (the deterministic posterior mean, the weights merge_and_unload merges)."""
+    get_sampler(model).set_mode(mode, num_samples)
+
+
+@contextlib.contextmanager
+def using_mode(model: nn.Module, mode: str, num_samples: int = 1) -> Iterator[None]:
+    """Temporarily switch the mode; the previous mode is restored on exit."""
+    sampler = get_sampler(model)
+    previous = (sampler.mode, sampler.num_samples)
+    sampler.set_mode(mode, num_samples)
+    try:
+        yield
+    finally:
+        sampler.set_mode(*previous)
+
+
+@contextlib.contextmanager
+def fixed_sample(model: nn.Module, seed: Optional[int] = None, num_samples: int = 1) -> Iterator[None]:
+    """Draw once on entry and reuse that draw for every forward inside (e.g. ``generate``)."""
+    sampler = get_sampler(model)
+    previous = (sampler.mode, sampler.num_samples, sampler.fixed)
+    sampler.set_mode("sample", num_samples)
+    generator = None
+    if seed is not None:
+        refs = sampler.active_factors()
+        device = refs[0].factor.inducing_mean.device if refs else torch.device("cpu")
+        generator = torch.Generator(device=device).manual_seed(seed)
+    sampler.draw(generator)
+    sampler.fixed = True
+    try:
+        yield
+    finally:
+        sampler.fixed = False
+        sampler.set_mode(*previous[:2])
+
+
+def set_draw_seed(model: nn.Module, seed: Optional[int]) -> None:
+    """Seed draws by (seed, factor group) instead of the global RNG; ``None`` restores the global RNG."""
+    get_sampler(model).set_draw_seed(seed)
+
+
+# ------------------------------------------------------------------------------------- KL
+def kl_breakdown(model: nn.Module) -> list[dict]:
+    """Per factor: module, adapter, factor, ``kl_flow`` and ``kl_cond`` (differentiable tensors).
+
+    ``kl_flow`` is the one-sample estimate from the draws of the most recent forward (averaged over
+    its draws when it made several). When the last forward drew nothing (mean mode, or no forward
+    yet), a fresh draw is made for the estimate, from the global RNG.
+    """
+    sampler = get_sampler(model)
+    refs = sampler.active_factors()
+    missing = [r for r in refs if (id(r.layer), r.adapter, r.which) not in sampler.last_kl_flow]
+    fresh: dict[tuple, Tensor] = {}
+    for key, group in sampler.groups(missing).items():
+        drawn = draw_group(StackedFactors.of([r.factor for r in group], key[1]), 1)
+        for i, ref in enumerate(group):
+            fresh[(id(ref.layer), ref.adapter, ref.which)] = drawn.kl_flow[i]
+    kl_cond: dict[tuple, Tensor] = {}
+    for key, group in sampler.groups(refs).items():
+        values = conditional_kl_group(StackedFactors.of([r.factor for r in group], key[1]))
+        for i, ref in enumerate(group):
+            kl_cond[(id(ref.layer), ref.adapter, ref.which)] = values[i]
+    rows = []
+    for ref in refs:
+        k = (id(ref.layer), ref.adapter, ref.which)
+        flow = sampler.last_kl_flow.get(k, fresh.get(k))
+        rows.append({"module": ref.name, "adapter": ref.adapter, "factor": ref.which,
+                     "kl_flow": flow, "kl_cond": kl_cond[k]})
+    return rows
+
+
+def kl_divergence(model: nn.Module) -> Tensor:
+    """KL(q ‖ p) summed over every active Bayesian factor: Σ (KL_flow + KL_cond). Differentiable."""
+    rows = kl_breakdown(model)
+    if not rows:
+        return torch.zeros(())
+    return torch.stack([r["kl_flow"] + r["kl_cond"] for r in rows]).sum()
+
+
+# ------------------------------------------------------------------------------------- statistics
+@torch.no_grad()
+def posterior_stats(model: nn.Module) -> list[dict]:
+    """Per factor: λ and mean σ_U (the usual failure is λ stuck at its floor or σ_U collapsing)."""
+    sampler = get_sampler(model)
+    return [
+        {"module": r.name, "adapter": r.adapter, "factor": r.which,
+         "lambda": float(r.factor.lam()), "sigma_u_mean": float(r.factor.sigma_u().mean()),
+         "shape": (r.factor.shape.d_out, r.factor.shape.d_in)}
+        for r in sampler.all_factors()
+    ]
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters, and the overhead over plain LoRA of the same rank and targets.
+
+    A Bayesian factor replaces a d_o×d_i LoRA matrix by its variational parameters, so
+    ``extra = Σ_factors (numel(factor parameters) − d_o·d_i)``; works on the meta device.
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    extra = 0
+    bayes_factors = 0
+    for module in model.modules():
+        if isinstance(module, BayesLoraLinear):
+            for pair in module.lora_bayes.values():
+                for factor in pair.values():
+                    bayes_factors += 1
+                    extra += sum(p.numel() for p in factor.parameters())
+                    extra -= factor.shape.d_out * factor.shape.d_in
+    return {"trainable": trainable, "plain_lora": trainable - extra, "extra": extra,
+            "bayesian_factors": bayes_factors}

@@ -1,0 +1,119 @@
+"""Putting Bayesian-LoRA layers into a model through PEFT's custom-module dispatch.
+
+PEFT's ``LoraConfig._register_custom_module`` lets a config map base-layer types to LoRA layer
+classes; we map ``nn.Linear`` and GPT-2's ``Conv1D`` to :class:`BayesLoraLinear`. Everything else
+(target matching, ``modules_to_save``, freezing, the PeftModel wrapper) is PEFT's own code. Before
+injecting, we resolve the targets ourselves so that a bad config fails *before* the user's model is
+modified, with an error that names the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers, check_target_module_exists
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..config import BayesLoraConfig, matches_module
+from .layer import BayesLoraLinear
+
+__all__ = ["prepare_config", "resolve_targets", "untie_targets"]
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    """bitsandbytes 4/8-bit layers (detected by their class or weight class, without importing bnb)."""
+    names = (type(module).__module__, type(getattr(module, "weight", None)).__name__)
+    return names[0].startswith("bitsandbytes") or names[1] in ("Params4bit", "Int8Params")
+
+
+def dispatch_bayeslora(target: nn.Module, adapter_name: str, config, **kwargs):
+    """PEFT custom-module factory: a BayesLoraLinear for Linear/Conv1D targets (plain or Bayesian)."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    key = kwargs.get("target_name", "")
+    if _is_quantized(base):
+        if isinstance(config, BayesLoraConfig) and config.is_bayesian(key):
+            raise NotImplementedError(
+                f"{key}: Bayesian-LoRA on a bitsandbytes-quantized layer ({type(base).__name__}) is not "
+                "supported yet; keep it plain LoRA via BayesLoraConfig.bayesian_modules"
+            )
+        return None  # PEFT's own quantized LoRA layers handle plain adapters
+    if isinstance(base, Conv1D):
+        kwargs["is_target_conv_1d_layer"] = True
+        config.fan_in_fan_out = True
+    elif isinstance(base, nn.Linear) and config.fan_in_fan_out:
+        warnings.warn(f"{key}: fan_in_fan_out=True but the target is nn.Linear; setting it to False")
+        config.fan_in_fan_out = False
+    return BayesLoraLinear(target, adapter_name, config=config, **kwargs)
+
+
+def prepare_config(config: BayesLoraConfig) -> BayesLoraConfig:
+    """Validate and register our layer class with PEFT's custom-module dispatch."""
+    if not isinstance(config, BayesLoraConfig):
+        raise TypeError(f"expected a BayesLoraConfig, got {type(config).__name__}")
+    config.validate()
+    config._register_custom_module({nn.Linear: dispatch_bayeslora, Conv1D: dispatch_bayeslora})
+    return config
+
+
+def resolve_targets(model: nn.Module, config: BayesLoraConfig) -> list[str]:
+    """Names of the modules PEFT will wrap; raises ValueError naming the field on a bad config."""
+    resolved = copy.copy(config)
+    if resolved.target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+            raise ValueError(
+                f"BayesLoraConfig.target_modules is None and there are no defaults for model type "
+                f"{model_type!r}: give target_modules explicitly"
+            )
+        resolved.target_modules = set(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
+    resolved = _maybe_include_all_linear_layers(resolved, model)
+    keys = [k for k, _ in model.named_modules() if k and check_target_module_exists(resolved, k)]
+    targets = resolved.target_modules
+    if not isinstance(targets, str):
+        for name in sorted(targets):
+            if not any(matches_module([name], k) for k in keys):
+                raise ValueError(f"BayesLoraConfig.target_modules: {name!r} matches no module of the model")
+    if not keys:
+        raise ValueError(f"BayesLoraConfig.target_modules: {targets!r} matches no module of the model")
+    bayes = config.bayesian_modules
+    if bayes is not None:
+        patterns = [bayes] if isinstance(bayes, str) else bayes
+        for pattern in patterns:
+            probe = pattern if isinstance(bayes, str) else [pattern]
+            if not any(matches_module(probe, k) for k in keys):
+                raise ValueError(
+                    f"BayesLoraConfig.bayesian_modules: {pattern!r} is not among the targeted modules "
+                    f"({', '.join(sorted(keys)[:8])}{', ...' if len(keys) > 8 else ''})"
+                )
+    return keys
+
+
+def untie_targets(model: nn.Module) -> list[str]:
+    """Give adapter layers whose base weight is shared (tied lm_head) a private copy.
+
+    Merging into a tied weight would silently change the input embeddings too. The copy is made
+    before any merge, and the model config stops declaring the tie so that saving and reloading the
+    merged model keeps the merged head. Returns the names of the layers that were untied.
+    """
+    owners: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)] = owners.get(id(param), 0) + 1
+    untied = []
+    for name, module in model.named_modules():
+        if not isinstance(module, BayesLoraLinear):
+            continue
+        base = module.get_base_layer()
+        if owners.get(id(base.weight), 0) > 1:
+            base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+            untied.append(name)
+    if untied:
+        for cfg in (getattr(model, "config", None),):
+            if cfg is not None:
+                cfg.tie_word_embeddings = False
+                text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
+                if text is not None:
+                    text.tie_word_embeddings = False
+    return untied

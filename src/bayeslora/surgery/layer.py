@@ -1,0 +1,242 @@
+"""BayesLoraLinear: a PEFT LoRA layer whose adapters may be Bayesian (METHOD.md sections 1 to 4).
+
+It subclasses PEFT's ``lora.Linear`` (so it *is* a ``LoraLayer`` and PEFT's save/load, ``set_adapter``,
+``disable_adapter``, ``delete_adapter`` and ``merge_and_unload`` drive it). A plain adapter takes PEFT's
+own code path unchanged. A Bayesian adapter owns no ``lora_A``/``lora_B``: it owns two
+:class:`~bayeslora.core.InducingFactor` modules under ``lora_bayes[adapter]["A"|"B"]`` and reads, at
+each forward, weights that the model-level :class:`~bayeslora.surgery.sampler.PosteriorSampler`
+drew for every factor at once before the forward started. Without a sampler attached the layer draws
+its own factors (correct, but unbatched and not safe under gradient checkpointing).
+
+The merge delta of a Bayesian adapter is the posterior mean, scaling · E[B] E[A].
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.utils.other import transpose
+from torch import Tensor, nn
+
+from ..config import BayesLoraConfig
+from ..core import FactorShape, InducingFactor, StackedFactors, draw_group, mean_flow_noise, mean_group
+
+__all__ = ["BayesLoraLinear", "MODES"]
+
+MODES = ("sample", "mean")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class BayesLoraLinear(LoraLinear):
+    """``lora.Linear`` (nn.Linear or GPT-2 Conv1D base) with optional Bayesian adapters."""
+
+    adapter_layer_names = LoraLinear.adapter_layer_names + ("lora_bayes",)
+    other_param_names = LoraLinear.other_param_names + ("bayes_settings",)
+
+    def _ensure_bayes_state(self) -> None:
+        if "lora_bayes" not in self._modules:
+            self.lora_bayes = nn.ModuleDict()
+            self.bayes_settings: dict[str, dict[str, Any]] = {}
+            self.bayes_mode = "sample"
+            self.bayes_num_samples = 1
+            self._bayes_draws: dict[str, dict[str, Tensor]] = {}
+            self._bayes_mean_cache: dict[str, tuple[Any, dict[str, Tensor]]] = {}
+            self._warned_no_sampler = False
+
+    # ----------------------------------------------------------------------------------- creation
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
+        self._ensure_bayes_state()
+        target = kwargs.get("target_name", "")
+        if not (isinstance(config, BayesLoraConfig) and config.is_bayesian(target)):
+            super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+            return
+        if r <= 0:
+            raise ValueError(f"BayesLoraConfig.r must be a positive integer, got {r}")
+        if config.lora_bias:
+            raise ValueError("BayesLoraConfig.lora_bias is not supported for Bayesian modules")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout.update(nn.ModuleDict({adapter_name: dropout}))
+        self.lora_bias[adapter_name] = False
+        self.use_rslora[adapter_name] = config.use_rslora
+        self.use_dora[adapter_name] = False
+        self.scaling[adapter_name] = lora_alpha / (r**0.5 if config.use_rslora else r)
+
+        def factor(d_out: int, d_in: int) -> InducingFactor:
+            shape = FactorShape(
+                d_out, d_in, config.inducing_rows, config.inducing_cols, config.flow_depth,
+                config.flow_hidden, config.prior_std, config.sigma_u_max, config.lambda_max, config.jitter,
+            )
+            return InducingFactor(shape, sigma_u_init=config.sigma_u_init, lambda_init=config.lambda_init,
+                                  d_init=config.inducing_diag_init)
+
+        device = self.get_base_layer().weight.device
+        pair = nn.ModuleDict({"A": factor(r, self.in_features), "B": factor(self.out_features, r)})
+        self.lora_bayes[adapter_name] = pair.to(device=device, dtype=torch.float32)
+        self.bayes_settings[adapter_name] = {
+            "dtype": _DTYPES[config.inducing_dtype],
+            "mean_samples": config.mean_samples,
+            "seed": config.seed,
+        }
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    # ----------------------------------------------------------------------------------- posterior
+    def bayes_factors(self, adapter: str) -> dict[str, InducingFactor]:
+        return dict(self.lora_bayes[adapter].items())
+
+    def set_drawn_weights(self, adapter: str, weights: dict[str, Tensor]) -> None:
+        """Called by the sampler: weights for this forward, each (n, d_o, d_i) in the inducing dtype."""
+        self._bayes_draws[adapter] = weights
+
+    def clear_drawn_weights(self) -> None:
+        self._bayes_draws.clear()
+
+    def mean_version(self, adapter: str) -> tuple:
+        return tuple(f.version() for f in self.lora_bayes[adapter].values())
+
+    def mean_is_fresh(self, adapter: str) -> bool:
+        """A cached mean is reusable if no parameter changed and it holds no autograd graph."""
+        cached = self._bayes_mean_cache.get(adapter)
+        return (
+            cached is not None
+            and cached[0] == self.mean_version(adapter)
+            and not any(t.requires_grad for t in cached[1].values())
+        )
+
+    def mean_weights(self, adapter: str) -> dict[str, Tensor]:
+        """Posterior means E[A], E[B]; recomputed only when a parameter changed (or to keep a graph)."""
+        if self.mean_is_fresh(adapter):
+            return self._bayes_mean_cache[adapter][1]
+        cached = self._bayes_mean_cache.get(adapter)
+        if cached is not None and cached[0] == self.mean_version(adapter) and torch.is_grad_enabled():
+            # computed this forward by the sampler with a graph: use it (not reused across forwards,
+            # since the sampler recomputes before every forward)
+            return cached[1]
+        settings = self.bayes_settings[adapter]
+        means = {}
+        for name, f in self.bayes_factors(adapter).items():
+            stacked = StackedFactors.of([f], settings["dtype"])
+            eps = None
+            if f.flow is not None:
+                eps = mean_flow_noise(f.shape, settings["mean_samples"], settings["seed"], stacked.mean)
+            means[name] = mean_group(stacked, eps)[0]
+        self.store_mean_weights(adapter, means)
+        return means
+
+    def store_mean_weights(self, adapter: str, means: dict[str, Tensor]) -> None:
+        self._bayes_mean_cache[adapter] = (self.mean_version(adapter), means)
+
+    def _sampled_weights(self, adapter: str) -> dict[str, Tensor]:
+        drawn = self._bayes_draws.get(adapter)
+        if drawn is not None:
+            return drawn
+        if not self._warned_no_sampler:
+            warnings.warn(
+                "a Bayesian-LoRA layer ran without a model-level sampler: it draws its own factors (no "
+                "batching, unsafe under gradient checkpointing). Use bayeslora.get_model / bayeslora.load, "
+                "or bayeslora.attach(model) on a model loaded another way.",
+                stacklevel=3,
+            )
+            self._warned_no_sampler = True
+        dtype = self.bayes_settings[adapter]["dtype"]
+        return {
+            name: draw_group(StackedFactors.of([f], dtype), self.bayes_num_samples).weights[0]
+            for name, f in self.bayes_factors(adapter).items()
+        }
+
+    def posterior_weights(self, adapter: str) -> tuple[Tensor, Tensor]:
+        """(A, B) for the current mode: (n, r, d_in), (n, d_out, r) in sample mode, 2-D in mean mode."""
+        if self.bayes_mode == "mean":
+            w = self.mean_weights(adapter)
+        elif self.bayes_mode == "sample":
+            w = self._sampled_weights(adapter)
+        else:
+            raise ValueError(f"unknown bayeslora mode {self.bayes_mode!r}; expected one of {MODES}")
+        return w["A"], w["B"]
+
+    # ----------------------------------------------------------------------------------- forward
+    def _bayes_delta(self, adapter: str, x: Tensor) -> Tensor:
+        weight_a, weight_b = self.posterior_weights(adapter)
+        h = self.lora_dropout[adapter](x).to(weight_a.dtype)
+        if weight_a.dim() == 3 and weight_a.shape[0] == 1:
+            weight_a, weight_b = weight_a[0], weight_b[0]
+        if weight_a.dim() == 2:
+            out = F.linear(F.linear(h, weight_a), weight_b)
+        else:  # n draws: rows are sample-major blocks of the batch (S×B rows)
+            n = weight_a.shape[0]
+            if h.shape[0] % n:
+                raise ValueError(
+                    f"batched Monte Carlo with {n} samples needs a batch that is a multiple of {n} "
+                    f"(sample-major S×B rows), got {h.shape[0]} rows"
+                )
+            blocks = h.reshape(n, -1, h.shape[-1])
+            out = (blocks @ weight_a.transpose(-1, -2)) @ weight_b.transpose(-1, -2)
+            out = out.reshape(*h.shape[:-1], weight_b.shape[-2])
+        return out * self.scaling[adapter]
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self._ensure_bayes_state()
+        bayes_active = [a for a in self.active_adapters if a in self.lora_bayes]
+        if kwargs.get("adapter_names") is not None and any(
+            a in self.lora_bayes for a in kwargs["adapter_names"]
+        ):
+            raise ValueError("mixed-adapter batches (adapter_names=...) are not supported for Bayesian adapters")
+        if self.merged and not self.disable_adapters and self.bayes_mode == "sample" and any(
+            a in self.lora_bayes for a in self.merged_adapters
+        ):
+            raise RuntimeError(
+                "a Bayesian adapter is merged into the base weights (its posterior mean): sample mode cannot "
+                "run on a merged model; unmerge first or use mean mode"
+            )
+        result = super().forward(x, *args, **kwargs)
+        if self.disable_adapters or self.merged or not bayes_active:
+            return result
+        for adapter in bayes_active:
+            result = result + self._bayes_delta(adapter, x).to(result.dtype)
+        return result
+
+    # ----------------------------------------------------------------------------------- merging
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        if adapter not in self.lora_bayes:
+            return super().get_delta_weight(adapter)
+        with torch.no_grad():
+            means = self.mean_weights(adapter)
+            delta = transpose(means["B"] @ means["A"], self.fan_in_fan_out) * self.scaling[adapter]
+        return delta.to(self.get_base_layer().weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for adapter in adapter_names:
+            if adapter not in self.lora_bayes:
+                super().merge(safe_merge=safe_merge, adapter_names=[adapter])
+                continue
+            base = self.get_base_layer()
+            merged = base.weight.data + self.get_delta_weight(adapter)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights of Bayesian adapter {adapter!r}")
+            base.weight.data = merged
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters[-1]
+            rest = self.merged_adapters[:-1]
+            if adapter in self.lora_bayes:
+                weight = self.get_base_layer().weight
+                weight.data = weight.data - self.get_delta_weight(adapter)
+            else:
+                self.merged_adapters = [adapter]
+                super().unmerge()
+            self.merged_adapters = rest
+
+    def __repr__(self) -> str:
+        return "bayes" + super().__repr__()

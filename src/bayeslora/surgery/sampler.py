@@ -1,0 +1,156 @@
+"""PosteriorSampler: one model-level step before each forward that draws every factor at once.
+
+Registered as a forward pre-hook on the innermost model (the one PEFT wraps), so it runs once per
+model forward whatever the entry point (``PeftModel.__call__``, ``generate``, the bare model) and
+*outside* any gradient-checkpointed block: a recomputed block reads the same drawn weights, so its
+gradients are exact. Factors are grouped by :class:`~bayeslora.core.FactorShape` and inducing dtype
+and each group is drawn with one batched call (batched Cholesky, one flow call, one ``randn``).
+
+Draws use torch's global RNG on the factors' device, so ``torch.manual_seed(s)`` before a forward
+reproduces it; :meth:`PosteriorSampler.set_draw_seed` switches to per-group generators seeded by
+(seed, group), identical on every data-parallel rank.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..core import StackedFactors, draw_group, mean_flow_noise, mean_group
+from .layer import MODES, BayesLoraLinear
+
+__all__ = ["FactorRef", "PosteriorSampler"]
+
+
+@dataclass(frozen=True)
+class FactorRef:
+    """Where one Bayesian factor lives: layer (and its module name), adapter, "A" or "B"."""
+
+    name: str
+    layer: BayesLoraLinear
+    adapter: str
+    which: str
+
+    @property
+    def factor(self):
+        return self.layer.lora_bayes[self.adapter][self.which]
+
+
+class PosteriorSampler:
+    """Holds the Bayesian-LoRA mode of a model and draws its factors before every forward."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self.mode = "sample"
+        self.num_samples = 1
+        self.fixed = False
+        self.draw_seed: Optional[int] = None
+        self.last_kl_flow: dict[tuple[int, str, str], Tensor] = {}
+        self._handle = root.register_forward_pre_hook(self._before_forward)
+
+    def detach(self) -> None:
+        self._handle.remove()
+
+    # ------------------------------------------------------------------------------ bookkeeping
+    def layers(self) -> Iterator[tuple[str, BayesLoraLinear]]:
+        for name, module in self.root.named_modules():
+            if isinstance(module, BayesLoraLinear):
+                module._ensure_bayes_state()
+                yield name, module
+
+    def active_factors(self) -> list[FactorRef]:
+        """Factors of the active Bayesian adapters of layers that are neither disabled nor merged."""
+        refs = []
+        for name, layer in self.layers():
+            if layer.disable_adapters or layer.merged:
+                continue
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_bayes:
+                    refs += [FactorRef(name, layer, adapter, w) for w in ("A", "B")]
+        return refs
+
+    def all_factors(self) -> list[FactorRef]:
+        return [
+            FactorRef(name, layer, adapter, w)
+            for name, layer in self.layers()
+            for adapter in layer.lora_bayes
+            for w in ("A", "B")
+        ]
+
+    @staticmethod
+    def groups(refs: list[FactorRef]) -> dict[tuple, list[FactorRef]]:
+        out: dict[tuple, list[FactorRef]] = {}
+        for ref in refs:
+            p = ref.factor.inducing_mean
+            dtype = ref.layer.bayes_settings[ref.adapter]["dtype"]
+            out.setdefault((ref.factor.shape, dtype, p.device), []).append(ref)
+        return out
+
+    # ------------------------------------------------------------------------------ modes
+    def set_mode(self, mode: str, num_samples: int = 1) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        self.mode, self.num_samples = mode, num_samples
+        for _, layer in self.layers():
+            layer.bayes_mode, layer.bayes_num_samples = mode, num_samples
+        self.clear()
+
+    def set_draw_seed(self, seed: Optional[int]) -> None:
+        """Draw from per-group generators seeded by (seed, group) instead of the global RNG."""
+        self.draw_seed = seed
+
+    def _generator(self, key: tuple) -> Optional[torch.Generator]:
+        if self.draw_seed is None:
+            return None
+        shape, dtype, device = key
+        group_id = zlib.crc32(f"{shape.key()}|{dtype}".encode())
+        return torch.Generator(device=device).manual_seed((self.draw_seed * 2654435761 + group_id) % 2**63)
+
+    def clear(self) -> None:
+        self.last_kl_flow.clear()
+        for _, layer in self.layers():
+            layer.clear_drawn_weights()
+
+    # ------------------------------------------------------------------------------ drawing
+    def _before_forward(self, module: nn.Module, args) -> None:
+        if self.fixed:
+            return
+        if self.mode == "sample":
+            self.draw()
+        else:
+            self.clear()
+            self.refresh_means()
+
+    def draw(self, generator: Optional[torch.Generator] = None) -> None:
+        """Draw ``num_samples`` weights for every active factor, one batched call per group."""
+        self.clear()
+        for key, refs in self.groups(self.active_factors()).items():
+            stacked = StackedFactors.of([r.factor for r in refs], key[1])
+            gen = generator if generator is not None else self._generator(key)
+            drawn = draw_group(stacked, self.num_samples, gen)
+            for i, ref in enumerate(refs):
+                ref.layer._bayes_draws.setdefault(ref.adapter, {})[ref.which] = drawn.weights[i]
+                self.last_kl_flow[(id(ref.layer), ref.adapter, ref.which)] = drawn.kl_flow[i]
+
+    def refresh_means(self) -> None:
+        """Recompute, group-wise, the posterior means of adapters whose parameters changed."""
+        stale = [r for r in self.active_factors() if not r.layer.mean_is_fresh(r.adapter)]
+        pending: dict[tuple[BayesLoraLinear, str], dict[str, Tensor]] = {}
+        for key, refs in self.groups(stale).items():
+            factors = [r.factor for r in refs]
+            stacked = StackedFactors.of(factors, key[1])
+            eps = None
+            if factors[0].flow is not None:
+                settings = refs[0].layer.bayes_settings[refs[0].adapter]
+                eps = mean_flow_noise(key[0], settings["mean_samples"], settings["seed"], stacked.mean)
+            means = mean_group(stacked, eps)
+            for i, ref in enumerate(refs):
+                pending.setdefault((ref.layer, ref.adapter), {})[ref.which] = means[i]
+        for (layer, adapter), means in pending.items():
+            layer.store_mean_weights(adapter, means)
