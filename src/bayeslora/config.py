@@ -65,6 +65,11 @@ class BayesLoraConfig(LoraConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.validate()
+        # Every BayesLoraConfig dispatches Linear/Conv1D targets to our layer, however PEFT receives
+        # it (get_model, PeftModel.from_pretrained(config=...), add_adapter): never a silent plain LoRA.
+        from .surgery.inject import register_layers
+
+        register_layers(self)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field when the configuration cannot work."""

@@ -10,7 +10,6 @@ modified, with an error that names the field.
 from __future__ import annotations
 
 import copy
-import warnings
 
 from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -43,18 +42,22 @@ def dispatch_bayeslora(target: nn.Module, adapter_name: str, config, **kwargs):
     if isinstance(base, Conv1D):
         kwargs["is_target_conv_1d_layer"] = True
         config.fan_in_fan_out = True
-    elif isinstance(base, nn.Linear) and config.fan_in_fan_out:
-        warnings.warn(f"{key}: fan_in_fan_out=True but the target is nn.Linear; setting it to False")
-        config.fan_in_fan_out = False
+    elif isinstance(base, nn.Linear):
+        config.fan_in_fan_out = False  # per layer, as PEFT does; a GPT-2 lm_head is an nn.Linear
     return BayesLoraLinear(target, adapter_name, config=config, **kwargs)
 
 
+def register_layers(config: BayesLoraConfig) -> None:
+    """Route Linear and Conv1D targets of ``config`` to BayesLoraLinear (PEFT custom-module dispatch)."""
+    config._register_custom_module({nn.Linear: dispatch_bayeslora, Conv1D: dispatch_bayeslora})
+
+
 def prepare_config(config: BayesLoraConfig) -> BayesLoraConfig:
-    """Validate and register our layer class with PEFT's custom-module dispatch."""
+    """Validate (fields may have been changed since construction) and register our layer class."""
     if not isinstance(config, BayesLoraConfig):
         raise TypeError(f"expected a BayesLoraConfig, got {type(config).__name__}")
     config.validate()
-    config._register_custom_module({nn.Linear: dispatch_bayeslora, Conv1D: dispatch_bayeslora})
+    register_layers(config)
     return config
 
 

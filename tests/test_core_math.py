@@ -1,0 +1,153 @@
+"""The maths of one Bayesian factor, checked statistically in float64 (METHOD.md sections 2 and 3)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bayeslora.core import (
+    FactorShape, InducingFactor, RowFlow, StackedFactors, apply_flows, conditional_kl, draw_group,
+    geometry, inverse_softplus, mean_flow_noise, mean_group,
+)
+
+N_DRAWS = 50_000
+
+
+def make_factor(*, flow_depth=0, sigma=1e-3, lam=1e-3, d=0.3, lam_max=None, sigma_max=None, seed=0,
+                d_out=5, d_in=7, rows=3, cols=4):
+    torch.manual_seed(seed)
+    shape = FactorShape(d_out, d_in, rows, cols, flow_depth, 16, 0.1,
+                        sigma_max if sigma_max is not None else max(sigma, 0.1),
+                        lam_max if lam_max is not None else max(lam, 0.03), 1e-5)
+    return InducingFactor(shape, sigma_u_init=sigma, lambda_init=lam, d_init=d).double()
+
+
+def covariance_within(samples: torch.Tensor, expected_mean: torch.Tensor, expected_cov: torch.Tensor,
+                      k: float = 5.0) -> None:
+    """Assert sample mean and covariance agree with the expected ones within k standard errors."""
+    n = samples.shape[0]
+    mean = samples.mean(0)
+    se_mean = expected_cov.diagonal().sqrt() / math.sqrt(n)
+    assert ((mean - expected_mean).abs() <= k * se_mean + 1e-12).all(), (mean - expected_mean).abs().max()
+    centred = samples - expected_mean
+    cov = centred.T @ centred / n
+    var = expected_cov.diagonal()
+    se_cov = ((var[:, None] * var[None, :] + expected_cov.square()) / n).sqrt()
+    excess = ((cov - expected_cov).abs() / se_cov).max()
+    assert excess < k, f"covariance off by {excess:.2f} standard errors"
+
+
+def projector(z: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
+    """Zᵀ K⁻¹ Z with K = Z Zᵀ + diag², by a Cholesky solve."""
+    k = z @ z.T + torch.diag(diag.square())
+    return z.T @ torch.cholesky_solve(z, torch.linalg.cholesky(k))
+
+
+def test_matheron_noise_covariance_is_identity_minus_kron_projections():
+    f = make_factor(sigma=1e-30, sigma_max=1.0, lam=1.0, lam_max=1.0)
+    with torch.no_grad():
+        f.inducing_mean.zero_()
+        p = StackedFactors.of([f], torch.float64)
+        geo = geometry(p)
+        xi = draw_group(p, N_DRAWS, torch.Generator().manual_seed(1)).weights[0] / f.shape.prior_scale
+    p_r = projector(p.z_rows[0], geo.diag_rows[0])
+    p_c = projector(p.z_cols[0], geo.diag_cols[0])
+    expected = torch.eye(35, dtype=torch.float64) - torch.kron(p_r, p_c)
+    covariance_within(xi.reshape(N_DRAWS, -1), torch.zeros(35, dtype=torch.float64), expected)
+
+
+def test_posterior_equal_to_prior_gives_prior_weights():
+    f = make_factor(sigma=1.0, sigma_max=1.0, lam=1.0, lam_max=1.0)
+    with torch.no_grad():
+        f.inducing_mean.zero_()
+        w = draw_group(StackedFactors.of([f], torch.float64), N_DRAWS, torch.Generator().manual_seed(2))
+    expected = f.shape.prior_scale**2 * torch.eye(35, dtype=torch.float64)
+    covariance_within(w.weights[0].reshape(N_DRAWS, -1), torch.zeros(35, dtype=torch.float64), expected)
+
+
+def test_flow_kl_without_flow_averages_to_gaussian_kl():
+    f = make_factor(sigma=0.5, sigma_max=1.0)
+    with torch.no_grad():
+        p = StackedFactors.of([f], torch.float64)
+        g = torch.Generator().manual_seed(3)
+        # 500 batches of 100 draws: each value is the library's estimate averaged over its 100 draws
+        batches = torch.stack([draw_group(p, 100, g).kl_flow[0] for _ in range(N_DRAWS // 100)])
+    m, s = p.mean[0], p.sigma[0]
+    analytic = 0.5 * (s.square() + m.square() - 1 - 2 * s.log()).sum()
+    se = batches.std() / math.sqrt(batches.numel())
+    assert (batches.mean() - analytic).abs() < 5 * se, (batches.mean(), analytic, se)
+
+
+def test_flow_log_determinant_equals_autograd_jacobian():
+    torch.manual_seed(4)
+    flow = RowFlow(features=6, depth=2, hidden=16).double()
+    with torch.no_grad():  # move away from the near-identity initialisation
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(6, dtype=torch.float64)
+    _, ladj = flow(x)
+    jac = torch.autograd.functional.jacobian(lambda v: flow(v)[0], x)
+    assert torch.allclose(ladj, torch.linalg.slogdet(jac).logabsdet, atol=1e-10)
+    assert jac.triu(1).abs().sum() > 0 or jac.tril(-1).abs().sum() > 0  # a real, non-diagonal flow
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_sampling_takes_one_conditioner_pass_per_flow_layer(group_size):
+    depth = 2
+    factors = [make_factor(flow_depth=depth, d_out=4, d_in=9, rows=9, cols=9, seed=i) for i in range(group_size)]
+    calls = []
+    for f in factors:
+        for t in f.flow.transforms:
+            t.hyper.register_forward_hook(lambda *a: calls.append(1))
+    draw_group(StackedFactors.of(factors, torch.float64), 4)
+    assert len(calls) == depth  # IAF direction: not C=9 sequential passes per layer
+
+
+def test_batched_flows_equal_per_factor_flows():
+    factors = [make_factor(flow_depth=1, seed=i) for i in range(3)]
+    u0 = torch.randn(3, 2, 3, 4, dtype=torch.float64)
+    u, ladj = apply_flows([f.flow for f in factors], u0)
+    for i, f in enumerate(factors):
+        ui, li = f.flow(u0[i])
+        assert torch.allclose(u[i], ui) and torch.allclose(ladj[i], li)
+
+
+def test_conditional_kl_closed_form_matches_gaussian_kl():
+    lam = torch.tensor(0.02, dtype=torch.float64)
+    numel = 35
+    closed = numel * (lam**2 / 2 - lam.log() - 0.5)
+    sigma_p = 0.3  # any prior scale: the KL of N(0, σ²λ²) to N(0, σ²) does not depend on σ
+    reference = torch.distributions.kl_divergence(
+        torch.distributions.Normal(0.0, sigma_p * lam), torch.distributions.Normal(0.0, sigma_p)
+    ) * numel
+    assert torch.allclose(conditional_kl(lam, numel), closed)
+    assert torch.allclose(conditional_kl(lam, numel), reference)
+    assert conditional_kl(torch.tensor(1.0), numel) == 0  # zero when q = p
+
+
+def test_mean_without_flow_is_exact_and_matches_draw_average():
+    f = make_factor(sigma=0.1, sigma_max=0.1, lam=0.03)
+    with torch.no_grad():
+        p = StackedFactors.of([f], torch.float64)
+        w = draw_group(p, 20_000, torch.Generator().manual_seed(5)).weights[0]
+        mean = mean_group(p, None)[0]
+    se = w.std(0) / math.sqrt(w.shape[0])
+    assert ((w.mean(0) - mean).abs() <= 4 * se).all()
+
+
+def test_mean_flow_noise_is_device_independent_and_seeded():
+    shape = make_factor().shape
+    like = torch.zeros((), dtype=torch.float32)
+    a = mean_flow_noise(shape, 16, 7, like)
+    b = mean_flow_noise(shape, 16, 7, like)
+    c = mean_flow_noise(shape, 16, 8, like)
+    assert a.shape == (16, 3, 4) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_inverse_softplus_round_trip():
+    for y in (1e-8, 1e-3, 0.3, 5.0):
+        assert math.isclose(torch.nn.functional.softplus(torch.tensor(inverse_softplus(y),
+                                                                         dtype=torch.float64)).item(),
+                            y, rel_tol=1e-9)
