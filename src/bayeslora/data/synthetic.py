@@ -70,12 +70,12 @@ class SyntheticConfig:
 
     def size(self, split: str) -> int:
         """Number of examples in ``split``."""
-        return {"train": self.n_train, "dev": self.n_dev, "test": self.n_test, "ood": self.n_ood}[_check(split)]
+        return {"train": self.n_train, "dev": self.n_dev, "test": self.n_test, "ood": self.n_ood}[check_split(split)]
 
 
 def make_split(split: str, config: SyntheticConfig = SyntheticConfig()) -> list[MCExample]:
     """Generate one split (``train``, ``dev``, ``test`` or ``ood``) deterministically."""
-    rng = random.Random(f"bayeslora-synthetic:{config.seed}:{_check(split)}")
+    rng = random.Random(f"bayeslora-synthetic:{config.seed}:{check_split(split)}")
     return [_example(rng, split, i, config) for i in range(config.size(split))]
 
 
@@ -139,7 +139,7 @@ def bayes_nll(config: SyntheticConfig = SyntheticConfig()) -> float:
 
 def cue_accuracy(split: str, config: SyntheticConfig = SyntheticConfig()) -> float:
     """Expected accuracy of the shortcut "pick the big one" (OOD: the cue is never on the truth)."""
-    q = 0.0 if _check(split) == "ood" else config.cue_strength
+    q = 0.0 if check_split(split) == "ood" else config.cue_strength
     counts = _choice_counts(config)
     per_c = [q * (1 - config.noise) + (1 - q) * config.noise / (c - 1) for c in counts]
     return sum(per_c) / len(per_c)
@@ -151,7 +151,8 @@ def empirical_accuracy(examples: list[MCExample], predict: str = "rule") -> floa
     return sum(fn(ex) == ex.answer for ex in examples) / max(len(examples), 1)
 
 
-def _check(split: str) -> str:
+def check_split(split: str) -> str:
+    """Return ``split`` if the synthetic task has it, else raise ValueError listing the splits."""
     if split not in SPLITS:
         raise ValueError(f"synthetic task has splits {list(SPLITS)}, not {split!r}")
     return split

@@ -86,8 +86,9 @@ def plan_split(task: str, split: str, data_dir: Path | str | None, file: Path | 
     if task == "synthetic":
         if file is not None:
             raise ValueError("the synthetic task is generated in code; it takes no file")
-        from .synthetic import SyntheticConfig, make_split
+        from .synthetic import SyntheticConfig, check_split, make_split
 
+        check_split(split)
         return SplitPlan((), lambda: make_split(split, SyntheticConfig()))
     if file is not None:
         return _file_plan(task, Path(file))
