@@ -62,13 +62,13 @@ def draw_reliability(
             fill=False, edgecolor="tab:red", hatch="//", linewidth=0.6, label="gap to confidence")
     top.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1.0, label="perfect calibration")
     if int(bins.counts[n_bins]) > 0:
-        top.scatter([1.0], [float(bins.accuracy[n_bins])], marker="D", color="tab:orange", zorder=3,
+        top.scatter([1.0], [float(bins.accuracy[n_bins])], marker="D", color="tab:orange", zorder=3, clip_on=False,
                     label=f"confidence = 1 (n = {int(bins.counts[n_bins])})")
     top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=_title(bins, metrics, label))
-    top.legend(loc="upper left", fontsize="small")
 
     bottom.bar(lo, counts, width=width, align="edge", color="gray", edgecolor="black", linewidth=0.6)
     bottom.set(xlabel="confidence (top label)", ylabel="count")
+    fig.legend(*top.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize="small")
     return fig
 
 
