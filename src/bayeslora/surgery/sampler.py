@@ -40,6 +40,16 @@ class FactorRef:
         return self.layer.lora_bayes[self.adapter][self.which]
 
 
+def _uses_reentrant_checkpointing(root: nn.Module) -> bool:
+    """Whether a transformers block of ``root`` checkpoints with ``use_reentrant=True``."""
+    for module in root.modules():
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if module.__dict__.get("gradient_checkpointing") and func is not None:
+            if getattr(func, "keywords", {}).get("use_reentrant", False):
+                return True
+    return False
+
+
 class PosteriorSampler:
     """Holds the Bayesian-LoRA mode of a model and draws its factors before every forward."""
 
@@ -119,6 +129,12 @@ class PosteriorSampler:
 
     # ------------------------------------------------------------------------------ drawing
     def _before_forward(self, module: nn.Module, args) -> None:
+        if torch.is_grad_enabled() and _uses_reentrant_checkpointing(self.root):
+            raise ValueError(
+                "reentrant gradient checkpointing re-runs the backward of the shared posterior draw once per "
+                "block, which is unsupported: enable it with gradient_checkpointing_kwargs="
+                "{'use_reentrant': False} (the transformers default)"
+            )
         if self.fixed:
             return
         if self.mode == "sample":

@@ -1,0 +1,223 @@
+"""Sampling modes, gradients, gradient checkpointing, bf16 and parameter counts of the adapter."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny_models import inputs, outputs, tiny
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import bayeslora
+from bayeslora import BayesLoraConfig, BayesLoraLinear
+
+
+def llama_model(seed=0, **overrides):
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bayesian_modules=["q_proj"],
+                  sigma_u_init=0.05, lambda_init=0.02, init_lora_weights=False)
+    kwargs.update(overrides)
+    return bayeslora.get_model(tiny("llama", seed), BayesLoraConfig(**kwargs))
+
+
+def test_sample_mode_draws_fresh_and_mean_mode_is_deterministic():
+    model = llama_model()
+    batch = inputs()
+    with torch.no_grad():
+        a, b = outputs(model, batch), outputs(model, batch)
+        assert not torch.allclose(a, b)
+        torch.manual_seed(3)
+        c = outputs(model, batch)
+        torch.manual_seed(3)
+        assert torch.equal(c, outputs(model, batch))
+        with bayeslora.fixed_sample(model, seed=1):
+            d, e = outputs(model, batch), outputs(model, batch)
+        assert torch.equal(d, e)
+        with bayeslora.fixed_sample(model, seed=1):
+            assert torch.equal(d, outputs(model, batch))
+        with bayeslora.using_mode(model, "mean"):
+            f, g = outputs(model, batch), outputs(model, batch)
+        assert torch.equal(f, g)
+        assert not torch.allclose(outputs(model, batch), f)  # back in sample mode
+
+
+def test_sampling_ignores_train_and_eval():
+    model = llama_model()
+    model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(outputs(model, inputs()), outputs(model, inputs()))
+
+
+def test_mean_mode_equals_average_of_many_samples():
+    """E_q[A] of a flow posterior vs 20k draws, within 4 standard errors of the difference."""
+    model = llama_model(sigma_u_init=0.1, flow_depth=1)
+    layer = next(m for m in model.modules() if isinstance(m, BayesLoraLinear) and m.lora_bayes)
+    sampler = bayeslora.get_sampler(model)
+    n_draws, mean_draws = 20_000, layer.bayes_settings["default"]["mean_samples"]
+    with torch.no_grad():
+        sampler.set_mode("sample", n_draws)
+        torch.manual_seed(0)
+        sampler.draw()
+        drawn = layer._bayes_draws["default"]["A"]
+        mean = layer.mean_weights("default")["A"]
+    # the mean-mode average is itself a Monte Carlo estimate over `mean_draws` flow evaluations
+    se = drawn.std(0) * math.sqrt(1 / n_draws + 1 / mean_draws)
+    assert ((drawn.mean(0) - mean).abs() <= 4 * se).all()
+
+
+def test_mean_mode_output_follows_optimizer_steps():
+    model = llama_model()
+    bayeslora.set_mode(model, "mean")
+    batch = inputs()
+    with torch.no_grad():
+        before = outputs(model, batch)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    outputs(model, batch).square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(outputs(model, batch), before)
+
+
+def test_batched_monte_carlo_equals_sequential_draws():
+    model = llama_model()
+    batch = inputs(batch=3)
+    samples = 4
+    sampler = bayeslora.get_sampler(model)
+    with torch.no_grad():
+        bayeslora.set_mode(model, "sample", num_samples=samples)
+        stacked = {k: v.repeat(samples, 1) for k, v in batch.items()}  # sample-major S×B rows
+        torch.manual_seed(9)
+        sampler.draw()
+        sampler.fixed = True
+        batched = outputs(model, stacked).view(samples, 3, -1)
+        draws = {id(l): l._bayes_draws["default"] for l in model.modules()
+                 if isinstance(l, BayesLoraLinear) and l.lora_bayes}
+        for s in range(samples):
+            for layer in model.modules():
+                if isinstance(layer, BayesLoraLinear) and layer.lora_bayes:
+                    layer._bayes_draws["default"] = {k: v[s:s + 1] for k, v in draws[id(layer)].items()}
+            single = outputs(model, batch).view(3, -1)
+            assert torch.allclose(batched[s], single, atol=1e-5)
+        sampler.fixed = False
+
+
+def test_every_trainable_parameter_gets_gradients_and_inducing_locations_move():
+    model = llama_model(flow_depth=1)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    kinds = ["inducing_mean", "inducing_rho", "z_rows", "z_cols", "delta_rows", "delta_cols", "lambda_raw",
+             "flow", "lora_A", "lora_B"]
+    assert all(any(k in n for n in params) for k in kinds)
+    opt = torch.optim.AdamW(params.values(), lr=1e-2, weight_decay=0.0)
+    batch = inputs()
+    for step in range(2):
+        before = {n: p.detach().clone() for n, p in params.items() if "z_" in n or "delta_" in n}
+        opt.zero_grad()
+        logits = outputs(model, batch)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                batch["input_ids"][:, 1:].reshape(-1))
+        (nll + 1e-3 * bayeslora.kl_divergence(model)).backward()
+        zero = [n for n, p in params.items() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not zero, f"step {step}: no gradient for {zero}"
+        opt.step()
+        assert all(not torch.equal(before[n], params[n]) for n in before), f"step {step}: Z or D frozen"
+
+
+def test_kl_breakdown_reports_flow_and_conditional_parts():
+    model = llama_model(lambda_init=0.02)
+    outputs(model, inputs())
+    rows = bayeslora.kl_breakdown(model)
+    assert len(rows) == 4  # 2 layers × (A, B)
+    total = sum(r["kl_flow"] + r["kl_cond"] for r in rows)
+    assert torch.allclose(total, bayeslora.kl_divergence(model))
+    a = next(r for r in rows if r["factor"] == "A")
+    numel = 4 * 32
+    assert torch.allclose(a["kl_cond"], torch.tensor(numel * (0.02**2 / 2 - math.log(0.02) - 0.5)), rtol=1e-4)
+    stats = bayeslora.posterior_stats(model)
+    assert all(math.isclose(s["lambda"], 0.02, rel_tol=1e-4) for s in stats)
+    assert all(math.isclose(s["sigma_u_mean"], 0.05, rel_tol=1e-4) for s in stats)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = llama_model(seed=0)
+        if checkpointing:
+            model.gradient_checkpointing_enable()  # transformers' default: non-reentrant
+            assert model.base_model.model.model.layers[0].gradient_checkpointing
+        model.train()
+        torch.manual_seed(5)
+        logits = outputs(model, inputs())
+        (logits.square().mean() + 1e-3 * bayeslora.kl_divergence(model)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_reentrant_checkpointing_is_refused_with_a_clear_error():
+    model = llama_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    with pytest.raises(ValueError, match="use_reentrant"):
+        outputs(model, inputs())
+    with torch.no_grad():  # inference does not checkpoint, so it still runs
+        outputs(model, inputs())
+
+
+def test_bf16_base_model_runs_with_float32_inducing_maths():
+    base = tiny("llama", dtype=torch.bfloat16)
+    model = bayeslora.get_model(base, BayesLoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                      bayesian_modules=["q_proj"], sigma_u_init=0.05))
+    layer = next(m for m in model.modules() if isinstance(m, BayesLoraLinear) and m.lora_bayes)
+    assert all(p.dtype == torch.float32 for p in layer.lora_bayes.parameters())
+    batch = inputs()
+    logits = outputs(model, batch)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    (logits.float().square().mean() + bayeslora.kl_divergence(model) * 1e-3).backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.lora_bayes.parameters())
+    assert layer._bayes_draws["default"]["A"].dtype == torch.float32
+    bayeslora.set_mode(model, "mean")
+    with torch.no_grad():
+        mean = outputs(model, batch)
+        merged = model.merge_and_unload()
+        merged_out = outputs(merged, batch)
+    assert torch.isfinite(mean).all() and torch.isfinite(merged_out).all()
+    assert (mean.float() - merged_out.float()).abs().max() < 0.1  # bf16 rounding of the merged weight
+
+
+def factor_formula(d_o: int, d_i: int, rows: int, cols: int, flow: int) -> int:
+    """METHOD.md section 6: R·d_o + C·d_i (Z) + (R + C) (D) + 2RC (m, ρ_U) + 1 (λ) + flow."""
+    return rows * d_o + cols * d_i + rows + cols + 2 * rows * cols + 1 + flow
+
+
+def test_parameter_count_matches_the_formula():
+    model = llama_model(flow_depth=1)
+    flow = sum(p.numel() for p in next(m for m in model.modules()
+                                       if isinstance(m, BayesLoraLinear) and m.lora_bayes)
+               .lora_bayes["default"]["A"].flow.parameters())
+    assert flow == 1554  # the authors' flow: MADE 9→16, two residual 16→16 blocks, 16→18
+    counts = bayeslora.count_parameters(model)
+    per_layer = (factor_formula(4, 32, 9, 9, flow) - 4 * 32) + (factor_formula(32, 4, 9, 9, flow) - 32 * 4)
+    assert counts["extra"] == 2 * per_layer
+    assert counts["trainable"] == counts["plain_lora"] + counts["extra"]
+    # q_proj (32→32) and v_proj (32→16: 2 KV heads of 8), 2 layers, at plain-LoRA sizes
+    assert counts["plain_lora"] == 2 * ((4 * 32 + 32 * 4) + (4 * 32 + 16 * 4))
+
+
+def test_llama2_7b_overhead_matches_the_paper(capsys):
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32)
+    with torch.device("meta"):
+        base = LlamaForCausalLM(config)
+    model = bayeslora.get_model(base, BayesLoraConfig(r=8, lora_alpha=16,
+                                                      target_modules=["q_proj", "v_proj", "lm_head"],
+                                                      bayesian_modules=["q_proj", "lm_head"]))
+    counts = bayeslora.count_parameters(model)
+    assert counts["bayesian_factors"] == 66
+    assert counts["plain_lora"] == 4_483_072
+    flow_term = 66 * 1554
+    assert counts["extra"] == 417_502, counts
+    with capsys.disabled():
+        print(f"\nLlama-2-7B (meta): plain LoRA {counts['plain_lora']:,}, Bayesian-LoRA "
+              f"{counts['trainable']:,} (+{counts['extra']:,}; flow term {flow_term:,} = 66 × 1,554, "
+              f"the authors' flow, so the paper's +417,502 is reproduced exactly)")
