@@ -39,7 +39,7 @@ def label_token_ids(tokenizer: Any, labels: Sequence[str], cue: str) -> list[int
                 f"answer label {label!r} is not a single token for this tokenizer after {cue!r} "
                 f"(it tokenizes as {pieces}); label tokens must be single and distinct"
             )
-        if extra[0] is not None and extra[0] == getattr(tokenizer, "unk_token_id", None):
+        if getattr(tokenizer, "unk_token_id", None) is not None and extra[0] == tokenizer.unk_token_id:
             raise ValueError(f"answer label {label!r} maps to the unknown token for this tokenizer")
         ids.append(extra[0])
     if len(set(ids)) != len(ids):

@@ -35,7 +35,8 @@ RELEASE_MMLU_SPLIT = {"validation": "val", "test": "test", "dev": "dev"}  # uids
 def arc_from_hub(row: dict[str, Any], source: str) -> MCExample:
     """``allenai/ai2_arc`` row: ``question`` is the stem, ``choices`` is ``{"text": [...], "label": [...]}``."""
     choices = [{"text": t, "label": lab} for t, lab in zip(row["choices"]["text"], row["choices"]["label"])]
-    release = {"id": row["id"], "question": {"stem": row["question"], "choices": choices}, "answerKey": row["answerKey"]}
+    question = {"stem": row["question"], "choices": choices}
+    release = {"id": row["id"], "question": question, "answerKey": row["answerKey"]}
     return formats.arc_example(release, source)
 
 

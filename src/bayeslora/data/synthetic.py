@@ -64,7 +64,9 @@ class SyntheticConfig:
             raise ValueError(f"need 2 <= min_choices <= max_choices <= 6, got {self.min_choices}, {self.max_choices}")
         limit = (self.min_choices - 1) / self.min_choices
         if not 0.0 <= self.noise < limit:
-            raise ValueError(f"noise must be in [0, {limit:.3f}) so the rule stays the most likely label, got {self.noise}")
+            raise ValueError(
+                f"noise must be in [0, {limit:.3f}) so the rule stays the most likely label, got {self.noise}"
+            )
         if not 0.0 <= self.cue_strength <= 1.0:
             raise ValueError(f"cue_strength must be in [0, 1], got {self.cue_strength}")
 
@@ -96,7 +98,8 @@ def _example(rng: random.Random, split: str, i: int, config: SyntheticConfig) ->
     if rng.random() < config.noise:
         label = rng.choice([p for p in range(n) if p != truth])
     question = rng.choice(TEMPLATES).format(color=colors[0])
-    return MCExample(f"synthetic-{split}-{i}", question, choices, label, None, Kind.MULTIPLE_CHOICE, f"synthetic:{split}:{i}")
+    uid, source = f"synthetic-{split}-{i}", f"synthetic:{split}:{i}"
+    return MCExample(uid, question, choices, label, None, Kind.MULTIPLE_CHOICE, source)
 
 
 def rule_answer(example: MCExample) -> int:
