@@ -113,20 +113,28 @@ def _whitened(p: StackedFactors, eps: Tensor) -> tuple[Tensor, Tensor]:
     return apply_flows(flows, u0)
 
 
-def draw_group(p: StackedFactors, n: int, generator: torch.Generator | None = None) -> GroupDraw:
+def draw_group(
+    p: StackedFactors, n: int, generator: torch.Generator | list[torch.Generator] | None = None
+) -> GroupDraw:
     """Draw n weights per factor by METHOD.md section 2, steps 1 to 6 (exact Matheron rule).
 
     W = σ_p (T_r (U − λŪ) T_c + λ e1), which is M + λξ with M = T_r U T_c and ξ = e1 − T_r Ū T_c
     folded into one projection. Ū = [Z_r D_r] [[e1, e2], [e3, e4]] [Z_c D_c]ᵀ is a prior draw of the
     inducing matrix made jointly with e1, so ξ has covariance I − P_r ⊗ P_c and no d×d matrix forms.
-    All noise comes from one ``randn`` call (torch's global RNG unless ``generator`` is given).
+    All noise comes from one ``randn`` call (torch's global RNG unless ``generator`` is given); with a
+    list of n generators, draw i uses only generator i, so n draws made together equal the same draws
+    made one at a time (batched Monte Carlo == sequential).
     """
     s = p.shape
     g, rows, cols, d_o, d_i = len(p.factors), s.rows, s.cols, s.d_out, s.d_in
     sizes = [rows * cols, d_o * d_i, d_o * cols, rows * d_i, rows * cols]
-    noise = torch.randn(
-        (g, n, sum(sizes)), generator=generator, device=p.mean.device, dtype=p.mean.dtype
-    )
+    like = dict(device=p.mean.device, dtype=p.mean.dtype)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n:
+            raise ValueError(f"got {len(generator)} generators for {n} draws")
+        noise = torch.cat([torch.randn((g, 1, sum(sizes)), generator=gen, **like) for gen in generator], 1)
+    else:
+        noise = torch.randn((g, n, sum(sizes)), generator=generator, **like)
     eps, e1, e2, e3, e4 = noise.split(sizes, dim=-1)
     eps = eps.view(g, n, rows, cols)
     e1, e2 = e1.view(g, n, d_o, d_i), e2.view(g, n, d_o, cols)

@@ -18,7 +18,7 @@ from .sampler import PosteriorSampler
 
 __all__ = [
     "attach", "count_parameters", "fixed_sample", "get_model", "get_sampler", "kl_breakdown",
-    "kl_divergence", "load", "posterior_stats", "set_draw_seed", "set_mode", "using_mode",
+    "kl_divergence", "load", "posterior_stats", "set_draw_seed", "set_draw_seeds", "set_mode", "using_mode",
 ]
 
 _SAMPLER_ATTR = "_bayeslora_sampler"
@@ -117,8 +117,13 @@ def fixed_sample(model: nn.Module, seed: Optional[int] = None, num_samples: int 
 
 
 def set_draw_seed(model: nn.Module, seed: Optional[int]) -> None:
-    """Seed draws by (seed, factor group) instead of the global RNG; ``None`` restores the global RNG."""
+    """Seed draws by (seed, draw index, factor group) instead of the global RNG; ``None`` restores it."""
     get_sampler(model).set_draw_seed(seed)
+
+
+def set_draw_seeds(model: nn.Module, seeds: Optional[list[int]]) -> None:
+    """One explicit seed per draw of each forward (batched S draws == S single draws with these seeds)."""
+    get_sampler(model).set_draw_seeds(seeds)
 
 
 # ------------------------------------------------------------------------------------- KL

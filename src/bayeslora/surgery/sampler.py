@@ -20,10 +20,11 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from ..seeding import mix_seed
 from ..core import StackedFactors, draw_group, mean_flow_noise, mean_group
 from .layer import MODES, BayesLoraLinear
 
-__all__ = ["FactorRef", "PosteriorSampler"]
+__all__ = ["FactorRef", "PosteriorSampler", "mix_seed"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class PosteriorSampler:
         self.num_samples = 1
         self.fixed = False
         self.draw_seed: Optional[int] = None
+        self.draw_seeds: Optional[list[int]] = None
         self.last_kl_flow: dict[tuple[int, str, str], Tensor] = {}
         self._handle = root.register_forward_pre_hook(self._before_forward)
 
@@ -111,16 +113,31 @@ class PosteriorSampler:
             layer.bayes_mode, layer.bayes_num_samples = mode, num_samples
         self.clear()
 
-    def set_draw_seed(self, seed: Optional[int]) -> None:
-        """Draw from per-group generators seeded by (seed, group) instead of the global RNG."""
-        self.draw_seed = seed
+    def set_draw_seeds(self, seeds: Optional[list[int]]) -> None:
+        """One seed per draw of each forward (``None``: torch's global RNG).
 
-    def _generator(self, key: tuple) -> Optional[torch.Generator]:
-        if self.draw_seed is None:
+        Draw i of a group comes from a generator seeded by (seeds[i], group), so the same seeds give the
+        same weights on every data-parallel rank, and batched draws equal sequential ones.
+        """
+        self.draw_seeds = None if seeds is None else [int(s) for s in seeds]
+
+    def set_draw_seed(self, seed: Optional[int]) -> None:
+        """Shorthand: draw i of each forward uses the seed derived from (seed, i)."""
+        self.draw_seed = seed
+        self.draw_seeds = None
+
+    def _generators(self, key: tuple) -> Optional[list[torch.Generator]]:
+        if self.draw_seeds is not None:
+            seeds = self.draw_seeds
+            if len(seeds) != self.num_samples:
+                raise ValueError(f"{len(seeds)} draw seeds for {self.num_samples} draws per forward")
+        elif self.draw_seed is not None:
+            seeds = [mix_seed(self.draw_seed, i) for i in range(self.num_samples)]
+        else:
             return None
         shape, dtype, device = key
         group_id = zlib.crc32(f"{shape.key()}|{dtype}".encode())
-        return torch.Generator(device=device).manual_seed((self.draw_seed * 2654435761 + group_id) % 2**63)
+        return [torch.Generator(device=device).manual_seed(mix_seed(s, group_id)) for s in seeds]
 
     def clear(self) -> None:
         self.last_kl_flow.clear()
@@ -148,7 +165,7 @@ class PosteriorSampler:
         self.clear()
         for key, refs in self.groups(self.active_factors()).items():
             stacked = StackedFactors.of([r.factor for r in refs], key[1])
-            gen = generator if generator is not None else self._generator(key)
+            gen = generator if generator is not None else self._generators(key)
             drawn = draw_group(stacked, self.num_samples, gen)
             for i, ref in enumerate(refs):
                 ref.layer._bayes_draws.setdefault(ref.adapter, {})[ref.which] = drawn.weights[i]

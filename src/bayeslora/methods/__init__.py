@@ -1,0 +1,7 @@
+"""Fine-tuning methods behind one interface (see :mod:`bayeslora.methods.base`)."""
+
+from . import bayes as _bayes  # noqa: F401  (registers "bayeslora")
+from . import lora as _lora  # noqa: F401  (registers "lora")
+from .base import METHODS, Method, TrainOutputs, get_method, register_method
+
+__all__ = ["METHODS", "Method", "TrainOutputs", "get_method", "register_method"]

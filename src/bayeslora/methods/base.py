@@ -1,0 +1,114 @@
+"""The one interface every fine-tuning method implements, and the registry the CLI reads.
+
+The trainer and the evaluator only call this interface, so a new method (a baseline, or a toy one in
+a test) slots in by subclassing :class:`Method` and decorating it with :func:`register_method`.
+A method decides how to build and save its model, what it outputs for the loss (per-draw log-probs
+over the choices, and KL terms if it has a posterior), and how it predicts in each evaluation mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..evaluation import log_softmax_over_choices
+from ..scoring import ChoiceScorer
+
+__all__ = ["METHODS", "Method", "TrainOutputs", "get_method", "register_method"]
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+@dataclass
+class TrainOutputs:
+    """What a training forward produced: log-probs (S, B, C) and, for posteriors, KL terms."""
+
+    log_probs: Tensor
+    kl_flow: Optional[Tensor] = None
+    kl_cond: Optional[Tensor] = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def kl(self) -> Optional[Tensor]:
+        if self.kl_flow is None and self.kl_cond is None:
+            return None
+        return sum(t for t in (self.kl_flow, self.kl_cond) if t is not None)
+
+
+def register_method(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: make a method available to the trainer, the evaluator and the CLI."""
+    if not getattr(cls, "name", ""):
+        raise ValueError(f"{cls.__name__} needs a `name`")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, options: Optional[dict[str, Any]] = None) -> "Method":
+    if name not in METHODS:
+        raise ValueError(f"--method: unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name](options or {})
+
+
+class Method:
+    """Base class. ``options`` is a JSON-serialisable dict recorded in the run folder."""
+
+    name: ClassVar[str] = ""
+    modes: ClassVar[tuple[str, ...]] = ("mean",)
+    default_mode: ClassVar[str] = "mean"
+    stochastic: ClassVar[bool] = False  # whether several predictive samples differ
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = dict(options)
+
+    # ---- command line
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Method-specific flags (common LoRA flags are added by the CLI for every method)."""
+
+    @classmethod
+    def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
+        return {}
+
+    # ---- model
+    def build(self, base_model: nn.Module, lora: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(str(directory))
+
+    def load(self, base_model: nn.Module, directory: Path, lora: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
+
+    def no_decay_parameters(self, model: nn.Module) -> set[str]:
+        """Names of parameters that must not get weight decay (variational parameters)."""
+        return set()
+
+    # ---- training
+    def train_outputs(self, model: nn.Module, scorer: ChoiceScorer, batch: dict[str, Any],
+                      num_samples: int) -> TrainOutputs:
+        logits, mask = scorer.choice_logits(model, batch, 1)
+        return TrainOutputs(log_probs=log_softmax_over_choices(logits, mask, dtype=None))
+
+    def before_step(self, model: nn.Module, seed: int) -> None:
+        """Called before each training forward with a seed derived from (run seed, global step)."""
+
+    def epoch_stats(self, model: nn.Module) -> dict[str, Any]:
+        return {}
+
+    # ---- prediction
+    def prepare_eval(self, model: nn.Module, mode: str) -> nn.Module:
+        if mode not in self.modes:
+            raise ValueError(f"--mode {mode!r} is not available for method {self.name!r} "
+                             f"(available: {', '.join(self.modes)})")
+        return model
+
+    def predict(self, model: nn.Module, scorer: ChoiceScorer, batch: dict[str, Any], mode: str,
+                samples: int, seeds: list[int], batched: bool) -> Tensor:
+        """Per-draw log-probs (S, B, C) in float64; deterministic methods return S = 1."""
+        logits, mask = scorer.choice_logits(model, batch, 1)
+        return log_softmax_over_choices(logits, mask)

@@ -1,0 +1,101 @@
+"""Evaluating a trained run folder: reload its selected adapter and score a split.
+
+Writes, next to each other: ``metrics-*.json`` (the numbers, in the schema ``bayeslora report``
+reads), ``predictions-*.jsonl`` (per example: probabilities per choice and per sample, the averaged
+predictive, its entropy and the mutual information) and ``reliability-*.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .data import load_task
+from .evaluation import compute_metrics, reliability_bins, save_reliability_diagram, summarise_samples
+from .evaluation.predict import predict_examples
+from .evaluation.report import atomic_write, write_json_atomic
+from .methods import get_method
+from .models import load_base_model
+from .scoring import make_scorer
+from .training.config import TrainConfig
+
+__all__ = ["evaluate_run", "load_run_model"]
+
+
+def selected_adapter(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    path = run_dir / "selection.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the run has no selected adapter yet (did training finish an epoch?)")
+    selection = json.loads(path.read_text())
+    return run_dir / selection["adapter"], selection
+
+
+def load_run_model(run_dir: Path, device: torch.device | str = "cpu"):
+    """(method, model, scorer, tokenizer, config, selection) of a run's selected adapter."""
+    cfg = TrainConfig.from_run(run_dir)
+    adapter, selection = selected_adapter(run_dir)
+    method = get_method(cfg.method, cfg.method_options)
+    loaded = load_base_model(cfg.model, dtype=cfg.dtype, kind=cfg.model_kind)
+    model = method.load(loaded.model, adapter, cfg.lora()).to(device)
+    scorer = make_scorer(loaded.kind, model).load(adapter).to(device)
+    return method, model, scorer, loaded.tokenizer, cfg, selection
+
+
+def evaluate_run(run_dir: str | Path, task: str, split: str, *, data_dir: Optional[str] = None,
+                 data_file: Optional[str] = None, samples: int = 4, mode: Optional[str] = None,
+                 output: Optional[str | Path] = None, batch_size: int = 32, seed: int = 0,
+                 batched: bool = True, max_examples: Optional[int] = None,
+                 device: Optional[str] = None) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    method, model, scorer, tokenizer, cfg, selection = load_run_model(run_dir, device)
+    mode = mode or method.default_mode
+    model = method.prepare_eval(model, mode)
+    examples = load_task(task, split, data_dir, data_file)
+    if max_examples is not None:
+        examples = examples[:max_examples]
+    collator = scorer.make_collator(tokenizer, cfg.max_length)
+    result = predict_examples(method, model, scorer, examples, collator, mode=mode, samples=samples,
+                              batch_size=batch_size, seed=seed, batched=batched, device=device)
+    summary = summarise_samples(result.log_probs.transpose(0, 1), result.mask)
+    log_p_bar = summary.log_probs
+    metrics = compute_metrics(log_p_bar, result.labels, result.mask, kind="log_probs")
+    draws = result.log_probs.shape[1]
+    record = {
+        "task": task, "split": split, "method": cfg.method, "mode": mode, "samples": draws,
+        **metrics, "recipe": cfg.recipe, "selection_rule": selection["rule"], "selected_epoch": selection["epoch"],
+        "truncated": result.truncated, "eval_seconds": result.seconds,
+        "examples_per_second": len(examples) / max(result.seconds, 1e-9),
+        "peak_memory_bytes": result.peak_memory_bytes, "batched": batched, "seed": seed, "run": str(run_dir),
+        "data_file": data_file, "model": cfg.model,
+    }
+    stem = f"{task}-{split}-{cfg.method}-{mode}-S{draws}"
+    out = Path(output) if output else run_dir / "eval" / f"metrics-{stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, record)
+    _write_predictions(out.with_name(out.name.replace("metrics", "predictions", 1)).with_suffix(".jsonl"),
+                       result, summary)
+    bins = reliability_bins(log_p_bar, result.labels, result.mask, kind="log_probs")
+    png = out.with_name(out.name.replace("metrics", "reliability", 1)).with_suffix(".png")
+    save_reliability_diagram(bins, png, metrics, label=f"{cfg.method} {mode} S={draws} on {task}/{split}")
+    record["reliability_png"] = str(png)
+    record["metrics_file"] = str(out)
+    return record
+
+
+def _write_predictions(path: Path, result, summary) -> None:
+    def write(handle) -> None:
+        for i, uid in enumerate(result.uids):
+            n = int(result.mask[i].sum())
+            per_sample = result.log_probs[i, :, :n].exp()
+            row = {"uid": uid, "label": int(result.labels[i]),
+                   "probs": [round(float(p), 6) for p in summary.log_probs[i, :n].exp()],
+                   "sample_probs": [[round(float(p), 6) for p in s] for s in per_sample],
+                   "entropy": float(summary.entropy[i]), "mutual_information": float(summary.mutual_information[i])}
+            handle.write((json.dumps(row) + "\n").encode())
+
+    atomic_write(path, write)

@@ -1,0 +1,118 @@
+"""From a model and a collated batch to logits over each item's choices (METHOD.md section 7).
+
+One small interface for both model kinds, so every method and metric works for both:
+
+* causal LMs: next-token logits at the last prompt position (prompts are left-padded), restricted to
+  the answer-label tokens;
+* encoders: a trainable linear head on the mean-pooled final hidden state of each (context, choice)
+  pair; the head is trained with the adapter and saved beside it.
+
+``choice_logits`` takes ``num_samples`` S for batched Monte Carlo: the batch is repeated S times
+sample-major (S×B rows) so a Bayesian adapter with S draws per forward scores every draw in one pass.
+Logits come back as (S, B, C) with ``-inf`` where an item has fewer than C choices; normalise them with
+:func:`bayeslora.evaluation.log_softmax_over_choices`, the same way for every method.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .data import CausalCollator, EncoderCollator, regroup_pair_scores
+
+__all__ = ["CausalScorer", "ChoiceScorer", "EncoderScorer", "make_scorer", "SCORER_FILE"]
+
+SCORER_FILE = "scorer.safetensors"
+_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+
+
+def _repeat(batch: dict[str, Any], keys: tuple[str, ...], samples: int) -> dict[str, Tensor]:
+    return {k: batch[k].repeat(samples, *([1] * (batch[k].dim() - 1))) for k in keys if k in batch}
+
+
+def _base_forward_params(model: nn.Module) -> set[str]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters)
+
+
+class ChoiceScorer(nn.Module):
+    """Base class: ``choice_logits(model, batch, num_samples)`` -> ((S, B, C) logits, (B, C) mask)."""
+
+    kind: str = ""
+
+    def make_collator(self, tokenizer: Any, max_length: int | None = None) -> Callable:
+        raise NotImplementedError
+
+    def choice_logits(self, model: nn.Module, batch: dict[str, Any], num_samples: int = 1) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def save(self, directory: str | Path) -> None:
+        """Write the scorer's parameters (if any) as safetensors into ``directory``."""
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        if state:
+            save_file(state, str(Path(directory) / SCORER_FILE))
+
+    def load(self, directory: str | Path) -> "ChoiceScorer":
+        path = Path(directory) / SCORER_FILE
+        if any(True for _ in self.parameters()):
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: the {self.kind} scoring head is missing from the adapter folder")
+            self.load_state_dict(load_file(str(path)))
+        return self
+
+
+class CausalScorer(ChoiceScorer):
+    """Last-position logits over the answer-label tokens; has no parameters."""
+
+    kind = "causal"
+
+    def make_collator(self, tokenizer: Any, max_length: int | None = None) -> Callable:
+        return CausalCollator(tokenizer, max_length)
+
+    def choice_logits(self, model: nn.Module, batch: dict[str, Any], num_samples: int = 1) -> tuple[Tensor, Tensor]:
+        inputs = _repeat(batch, ("input_ids", "attention_mask", "position_ids"), num_samples)
+        if "logits_to_keep" in _base_forward_params(model):
+            inputs["logits_to_keep"] = 1  # the last position only: no (B, L, vocab) tensor
+        last = model(**inputs).logits[:, -1, :]
+        b, c = batch["label_token_ids"].shape
+        last = last.view(num_samples, b, -1).float()
+        index = batch["label_token_ids"].unsqueeze(0).expand(num_samples, b, c)
+        logits = last.gather(-1, index)
+        mask = batch["label_mask"]
+        return logits.masked_fill(~mask, float("-inf")), mask
+
+
+class EncoderScorer(ChoiceScorer):
+    """A linear head on the mean-pooled last hidden state of each (context, choice) pair."""
+
+    kind = "encoder"
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(hidden_size, 1)
+
+    def make_collator(self, tokenizer: Any, max_length: int | None = None) -> Callable:
+        return EncoderCollator(tokenizer, max_length)
+
+    def choice_logits(self, model: nn.Module, batch: dict[str, Any], num_samples: int = 1) -> tuple[Tensor, Tensor]:
+        inputs = _repeat(batch, ("input_ids", "attention_mask", "token_type_ids"), num_samples)
+        hidden = model(**inputs).last_hidden_state
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        scores = self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()
+        logits, choice_mask = regroup_pair_scores(scores.view(num_samples, -1), batch["n_choices"])
+        return logits, choice_mask
+
+
+def make_scorer(kind: str, model: nn.Module) -> ChoiceScorer:
+    """The scorer for a model kind ("causal" or "encoder"); encoder heads are sized from the config."""
+    if kind == "causal":
+        return CausalScorer()
+    if kind == "encoder":
+        return EncoderScorer(model.config.hidden_size)
+    raise ValueError(f"unknown model kind {kind!r}")

@@ -1,0 +1,92 @@
+"""Atomic, resumable training checkpoints: trainable weights, optimizer, scheduler, RNGs, position.
+
+A checkpoint is a folder written in full under a temporary name and swapped in with ``os.replace``,
+so a run killed at any instant (even SIGKILL mid-write) leaves the previous checkpoint intact.
+Only trainable tensors are stored (the frozen base model is reloaded from its source), as
+safetensors; optimizer and scheduler states are plain tensors and numbers loaded with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = ["atomic_dir", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+
+CHECKPOINT = "checkpoint"
+
+
+def atomic_dir(target: Path, write) -> None:
+    """Write a folder via ``write(tmp_path)`` then swap it in place of ``target``."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, position: dict[str, Any]) -> None:
+    def write(tmp: Path) -> None:
+        save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(position, indent=2))
+
+    atomic_dir(Path(run_dir) / CHECKPOINT, write)
+
+
+def load_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNGs; returns the saved position."""
+    folder = Path(run_dir) / CHECKPOINT
+    if not (folder / "state.json").exists():
+        raise FileNotFoundError(f"{folder}: no checkpoint to resume from")
+    weights = load_file(str(folder / "trainable.safetensors"))
+    expected = {n for n, p in module.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        raise ValueError(f"{folder}: checkpoint tensors do not match the model "
+                         f"(missing {sorted(expected - set(weights))[:3]}, extra {sorted(set(weights) - expected)[:3]})")
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    states = torch.load(folder / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
+    return json.loads((folder / "state.json").read_text())

@@ -1,0 +1,286 @@
+"""The training loop on Hugging Face Accelerate: CPU, one GPU or many (``accelerate launch``).
+
+Data order is a permutation seeded by (seed, epoch); each optimizer step takes the next global batch
+(batch_size × processes rows) and rank r takes its slice, so a run resumes at an exact position and
+a multi-process run sees the same global batches as a single process with the same global batch.
+Adapter draws are seeded by (seed, micro-batch), identical on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..data import file_records, load_task, split_files
+from ..evaluation import compute_metrics, write_json_atomic
+from ..evaluation.predict import predict_examples
+from ..methods import get_method
+from ..models import load_base_model
+from ..scoring import make_scorer
+from ..seeding import mix_seed
+from .checkpoint import CHECKPOINT, atomic_dir, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .objective import PAPER, beta_at, elbo_loss, paper_kl_weight, paper_loss, paper_lr_factor
+
+__all__ = ["TrainModule", "train", "versions"]
+
+
+class TrainModule(nn.Module):
+    """Model + scorer as one module, so DDP syncs the encoder head's gradients with the adapter's."""
+
+    def __init__(self, method, model: nn.Module, scorer: nn.Module) -> None:
+        super().__init__()
+        self.method, self.model, self.scorer = method, model, scorer
+
+    def forward(self, batch: dict[str, Any], num_samples: int) -> dict[str, Any]:
+        out = self.method.train_outputs(self.model, self.scorer, batch, num_samples)
+        return {"log_probs": out.log_probs, "kl_flow": out.kl_flow, "kl_cond": out.kl_cond}
+
+
+def versions() -> dict[str, str]:
+    import accelerate, peft, transformers  # noqa: E401
+
+    from .. import __version__
+
+    out = {"bayeslora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
+    try:
+        import zuko
+
+        out["zuko"] = zuko.__version__
+    except (ImportError, AttributeError):
+        pass
+    return out
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    batch: int = 0  # next global batch within the epoch
+    step: int = 0  # optimizer steps so far
+
+
+def _limit(examples: list, limit: Optional[int]) -> list:
+    return examples if limit is None else examples[:limit]
+
+
+def _optimizer(cfg: TrainConfig, method, module: TrainModule) -> torch.optim.Optimizer:
+    no_decay = {f"model.{n}" for n in method.no_decay_parameters(module.model)}
+    decay_rate = PAPER.weight_decay if cfg.recipe == "paper" else cfg.weight_decay
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in params if cfg.recipe == "paper" or n not in no_decay], "weight_decay": decay_rate},
+        {"params": [p for n, p in params if cfg.recipe != "paper" and n in no_decay], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+def _scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, total_steps: int):
+    if cfg.recipe == "paper":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: paper_lr_factor(s // steps_per_epoch))
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg, self.run_dir = cfg, Path(cfg.output)
+        self.acc = Accelerator(mixed_precision=cfg.mixed_precision)
+        set_seed(cfg.seed)
+        self.method = get_method(cfg.method, cfg.method_options)
+        loaded = load_base_model(cfg.model, dtype=cfg.dtype, kind=cfg.model_kind)
+        self.kind, self.tokenizer = loaded.kind, loaded.tokenizer
+        model = self.method.build(loaded.model, cfg.lora())
+        scorer = make_scorer(loaded.kind, model)
+        self.module = TrainModule(self.method, model, scorer).to(self.acc.device)
+        self.collator = scorer.make_collator(self.tokenizer, cfg.max_length)
+        self.train_set = _limit(load_task(cfg.task, "train", cfg.data_dir, cfg.train_file), cfg.max_train_examples)
+        self.dev_set = _limit(load_task(cfg.task, "dev", cfg.data_dir, cfg.dev_file), cfg.max_dev_examples)
+        self.global_batch = cfg.batch_size * self.acc.num_processes
+        n = len(self.train_set)
+        per_epoch = n // self.global_batch if self.acc.num_processes > 1 else math.ceil(n / self.global_batch)
+        self.batches_per_epoch = per_epoch
+        if per_epoch == 0:
+            raise ValueError(f"{n} training examples do not fill one global batch of {self.global_batch}")
+        self.steps_per_epoch = math.ceil(per_epoch / cfg.grad_accum)
+        self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.optimizer = _optimizer(cfg, self.method, self.module)
+        self.scheduler = _scheduler(cfg, self.optimizer, self.steps_per_epoch, self.total_steps)
+        self.history: list[dict[str, Any]] = []
+        self.position = Position()
+        if resume:
+            state = load_checkpoint(self.run_dir, self.module, self.optimizer, self.scheduler)
+            self.position = Position(**state["position"])
+            self.history = state["history"]
+        self.wrapped, self.optimizer = self.acc.prepare(self.module, self.optimizer)
+        if not resume:
+            self._write_run_config()
+
+    # ------------------------------------------------------------------------------ records
+    def _write_run_config(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = self.cfg
+        files = {split: file_records(split_files(cfg.task, split, cfg.data_dir, file))
+                 for split, file in (("train", cfg.train_file), ("dev", cfg.dev_file))}
+        write_json_atomic(self.run_dir / "config.json", {
+            "train": cfg.to_dict(), "versions": versions(), "seed": cfg.seed, "data_files": files,
+            "model_kind": self.kind, "num_processes": self.acc.num_processes, "n_train": len(self.train_set),
+            "n_dev": len(self.dev_set), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+        })
+
+    def _save_adapter(self, epoch: int) -> str:
+        name = f"adapters/epoch-{epoch}"
+
+        def write(tmp: Path) -> None:
+            self.method.save(self.module.model, tmp)
+            self.module.scorer.save(tmp)
+
+        (self.run_dir / "adapters").mkdir(parents=True, exist_ok=True)
+        atomic_dir(self.run_dir / name, write)
+        return name
+
+    def _select(self) -> None:
+        rule = self.cfg.select
+        chosen = self.history[-1] if rule == "last" else min(self.history, key=lambda h: h["dev"]["nll"])
+        write_json_atomic(self.run_dir / "selection.json",
+                          {"rule": rule, "epoch": chosen["epoch"], "adapter": chosen["adapter"]})
+
+    # ------------------------------------------------------------------------------ steps
+    def _global_batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(mix_seed(self.cfg.seed, epoch))
+        order = torch.randperm(len(self.train_set), generator=g).tolist()
+        return [order[i * self.global_batch:(i + 1) * self.global_batch] for i in range(self.batches_per_epoch)]
+
+    def _local(self, rows: list[int]) -> dict[str, Any]:
+        rank, size = self.acc.process_index, self.acc.num_processes
+        per = math.ceil(len(rows) / size)
+        mine = rows[rank * per:(rank + 1) * per]
+        batch = self.collator([self.train_set[i] for i in mine])
+        return {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _loss(self, batch: dict[str, Any], epoch: int, step: int):
+        out = self.wrapped(batch, self.cfg.train_samples)
+        labels = batch["labels"]
+        if self.cfg.recipe == "paper":
+            mask = batch.get("label_mask", batch.get("choice_mask"))
+            return paper_loss(out["log_probs"], labels, mask, out["kl_flow"], out["kl_cond"],
+                              paper_kl_weight(epoch, self.steps_per_epoch))
+        beta = beta_at(step, len(self.train_set), self.cfg.kl_warmup_steps)
+        return elbo_loss(out["log_probs"], labels, out["kl_flow"], out["kl_cond"], beta)
+
+    def _optimizer_step(self, micro_batches: list[list[int]], epoch: int, index: int) -> dict[str, float]:
+        logs = {"loss": 0.0, "nll": 0.0, "kl_flow": 0.0, "kl_cond": 0.0}
+        for j, rows in enumerate(micro_batches):
+            self.method.before_step(self.module.model, mix_seed(self.cfg.seed, epoch, index + j))
+            last = j == len(micro_batches) - 1
+            with (nullcontext() if last else self.acc.no_sync(self.wrapped)):
+                parts = self._loss(self._local(rows), epoch, self.position.step)
+                self.acc.backward(parts.loss / len(micro_batches))
+            logs["loss"] += float(parts.loss) / len(micro_batches)
+            logs["nll"] += float(parts.nll) / len(micro_batches)
+            for key in ("kl_flow", "kl_cond"):
+                value = getattr(parts, key)
+                logs[key] += 0.0 if value is None else float(value) / len(micro_batches)
+        if self.cfg.max_grad_norm > 0:
+            self.acc.clip_grad_norm_(self.wrapped.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.position.step += 1
+        return logs
+
+    def evaluate_dev(self) -> dict[str, Any]:
+        method, model = self.method, self.module.model
+        mode = method.default_mode
+        result = predict_examples(method, model, self.module.scorer, self.dev_set, self.collator, mode=mode,
+                                  samples=self.cfg.dev_samples, batch_size=self.cfg.eval_batch_size,
+                                  seed=self.cfg.seed, device=self.acc.device)
+        lp = result.log_probs
+        log_p_bar = torch.logsumexp(lp, 1) - math.log(lp.shape[1])
+        metrics = compute_metrics(log_p_bar, result.labels, result.mask, kind="log_probs")
+        return {**metrics, "mode": mode, "samples": lp.shape[1]}
+
+    # ------------------------------------------------------------------------------ run
+    def fit(self) -> list[dict[str, Any]]:
+        from tqdm.auto import tqdm
+
+        cfg, pos = self.cfg, self.position
+        bar = tqdm(total=self.total_steps, initial=pos.step, disable=not (cfg.progress and self.acc.is_main_process),
+                   desc="train", dynamic_ncols=True)
+        self.module.train()
+        while pos.step < self.total_steps and pos.epoch < self.epochs:
+            batches = self._global_batches(pos.epoch)
+            while pos.batch < len(batches) and pos.step < self.total_steps:
+                group = batches[pos.batch:pos.batch + cfg.grad_accum]
+                logs = self._optimizer_step(group, pos.epoch, pos.batch)
+                pos.batch += len(group)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+                if cfg.save_steps and pos.step % cfg.save_steps == 0 and pos.batch < len(batches):
+                    self._checkpoint()
+            self._end_epoch(pos.epoch)
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+            self._checkpoint()
+        bar.close()
+        return self.history
+
+    def _end_epoch(self, epoch: int) -> None:
+        if self.acc.is_main_process:
+            dev = self.evaluate_dev()
+            adapter = self._save_adapter(epoch)
+            entry = {"epoch": epoch, "step": self.position.step, "dev": dev, "adapter": adapter,
+                     "posterior": self.method.epoch_stats(self.module.model)}
+            self.history.append(entry)
+            write_json_atomic(self.run_dir / "history.json", self.history)
+            self._select()
+            self.acc.print(f"epoch {epoch}: dev acc {dev['acc']:.4f} ece {dev['ece']:.4f} nll {dev['nll']:.4f}"
+                           f" brier {dev['brier']:.4f}")
+            for module, values in entry["posterior"].items():
+                self.acc.print(f"  {module}: lambda {values['lambda']:.3g} mean sigma_U {values['sigma_u_mean']:.3g}")
+        self.acc.wait_for_everyone()
+        self.history = _broadcast(self.acc, self.history)
+
+    def _checkpoint(self) -> None:
+        if self.acc.is_main_process:
+            position = {"epoch": self.position.epoch, "batch": self.position.batch, "step": self.position.step}
+            save_checkpoint(self.run_dir, self.module, self.optimizer, self.scheduler,
+                            {"position": position, "history": self.history})
+        self.acc.wait_for_everyone()
+
+
+def _broadcast(acc, obj):
+    if acc.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    holder = [obj]
+    broadcast_object_list(holder, from_process=0)
+    return holder[0]
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> list[dict[str, Any]]:
+    """Train (or resume) a run; returns the per-epoch history written to ``history.json``."""
+    if resume:
+        if not (Path(cfg.output) / CHECKPOINT / "state.json").exists():
+            raise FileNotFoundError(f"{cfg.output}: nothing to resume (no {CHECKPOINT}/state.json)")
+    return Trainer(cfg, resume=resume).fit()
