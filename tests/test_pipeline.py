@@ -1,0 +1,177 @@
+"""End to end through the command line: train → evaluate → report, a registered toy method, batched
+Monte Carlo, resuming after SIGKILL. Tiny random models saved as folders; tiny data written here."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import save_tiny_causal, save_tiny_encoder
+
+from bayeslora import cli
+from bayeslora.data import causal_prompt, load_task
+from bayeslora.methods import METHODS, Method, register_method
+
+TARGETS = {"causal": ["q_proj", "v_proj"], "encoder": ["query", "value"]}
+KEYS = {"alpha": 0, "beta": 1, "gamma": 0, "delta": 1}
+
+
+def write_task(path: Path, n: int = 32, seed: int = 0) -> Path:
+    """A learnable two-choice task: the keyword in the question decides the answer."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        key = rng.choice(sorted(KEYS))
+        rows.append({"question": f"the word is {key}", "choices": ["yes", "no"], "answer": KEYS[key]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    data = write_task(root / "train.jsonl")
+    prompts = [causal_prompt(e) for e in load_task("jsonl", "train", file=data)]
+    return {"root": root, "data": data, "causal": save_tiny_causal(root / "causal", prompts),
+            "encoder": save_tiny_encoder(root / "encoder")}
+
+
+def train_args(ws, kind, method, out, *extra):
+    return ["train", "--model", ws[kind], "--task", "jsonl", "--train-file", str(ws["data"]),
+            "--dev-file", str(ws["data"]), "--method", method, "--output", str(out), "--batch-size", "8",
+            "--no-progress", "--target-modules", *TARGETS[kind], *extra]
+
+
+LEARN = {"lora": ["--lr", "1e-2", "--epochs", "6"],
+         "bayeslora": ["--lr", "3e-2", "--epochs", "6", "--prior-std", "1.0"]}
+
+
+@pytest.mark.parametrize("kind", ["causal", "encoder"])
+@pytest.mark.parametrize("method", ["lora", "bayeslora"])
+def test_train_evaluate_report(workspace, kind, method, capsys):
+    run = workspace["root"] / f"run-{kind}-{method}"
+    assert cli.main(train_args(workspace, kind, method, run, *LEARN[method])) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["method"] == method and config["versions"]["torch"] == torch.__version__
+    assert config["data_files"]["train"][0]["sha256"]
+    history = json.loads((run / "history.json").read_text())
+    assert len(history) == 6 and all("nll" in h["dev"] for h in history)
+    assert json.loads((run / "selection.json").read_text())["rule"] == "best-dev-nll"
+    assert cli.main(["evaluate", "--run", str(run), "--task", "jsonl", "--data-file", str(workspace["data"]),
+                     "--split", "train", "--samples", "3"]) == 0
+    metrics_files = list((run / "eval").glob("metrics-*.json"))
+    assert len(metrics_files) == 1
+    metrics = json.loads(metrics_files[0].read_text())
+    assert metrics["n"] == 32 and metrics["acc"] >= 0.9, metrics
+    assert metrics["samples"] == (3 if method == "bayeslora" else 1)
+    for key in ("ece", "nll", "brier", "eval_seconds", "examples_per_second", "truncated", "recipe",
+                "selection_rule"):
+        assert key in metrics
+    predictions = [json.loads(line) for line in metrics_files[0].with_name(
+        metrics_files[0].name.replace("metrics", "predictions")).with_suffix(".jsonl").read_text().splitlines()]
+    assert len(predictions) == 32 and len(predictions[0]["sample_probs"]) == metrics["samples"]
+    assert list((run / "eval").glob("reliability-*.png"))
+    capsys.readouterr()
+    assert cli.main(["report", str(run)]) == 0
+    table = capsys.readouterr().out
+    assert method in table and "jsonl" in table
+
+
+def test_modes_of_a_bayesian_run_and_batched_equals_sequential(workspace):
+    run = workspace["root"] / "run-causal-bayeslora"
+    if not (run / "selection.json").exists():
+        cli.main(train_args(workspace, "causal", "bayeslora", run, "--max-steps", "4"))
+    records = {}
+    for mode, extra in [("sample", []), ("sample-seq", ["--sequential"]), ("mean", []), ("merged", [])]:
+        out = workspace["root"] / f"m-{mode}.json"
+        args = ["evaluate", "--run", str(run), "--task", "jsonl", "--data-file", str(workspace["data"]),
+                "--split", "train", "--samples", "4", "--mode", mode.split("-")[0], "--output", str(out), *extra]
+        assert cli.main(args) == 0
+        records[mode] = json.loads(out.read_text())
+    assert records["sample"]["nll"] == pytest.approx(records["sample-seq"]["nll"], abs=1e-6)
+    assert records["mean"]["nll"] == pytest.approx(records["merged"]["nll"], abs=1e-4)
+    assert records["mean"]["samples"] == 1 and records["sample"]["samples"] == 4
+
+
+@register_method
+class ToyMethod(Method):
+    """A method defined in a test: plain LoRA whose loss path is the base class's."""
+
+    name = "toy-test-method"
+
+    def build(self, base_model, lora):
+        import peft
+
+        return peft.get_peft_model(base_model, peft.LoraConfig(r=lora["r"], target_modules=lora["target_modules"]))
+
+    def load(self, base_model, directory, lora):
+        import peft
+
+        return peft.PeftModel.from_pretrained(base_model, str(directory))
+
+
+def test_a_registered_toy_method_trains_through_the_cli(workspace):
+    assert "toy-test-method" in METHODS
+    run = workspace["root"] / "run-toy"
+    assert cli.main(train_args(workspace, "causal", "toy-test-method", run, "--max-steps", "2")) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["method"] == "toy-test-method"
+    assert (run / "adapters" / "epoch-0" / "adapter_model.safetensors").exists()
+
+
+def test_bad_inputs_fail_with_clear_messages(workspace, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": "q", "choices": ["a"], "answer": 3}\n')
+    args = train_args(workspace, "causal", "lora", tmp_path / "run", "--max-steps", "1")
+    args[args.index("--train-file") + 1] = str(bad)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err
+    assert cli.main(["evaluate", "--run", str(tmp_path / "nothing"), "--task", "jsonl", "--split", "dev"]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def _history(run: Path) -> list:
+    return json.loads((run / "history.json").read_text())
+
+
+def test_resume_after_sigkill_reaches_the_same_result(workspace, tmp_path):
+    common = ["--epochs", "3", "--batch-size", "4", "--save-steps", "2", "--lr", "1e-2"]
+    reference = tmp_path / "reference"
+    assert cli.main(train_args(workspace, "causal", "bayeslora", reference, *common)) == 0
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "bayeslora.cli",
+                             *train_args(workspace, "causal", "bayeslora", killed, *common)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = killed / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state_file.exists():
+            try:
+                position = json.loads(state_file.read_text())["position"]
+            except (json.JSONDecodeError, OSError):
+                position = None
+            if position and position["epoch"] >= 1 and position["batch"] > 0:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-epoch"
+    position = json.loads(state_file.read_text())["position"]
+    assert position["batch"] > 0 or position["epoch"] < 3  # resuming from the middle of the run
+
+    assert cli.main(["train", "--resume", "--output", str(killed), "--no-progress"]) == 0
+    ours, theirs = _history(killed), _history(reference)
+    assert [h["epoch"] for h in ours] == [0, 1, 2]
+    for a, b in zip(ours, theirs):
+        for key in ("acc", "ece", "nll", "brier"):
+            assert a["dev"][key] == pytest.approx(b["dev"][key], abs=1e-6), (a["epoch"], key)
