@@ -21,16 +21,27 @@ from bayeslora.data import causal_prompt, load_task
 from bayeslora.methods import METHODS, Method, register_method
 
 TARGETS = {"causal": ["q_proj", "v_proj"], "encoder": ["query", "value"]}
-KEYS = {"alpha": 0, "beta": 1, "gamma": 0, "delta": 1}
+KEYS = {"alpha": 0, "beta": 1}
 
 
-def write_task(path: Path, n: int = 32, seed: int = 0) -> Path:
-    """A learnable two-choice task: the keyword in the question decides the answer."""
+def write_task(path: Path, n: int = 32, seed: int = 0, kind: str = "causal") -> Path:
+    """A learnable two-choice task.
+
+    causal: a keyword in the question decides the answer letter (needs attention to the question);
+    encoder: the right choice is a fruit, the wrong one a material, in random order (a pair scorer
+    learns it from each (question, choice) pair).
+    """
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        key = rng.choice(sorted(KEYS))
-        rows.append({"question": f"the word is {key}", "choices": ["yes", "no"], "answer": KEYS[key]})
+        if kind == "causal":
+            key = rng.choice(sorted(KEYS))
+            rows.append({"question": f"the word is {key}", "choices": ["yes", "no"], "answer": KEYS[key]})
+        else:
+            good, bad = rng.choice(["apple", "pear", "plum"]), rng.choice(["stone", "brick", "steel"])
+            answer = rng.randrange(2)
+            rows.append({"question": "which one can you eat", "choices": [bad, good] if answer else [good, bad],
+                         "answer": answer})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -38,20 +49,23 @@ def write_task(path: Path, n: int = 32, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    data = write_task(root / "train.jsonl")
-    prompts = [causal_prompt(e) for e in load_task("jsonl", "train", file=data)]
+    data = {kind: write_task(root / f"{kind}.jsonl", kind=kind) for kind in ("causal", "encoder")}
+    prompts = [causal_prompt(e) for e in load_task("jsonl", "train", file=data["causal"])]
     return {"root": root, "data": data, "causal": save_tiny_causal(root / "causal", prompts),
             "encoder": save_tiny_encoder(root / "encoder")}
 
 
 def train_args(ws, kind, method, out, *extra):
-    return ["train", "--model", ws[kind], "--task", "jsonl", "--train-file", str(ws["data"]),
-            "--dev-file", str(ws["data"]), "--method", method, "--output", str(out), "--batch-size", "8",
-            "--no-progress", "--target-modules", *TARGETS[kind], *extra]
+    data = str(ws["data"][kind])
+    return ["train", "--model", ws[kind], "--task", "jsonl", "--train-file", data, "--dev-file", data,
+            "--method", method, "--output", str(out), "--batch-size", "8", "--no-progress",
+            "--dev-samples", "2", "--target-modules", *TARGETS[kind], *extra]
 
 
-LEARN = {"lora": ["--lr", "1e-2", "--epochs", "6"],
-         "bayeslora": ["--lr", "3e-2", "--epochs", "6", "--prior-std", "1.0"]}
+# 32 examples are far too few for the per-example ELBO to move a posterior away from a prior whose
+# scale is 0.1/sqrt(d_in): the test tempers the KL and widens the prior so the pipeline is seen learning.
+LEARN = {"lora": ["--lr", "5e-2", "--epochs", "4"],
+         "bayeslora": ["--lr", "5e-2", "--epochs", "12", "--prior-std", "1.0", "--kl-scale", "0.01"]}
 
 
 @pytest.mark.parametrize("kind", ["causal", "encoder"])
@@ -63,10 +77,11 @@ def test_train_evaluate_report(workspace, kind, method, capsys):
     assert config["train"]["method"] == method and config["versions"]["torch"] == torch.__version__
     assert config["data_files"]["train"][0]["sha256"]
     history = json.loads((run / "history.json").read_text())
-    assert len(history) == 6 and all("nll" in h["dev"] for h in history)
+    epochs = int(LEARN[method][LEARN[method].index("--epochs") + 1])
+    assert len(history) == epochs and all("nll" in h["dev"] for h in history)
     assert json.loads((run / "selection.json").read_text())["rule"] == "best-dev-nll"
-    assert cli.main(["evaluate", "--run", str(run), "--task", "jsonl", "--data-file", str(workspace["data"]),
-                     "--split", "train", "--samples", "3"]) == 0
+    assert cli.main(["evaluate", "--run", str(run), "--task", "jsonl", "--data-file",
+                     str(workspace["data"][kind]), "--split", "train", "--samples", "3"]) == 0
     metrics_files = list((run / "eval").glob("metrics-*.json"))
     assert len(metrics_files) == 1
     metrics = json.loads(metrics_files[0].read_text())
@@ -92,7 +107,7 @@ def test_modes_of_a_bayesian_run_and_batched_equals_sequential(workspace):
     records = {}
     for mode, extra in [("sample", []), ("sample-seq", ["--sequential"]), ("mean", []), ("merged", [])]:
         out = workspace["root"] / f"m-{mode}.json"
-        args = ["evaluate", "--run", str(run), "--task", "jsonl", "--data-file", str(workspace["data"]),
+        args = ["evaluate", "--run", str(run), "--task", "jsonl", "--data-file", str(workspace["data"]["causal"]),
                 "--split", "train", "--samples", "4", "--mode", mode.split("-")[0], "--output", str(out), *extra]
         assert cli.main(args) == 0
         records[mode] = json.loads(out.read_text())
@@ -143,7 +158,7 @@ def _history(run: Path) -> list:
 
 
 def test_resume_after_sigkill_reaches_the_same_result(workspace, tmp_path):
-    common = ["--epochs", "3", "--batch-size", "4", "--save-steps", "2", "--lr", "1e-2"]
+    common = ["--epochs", "2", "--batch-size", "4", "--save-steps", "2", "--lr", "1e-2"]
     reference = tmp_path / "reference"
     assert cli.main(train_args(workspace, "causal", "bayeslora", reference, *common)) == 0
 
@@ -167,11 +182,11 @@ def test_resume_after_sigkill_reaches_the_same_result(workspace, tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-epoch"
     position = json.loads(state_file.read_text())["position"]
-    assert position["batch"] > 0 or position["epoch"] < 3  # resuming from the middle of the run
+    assert position["epoch"] == 1 and position["batch"] > 0  # resuming from the middle of an epoch
 
     assert cli.main(["train", "--resume", "--output", str(killed), "--no-progress"]) == 0
     ours, theirs = _history(killed), _history(reference)
-    assert [h["epoch"] for h in ours] == [0, 1, 2]
+    assert [h["epoch"] for h in ours] == [0, 1]
     for a, b in zip(ours, theirs):
         for key in ("acc", "ece", "nll", "brier"):
             assert a["dev"][key] == pytest.approx(b["dev"][key], abs=1e-6), (a["epoch"], key)

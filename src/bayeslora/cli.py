@@ -20,11 +20,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--model-kind", choices=["causal", "encoder"], help="override the detected model kind")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
-    p.add_argument("--task", required=True, help="arc_easy, openbookqa, winogrande_s, boolq, mmlu_*, jsonl, synthetic ...")
+    p.add_argument("--task", help="(required unless --resume) arc_easy, openbookqa, winogrande_s, boolq, mmlu_*, jsonl, synthetic ...")
     p.add_argument("--data-dir", help="folder with the task files (default: $BAYESLORA_DATA_DIR or ../shared/data)")
     p.add_argument("--train-file", help="train on this file instead of the task's train split")
     p.add_argument("--dev-file", help="select on this file instead of the task's dev split")
-    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--method", choices=sorted(METHODS), help="(required unless --resume)")
     p.add_argument("--output", required=True, help="run folder")
     p.add_argument("--epochs", type=int, help="default 3 (6 with --recipe paper)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
@@ -37,7 +37,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipe", default="elbo", choices=RECIPES)
-    p.add_argument("--kl-warmup-steps", type=int, default=0)
+    p.add_argument("--kl-warmup-steps", type=int, default=0, help="ramp β linearly from 0 over N steps")
+    p.add_argument("--kl-scale", type=float, default=1.0,
+                   help="β = kl_scale / N_train (1 = the per-example ELBO; < 1 tempers the KL)")
     p.add_argument("--train-samples", type=int, default=1, help="MC draws per training step")
     p.add_argument("--dev-samples", type=int, default=4, help="MC draws for the per-epoch dev evaluation")
     p.add_argument("--save-steps", type=int, default=0, help="also checkpoint every N optimizer steps")
@@ -60,9 +62,12 @@ def _train(args: argparse.Namespace) -> int:
     from .training import TrainConfig, train
 
     if args.resume:
-        cfg = TrainConfig.from_run(args.output)
+        cfg = TrainConfig.from_run(args.output)  # the run's own configuration, not the command line
         cfg.progress = not args.no_progress
     else:
+        missing = [f"--{name}" for name in ("task", "method") if getattr(args, name) is None]
+        if missing:
+            raise ValueError(f"the following arguments are required: {', '.join(missing)}")
         paper = args.recipe == "paper"
         cfg = TrainConfig(
             model=args.model, task=args.task, method=args.method, output=args.output, data_dir=args.data_dir,
@@ -74,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
             eval_batch_size=args.eval_batch_size, grad_accum=args.grad_accum,
             lr=args.lr or (7.39e-4 if paper else 1e-3), weight_decay=args.weight_decay,
             warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=args.seed, recipe=args.recipe,
-            kl_warmup_steps=args.kl_warmup_steps, train_samples=args.train_samples, dev_samples=args.dev_samples,
+            kl_warmup_steps=args.kl_warmup_steps, kl_scale=args.kl_scale, train_samples=args.train_samples, dev_samples=args.dev_samples,
             save_steps=args.save_steps, select=args.select, max_length=args.max_length,
             max_train_examples=args.max_train_examples, max_dev_examples=args.max_dev_examples,
             progress=not args.no_progress,

@@ -43,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     recipe: str = "elbo"
     kl_warmup_steps: int = 0
+    kl_scale: float = 1.0
     train_samples: int = 1
     dev_samples: int = 4
     save_steps: int = 0
@@ -63,6 +64,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"--max-steps must be positive, got {self.max_steps}")
+        if not self.kl_scale >= 0:
+            raise ValueError(f"--kl-scale must be >= 0, got {self.kl_scale}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.recipe not in RECIPES:

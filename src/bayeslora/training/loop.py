@@ -102,7 +102,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.cfg, self.run_dir = cfg, Path(cfg.output)
-        self.acc = Accelerator(mixed_precision=cfg.mixed_precision)
+        # cpu=True without an accelerator, so a multi-process launch on CPUs takes the gloo backend
+        self.acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
         set_seed(cfg.seed)
         self.method = get_method(cfg.method, cfg.method_options)
         loaded = load_base_model(cfg.model, dtype=cfg.dtype, kind=cfg.model_kind)
@@ -185,7 +186,7 @@ class Trainer:
             mask = batch.get("label_mask", batch.get("choice_mask"))
             return paper_loss(out["log_probs"], labels, mask, out["kl_flow"], out["kl_cond"],
                               paper_kl_weight(epoch, self.steps_per_epoch))
-        beta = beta_at(step, len(self.train_set), self.cfg.kl_warmup_steps)
+        beta = self.cfg.kl_scale * beta_at(step, len(self.train_set), self.cfg.kl_warmup_steps)
         return elbo_loss(out["log_probs"], labels, out["kl_flow"], out["kl_cond"], beta)
 
     def _optimizer_step(self, micro_batches: list[list[int]], epoch: int, index: int) -> dict[str, float]:
@@ -196,11 +197,11 @@ class Trainer:
             with (nullcontext() if last else self.acc.no_sync(self.wrapped)):
                 parts = self._loss(self._local(rows), epoch, self.position.step)
                 self.acc.backward(parts.loss / len(micro_batches))
-            logs["loss"] += float(parts.loss) / len(micro_batches)
+            logs["loss"] += float(parts.loss.detach()) / len(micro_batches)
             logs["nll"] += float(parts.nll) / len(micro_batches)
             for key in ("kl_flow", "kl_cond"):
                 value = getattr(parts, key)
-                logs[key] += 0.0 if value is None else float(value) / len(micro_batches)
+                logs[key] += 0.0 if value is None else float(value.detach()) / len(micro_batches)
         if self.cfg.max_grad_norm > 0:
             self.acc.clip_grad_norm_(self.wrapped.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()

@@ -2,7 +2,7 @@
 
 * ``elbo``: the per-example ELBO, NLL averaged over the S draws of the step (the ELBO averages
   log-likelihoods, not probabilities) + β·KL with β = 1/N_train, optionally ramped up linearly over
-  ``kl_warmup_steps``. No weight decay on variational parameters (that would add a second prior).
+  ``kl_warmup_steps``; ``--kl-scale`` multiplies β (a tempered ELBO, reported in the run config). No weight decay on variational parameters (that would add a second prior).
 * ``paper``: the authors' recipe, offered by name and recorded with every number it produces:
   cross-entropy with label smoothing 0.05 − 0.05 × predictive entropy + w·KL with
   w = 0.1/steps_per_epoch from (0-based) epoch 2, lr ×1, 1, 0.1, 0.1, 0.01, 0.01, weight decay

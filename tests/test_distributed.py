@@ -1,0 +1,65 @@
+"""Data parallelism: a 2-process CPU run (gloo) equals a single process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_pipeline import TARGETS, write_task
+from tiny_models import save_tiny_causal
+
+import bayeslora
+from bayeslora import cli
+from bayeslora.data import CausalCollator, causal_prompt, load_task
+from bayeslora.runs import load_run_model
+
+
+def logits_of(run: Path, examples) -> dict[str, torch.Tensor]:
+    method, model, scorer, tokenizer, _, _ = load_run_model(run)
+    batch = CausalCollator(tokenizer)(examples)
+    out = {}
+    with torch.no_grad():
+        for mode in ("mean", "sample"):
+            bayeslora.set_mode(model, mode)
+            bayeslora.set_draw_seed(model, 123)
+            out[mode] = scorer.choice_logits(model, batch)[0]
+    return out
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not installed")
+def test_two_process_run_equals_single_process(tmp_path):
+    data = write_task(tmp_path / "train.jsonl", n=32, kind="causal")
+    examples = load_task("jsonl", "train", file=data)
+    model_dir = save_tiny_causal(tmp_path / "model", [causal_prompt(e) for e in examples])
+
+    def args(out: Path, batch_size: int) -> list[str]:
+        return ["train", "--model", model_dir, "--task", "jsonl", "--train-file", str(data), "--dev-file",
+                str(data), "--method", "bayeslora", "--output", str(out), "--batch-size", str(batch_size),
+                "--max-steps", "4", "--lr", "1e-2", "--no-progress", "--target-modules", *TARGETS["causal"],
+                "--sigma-u-init", "0.05", "--lambda-init", "0.02"]
+
+    single = tmp_path / "single"
+    assert cli.main(args(single, 8)) == 0
+
+    double = tmp_path / "double"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # `--multi_gpu` selects accelerate's torch.distributed launcher; without a GPU the trainer's
+    # Accelerator(cpu=True) then takes the MULTI_CPU path with the gloo backend.
+    launch = [shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bayeslora.cli", *args(double, 4)]
+    proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((double / "config.json").read_text())["num_processes"] == 2
+
+    a, b = logits_of(single, examples[:8]), logits_of(double, examples[:8])
+    for mode in a:
+        assert torch.allclose(a[mode], b[mode], atol=1e-5), (mode, (a[mode] - b[mode]).abs().max())
+    base_a = json.loads((single / "history.json").read_text())[-1]["dev"]
+    base_b = json.loads((double / "history.json").read_text())[-1]["dev"]
+    assert base_a["nll"] == pytest.approx(base_b["nll"], abs=1e-5)
