@@ -1,0 +1,66 @@
+"""The import direction of the package (STYLE.md): core → torch only; data imports no model code;
+evaluation does not import training; nothing imports the CLI. Checked on the source with ``ast``."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "bayeslora"
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute module names imported by a file (relative imports resolved against the package)."""
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                module = ".".join(base + ((node.module,) if node.module else ()))
+                found.add(module)
+                found.update(f"{module}.{alias.name}" for alias in node.names)
+            else:
+                found.add(node.module)
+    return found
+
+
+def files(sub: str) -> list[Path]:
+    return sorted((PACKAGE / sub).rglob("*.py")) if (PACKAGE / sub).is_dir() else [PACKAGE / f"{sub}.py"]
+
+
+def offending(sub: str, forbidden: tuple[str, ...]) -> list[str]:
+    return [f"{f.relative_to(PACKAGE)} imports {name}" for f in files(sub) for name in sorted(imports_of(f))
+            if any(name == bad or name.startswith(bad + ".") for bad in forbidden)]
+
+
+def test_core_is_torch_only():
+    bad = offending("core", ("transformers", "peft", "accelerate", "bayeslora.surgery", "bayeslora.training",
+                             "bayeslora.data", "bayeslora.methods", "bayeslora.evaluation"))
+    assert not bad, bad
+
+
+def test_data_imports_no_model_code():
+    bad = offending("data", ("peft", "accelerate", "bayeslora.core", "bayeslora.surgery", "bayeslora.methods",
+                             "bayeslora.training", "bayeslora.scoring", "bayeslora.models"))
+    assert not bad, bad
+
+
+def test_evaluation_does_not_import_training_or_model_code():
+    bad = offending("evaluation", ("bayeslora.training", "bayeslora.methods", "bayeslora.surgery", "peft",
+                                   "transformers", "accelerate"))
+    assert not bad, bad
+
+
+def test_nothing_imports_the_cli():
+    bad = [f"{f.relative_to(PACKAGE)}" for f in PACKAGE.rglob("*.py")
+           if f.name != "cli.py" and any(n == "bayeslora.cli" for n in imports_of(f))]
+    assert not bad, bad
+
+
+def test_the_checker_sees_relative_imports():
+    assert "bayeslora.core.posterior" in imports_of(PACKAGE / "core" / "__init__.py")
+    assert any(n.startswith("bayeslora.core") for n in imports_of(PACKAGE / "surgery" / "layer.py"))
