@@ -136,23 +136,18 @@ def kl_breakdown(model: nn.Module) -> list[dict]:
     """
     sampler = get_sampler(model)
     refs = sampler.active_factors()
-    missing = [r for r in refs if (id(r.layer), r.adapter, r.which) not in sampler.last_kl_flow]
-    fresh: dict[tuple, Tensor] = {}
+    known = dict(sampler.last_kl)
+    missing = [r for r in refs if (id(r.layer), r.adapter, r.which) not in known]
     for key, group in sampler.groups(missing).items():
-        drawn = draw_group(StackedFactors.of([r.factor for r in group], key[1]), 1)
+        stacked = StackedFactors.of([r.factor for r in group], key[1])
+        drawn, kl_cond = draw_group(stacked, 1), conditional_kl_group(stacked)
         for i, ref in enumerate(group):
-            fresh[(id(ref.layer), ref.adapter, ref.which)] = drawn.kl_flow[i]
-    kl_cond: dict[tuple, Tensor] = {}
-    for key, group in sampler.groups(refs).items():
-        values = conditional_kl_group(StackedFactors.of([r.factor for r in group], key[1]))
-        for i, ref in enumerate(group):
-            kl_cond[(id(ref.layer), ref.adapter, ref.which)] = values[i]
+            known[(id(ref.layer), ref.adapter, ref.which)] = (drawn.kl_flow[i], kl_cond[i])
     rows = []
     for ref in refs:
-        k = (id(ref.layer), ref.adapter, ref.which)
-        flow = sampler.last_kl_flow.get(k, fresh.get(k))
-        rows.append({"module": ref.name, "adapter": ref.adapter, "factor": ref.which,
-                     "kl_flow": flow, "kl_cond": kl_cond[k]})
+        flow, cond = known[(id(ref.layer), ref.adapter, ref.which)]
+        rows.append({"module": ref.name, "adapter": ref.adapter, "factor": ref.which, "kl_flow": flow,
+                     "kl_cond": cond})
     return rows
 
 

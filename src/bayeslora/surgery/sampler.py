@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..seeding import mix_seed
-from ..core import StackedFactors, draw_group, mean_flow_noise, mean_group
+from ..core import StackedFactors, conditional_kl_group, draw_group, mean_flow_noise, mean_group
 from .layer import MODES, BayesLoraLinear
 
 __all__ = ["FactorRef", "PosteriorSampler", "mix_seed"]
@@ -61,7 +61,8 @@ class PosteriorSampler:
         self.fixed = False
         self.draw_seed: Optional[int] = None
         self.draw_seeds: Optional[list[int]] = None
-        self.last_kl_flow: dict[tuple[int, str, str], Tensor] = {}
+        # KL terms of the factors drawn by the last forward, keyed by (layer id, adapter, "A"|"B")
+        self.last_kl: dict[tuple[int, str, str], tuple[Tensor, Tensor]] = {}
         self._handle = root.register_forward_pre_hook(self._before_forward)
 
     def detach(self) -> None:
@@ -140,7 +141,7 @@ class PosteriorSampler:
         return [torch.Generator(device=device).manual_seed(mix_seed(s, group_id)) for s in seeds]
 
     def clear(self) -> None:
-        self.last_kl_flow.clear()
+        self.last_kl.clear()
         for _, layer in self.layers():
             layer.clear_drawn_weights()
 
@@ -167,9 +168,10 @@ class PosteriorSampler:
             stacked = StackedFactors.of([r.factor for r in refs], key[1])
             gen = generator if generator is not None else self._generators(key)
             drawn = draw_group(stacked, self.num_samples, gen)
+            kl_cond = conditional_kl_group(stacked)
             for i, ref in enumerate(refs):
                 ref.layer._bayes_draws.setdefault(ref.adapter, {})[ref.which] = drawn.weights[i]
-                self.last_kl_flow[(id(ref.layer), ref.adapter, ref.which)] = drawn.kl_flow[i]
+                self.last_kl[(id(ref.layer), ref.adapter, ref.which)] = (drawn.kl_flow[i], kl_cond[i])
 
     def refresh_means(self) -> None:
         """Recompute, group-wise, the posterior means of adapters whose parameters changed."""
