@@ -190,3 +190,18 @@ def test_resume_after_sigkill_reaches_the_same_result(workspace, tmp_path):
     for a, b in zip(ours, theirs):
         for key in ("acc", "ece", "nll", "brier"):
             assert a["dev"][key] == pytest.approx(b["dev"][key], abs=1e-6), (a["epoch"], key)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(workspace, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, extra in [("whole", ["--batch-size", "8"]), ("accumulated", ["--batch-size", "4", "--grad-accum", "2"])]:
+        out = tmp_path / name
+        args = train_args(workspace, "causal", "lora", out, "--max-steps", "3", "--lr", "1e-2", "--select", "last")
+        args[args.index("--batch-size") + 1:args.index("--batch-size") + 2] = [extra[1]]
+        assert cli.main(args + extra[2:]) == 0
+        runs[name] = load_file(str(out / "adapters" / "epoch-0" / "adapter_model.safetensors"))
+    assert runs["whole"].keys() == runs["accumulated"].keys()
+    for key in runs["whole"]:
+        assert torch.allclose(runs["whole"][key], runs["accumulated"][key], atol=1e-5), key
