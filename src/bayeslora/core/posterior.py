@@ -168,17 +168,17 @@ def mean_flow_noise(shape: FactorShape, num_samples: int, seed: int, like: Tenso
     return eps.to(device=like.device, dtype=like.dtype)
 
 
-def mean_group(p: StackedFactors, eps: Tensor | None) -> Tensor:
+def mean_group(p: StackedFactors, mean_samples: int, seed: int) -> Tensor:
     """Posterior mean E_q[W] of every factor, (G, d_o, d_i) (METHOD.md section 4).
 
     E[W] = σ_p T_r L_r E[U_w] L_cᵀ T_c since the conditional noise has mean zero. Without a flow
-    E[U_w] = m exactly; with one it is the average of the flow over the draws ``eps`` (K, R, C).
+    E[U_w] = m exactly; with one it is the average of the flow over ``mean_samples`` fixed draws
+    (:func:`mean_flow_noise` with ``seed``).
     """
     if p.factors[0].flow is None:
         mean_w = p.mean
     else:
-        if eps is None:
-            raise ValueError("a flow's mean needs the Monte-Carlo noise `eps`")
+        eps = mean_flow_noise(p.shape, mean_samples, seed, p.mean)
         u_w, _ = _whitened(p, eps.expand(len(p.factors), *eps.shape))
         mean_w = u_w.mean(1)
     geo = geometry(p)

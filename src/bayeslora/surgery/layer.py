@@ -24,7 +24,7 @@ from peft.utils.other import transpose
 from torch import Tensor, nn
 
 from ..config import BayesLoraConfig
-from ..core import FactorShape, InducingFactor, StackedFactors, draw_group, mean_flow_noise, mean_group
+from ..core import FactorShape, InducingFactor, StackedFactors, draw_group, mean_group
 
 __all__ = ["BayesLoraLinear", "MODES"]
 
@@ -122,10 +122,7 @@ class BayesLoraLinear(LoraLinear):
         means = {}
         for name, f in self.bayes_factors(adapter).items():
             stacked = StackedFactors.of([f], settings["dtype"])
-            eps = None
-            if f.flow is not None:
-                eps = mean_flow_noise(f.shape, settings["mean_samples"], settings["seed"], stacked.mean)
-            means[name] = mean_group(stacked, eps)[0]
+            means[name] = mean_group(stacked, settings["mean_samples"], settings["seed"])[0]
         self.store_mean_weights(adapter, means)
         return means
 

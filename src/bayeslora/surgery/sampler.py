@@ -20,11 +20,11 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from ..core import StackedFactors, conditional_kl_group, draw_group, mean_group
 from ..seeding import mix_seed
-from ..core import StackedFactors, conditional_kl_group, draw_group, mean_flow_noise, mean_group
 from .layer import MODES, BayesLoraLinear
 
-__all__ = ["FactorRef", "PosteriorSampler", "mix_seed"]
+__all__ = ["FactorRef", "PosteriorSampler"]
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,16 @@ class PosteriorSampler:
         ]
 
     @staticmethod
-    def groups(refs: list[FactorRef]) -> dict[tuple, list[FactorRef]]:
+    def groups(refs: list[FactorRef], by_mean_settings: bool = False) -> dict[tuple, list[FactorRef]]:
+        """Factors that can be computed together: same shape, inducing dtype and device (and, for
+        means, the same Monte-Carlo settings): key (shape, dtype, device[, mean_samples, seed])."""
         out: dict[tuple, list[FactorRef]] = {}
         for ref in refs:
-            p = ref.factor.inducing_mean
-            dtype = ref.layer.bayes_settings[ref.adapter]["dtype"]
-            out.setdefault((ref.factor.shape, dtype, p.device), []).append(ref)
+            settings = ref.layer.bayes_settings[ref.adapter]
+            key = (ref.factor.shape, settings["dtype"], ref.factor.inducing_mean.device)
+            if by_mean_settings:
+                key += (settings["mean_samples"], settings["seed"])
+            out.setdefault(key, []).append(ref)
         return out
 
     # ------------------------------------------------------------------------------ modes
@@ -177,14 +181,9 @@ class PosteriorSampler:
         """Recompute, group-wise, the posterior means of adapters whose parameters changed."""
         stale = [r for r in self.active_factors() if not r.layer.mean_is_fresh(r.adapter)]
         pending: dict[tuple[BayesLoraLinear, str], dict[str, Tensor]] = {}
-        for key, refs in self.groups(stale).items():
-            factors = [r.factor for r in refs]
-            stacked = StackedFactors.of(factors, key[1])
-            eps = None
-            if factors[0].flow is not None:
-                settings = refs[0].layer.bayes_settings[refs[0].adapter]
-                eps = mean_flow_noise(key[0], settings["mean_samples"], settings["seed"], stacked.mean)
-            means = mean_group(stacked, eps)
+        for key, refs in self.groups(stale, by_mean_settings=True).items():
+            stacked = StackedFactors.of([r.factor for r in refs], key[1])
+            means = mean_group(stacked, *key[3:])
             for i, ref in enumerate(refs):
                 pending.setdefault((ref.layer, ref.adapter), {})[ref.which] = means[i]
         for (layer, adapter), means in pending.items():
