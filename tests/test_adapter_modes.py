@@ -181,6 +181,9 @@ def test_bf16_base_model_runs_with_float32_inducing_maths():
     (logits.float().square().mean() + bayeslora.kl_divergence(model) * 1e-3).backward()
     assert all(torch.isfinite(p.grad).all() for p in layer.lora_bayes.parameters())
     assert layer._bayes_draws["default"]["A"].dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision, as in training
+        outputs(model, batch)
+    assert layer._bayes_draws["default"]["A"].dtype == torch.float32
     bayeslora.set_mode(model, "mean")
     with torch.no_grad():
         mean = outputs(model, batch)

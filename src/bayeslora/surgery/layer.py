@@ -120,9 +120,10 @@ class BayesLoraLinear(LoraLinear):
             return cached[1]
         settings = self.bayes_settings[adapter]
         means = {}
-        for name, f in self.bayes_factors(adapter).items():
-            stacked = StackedFactors.of([f], settings["dtype"])
-            means[name] = mean_group(stacked, settings["mean_samples"], settings["seed"])[0]
+        with torch.autocast(device_type=self._bayes_device_type(adapter), enabled=False):
+            for name, f in self.bayes_factors(adapter).items():
+                stacked = StackedFactors.of([f], settings["dtype"])
+                means[name] = mean_group(stacked, settings["mean_samples"], settings["seed"])[0]
         self.store_mean_weights(adapter, means)
         return means
 
@@ -142,10 +143,14 @@ class BayesLoraLinear(LoraLinear):
             )
             self._warned_no_sampler = True
         dtype = self.bayes_settings[adapter]["dtype"]
-        return {
-            name: draw_group(StackedFactors.of([f], dtype), self.bayes_num_samples).weights[0]
-            for name, f in self.bayes_factors(adapter).items()
-        }
+        with torch.autocast(device_type=self._bayes_device_type(adapter), enabled=False):
+            return {
+                name: draw_group(StackedFactors.of([f], dtype), self.bayes_num_samples).weights[0]
+                for name, f in self.bayes_factors(adapter).items()
+            }
+
+    def _bayes_device_type(self, adapter: str) -> str:
+        return self.lora_bayes[adapter]["A"].inducing_mean.device.type
 
     def posterior_weights(self, adapter: str) -> tuple[Tensor, Tensor]:
         """(A, B) for the current mode: (n, r, d_in), (n, d_out, r) in sample mode, 2-D in mean mode."""

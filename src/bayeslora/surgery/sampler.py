@@ -61,6 +61,15 @@ def _single_thread_on_cpu(active: bool) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def full_precision(groups: dict[tuple, list[FactorRef]]) -> contextlib.ExitStack:
+    """Switch autocast off on the groups' devices: the inducing maths stays in its own dtype (float32
+    or float64) under bf16/fp16 mixed precision, as METHOD.md section 2 requires."""
+    stack = contextlib.ExitStack()
+    for device_type in sorted({key[2].type for key in groups}):
+        stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+    return stack
+
+
 def _uses_reentrant_checkpointing(root: nn.Module) -> bool:
     """Whether a transformers block of ``root`` checkpoints with ``use_reentrant=True``."""
     for module in root.modules():
@@ -189,7 +198,7 @@ class PosteriorSampler:
         """Draw ``num_samples`` weights for every active factor, one batched call per group."""
         self.clear()
         groups = self.groups(self.active_factors())
-        with _single_thread_on_cpu(any(key[2].type == "cpu" for key in groups)):
+        with _single_thread_on_cpu(any(key[2].type == "cpu" for key in groups)), full_precision(groups):
             self._draw_groups(groups, generator)
 
     def _draw_groups(self, groups: dict[tuple, list[FactorRef]], generator: Optional[torch.Generator]) -> None:
@@ -206,10 +215,16 @@ class PosteriorSampler:
         """Recompute, group-wise, the posterior means of adapters whose parameters changed."""
         stale = [r for r in self.active_factors() if not r.layer.mean_is_fresh(r.adapter)]
         pending: dict[tuple[BayesLoraLinear, str], dict[str, Tensor]] = {}
-        for key, refs in self.groups(stale, by_mean_settings=True).items():
+        groups = self.groups(stale, by_mean_settings=True)
+        with full_precision(groups):
+            self._mean_groups(groups, pending)
+        for (layer, adapter), means in pending.items():
+            layer.store_mean_weights(adapter, means)
+
+    @staticmethod
+    def _mean_groups(groups: dict[tuple, list[FactorRef]], pending: dict) -> None:
+        for key, refs in groups.items():
             stacked = StackedFactors.of([r.factor for r in refs], key[1])
             means = mean_group(stacked, *key[3:])
             for i, ref in enumerate(refs):
                 pending.setdefault((ref.layer, ref.adapter), {})[ref.which] = means[i]
-        for (layer, adapter), means in pending.items():
-            layer.store_mean_weights(adapter, means)
