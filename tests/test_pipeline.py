@@ -207,3 +207,11 @@ def test_gradient_accumulation_equals_the_larger_batch(workspace, tmp_path):
     assert runs["whole"].keys() == runs["accumulated"].keys()
     for key in runs["whole"]:
         assert torch.allclose(runs["whole"][key], runs["accumulated"][key], atol=1e-5), key
+
+
+def test_bf16_mixed_precision_training_runs(workspace, tmp_path):
+    run = tmp_path / "bf16"
+    assert cli.main(train_args(workspace, "causal", "bayeslora", run, "--max-steps", "2",
+                               "--mixed-precision", "bf16")) == 0
+    dev = json.loads((run / "history.json").read_text())[-1]["dev"]
+    assert all(torch.isfinite(torch.tensor(dev[k])) for k in ("nll", "ece", "brier"))
