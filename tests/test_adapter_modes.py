@@ -229,3 +229,30 @@ def test_llama2_7b_overhead_matches_the_paper(capsys):
         print(f"\nLlama-2-7B (meta): plain LoRA {counts['plain_lora']:,}, Bayesian-LoRA "
               f"{counts['trainable']:,} (+{counts['extra']:,}; flow term {flow_term:,} = 66 × 1,554, "
               f"the authors' flow, so the paper's +417,502 is reproduced exactly)")
+
+
+def test_mean_mode_cached_without_grad_still_trains():
+    """A mean computed under no_grad (e.g. an eval) must not cut the gradients of the next forward."""
+    model = llama_model()
+    bayeslora.set_mode(model, "mean")
+    with torch.no_grad():
+        outputs(model, inputs())
+    outputs(model, inputs()).square().mean().backward()
+    mean_params = ("inducing_mean", "z_rows", "z_cols", "delta_rows", "delta_cols")  # λ does not enter E[W]
+    bayes = [p for n, p in model.named_parameters() if "lora_bayes" in n and n.endswith(mean_params)]
+    assert bayes and all(p.grad is not None and p.grad.abs().sum() > 0 for p in bayes)
+
+
+def test_merge_uses_the_current_parameters():
+    model = llama_model()
+    bayeslora.set_mode(model, "mean")
+    batch = inputs()
+    with torch.no_grad():
+        before = outputs(model, batch)  # fills the mean cache
+        layer = next(m for m in model.modules() if isinstance(m, BayesLoraLinear) and m.lora_bayes)
+        factor = layer.lora_bayes["default"]["B"]
+        factor.inducing_mean.data = factor.inducing_mean.data + 3.0  # a new tensor: no version bump
+        changed = outputs(model, batch)
+        assert not torch.allclose(changed, before)  # the cache noticed the new tensor
+        merged = model.merge_and_unload()
+        assert torch.allclose(outputs(merged, batch), changed, atol=1e-5)

@@ -211,7 +211,10 @@ def test_gradient_accumulation_equals_the_larger_batch(workspace, tmp_path):
 
 def test_bf16_mixed_precision_training_runs(workspace, tmp_path):
     run = tmp_path / "bf16"
-    assert cli.main(train_args(workspace, "causal", "bayeslora", run, "--max-steps", "2",
-                               "--mixed-precision", "bf16")) == 0
+    # a process of its own: Accelerate's precision setting is process-global
+    args = train_args(workspace, "causal", "bayeslora", run, "--max-steps", "2", "--mixed-precision", "bf16")
+    proc = subprocess.run([sys.executable, "-m", "bayeslora.cli", *args], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
     dev = json.loads((run / "history.json").read_text())[-1]["dev"]
     assert all(torch.isfinite(torch.tensor(dev[k])) for k in ("nll", "ece", "brier"))

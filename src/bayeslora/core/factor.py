@@ -88,9 +88,10 @@ class InducingFactor(nn.Module):
         """λ = clamp(softplus(ℓ), max=lambda_max), in float32."""
         return nn.functional.softplus(self.lambda_raw.float()).clamp(max=self.shape.lambda_max)
 
-    def version(self) -> tuple[tuple[int, int], ...]:
-        """Identity and in-place version of every parameter: changes whenever an optimizer steps."""
-        return tuple((id(p), p._version) for p in self.parameters())
+    def version(self) -> tuple:
+        """Identity, storage and in-place version of every parameter: changes when an optimizer steps,
+        a state dict is loaded, or the module moves device or dtype."""
+        return tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in self.parameters())
 
     def extra_repr(self) -> str:
         s = self.shape

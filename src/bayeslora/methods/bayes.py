@@ -90,6 +90,16 @@ class BayesLoraMethod(Method):
                 samples: int, seeds: list[int], batched: bool) -> Tensor:
         if mode != "sample":
             return super().predict(model, scorer, batch, mode, samples, seeds, batched)
+        sampler = surgery.get_sampler(model)
+        state = (sampler.mode, sampler.num_samples, sampler.draw_seed, sampler.draw_seeds)
+        try:
+            return self._predict_samples(model, scorer, batch, samples, seeds, batched)
+        finally:  # leave the model's sampling as the caller had it
+            sampler.set_mode(*state[:2])
+            sampler.draw_seed, sampler.draw_seeds = state[2], state[3]
+
+    def _predict_samples(self, model: nn.Module, scorer: ChoiceScorer, batch: dict[str, Any], samples: int,
+                         seeds: list[int], batched: bool) -> Tensor:
         if batched:
             surgery.set_mode(model, "sample", samples)
             surgery.set_draw_seeds(model, seeds)

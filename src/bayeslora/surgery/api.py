@@ -14,7 +14,7 @@ from ..config import BayesLoraConfig
 from ..core import StackedFactors, conditional_kl_group, draw_group
 from .inject import prepare_config, resolve_targets, untie_targets
 from .layer import BayesLoraLinear
-from .sampler import PosteriorSampler
+from .sampler import PosteriorSampler, full_precision
 
 __all__ = [
     "attach", "count_parameters", "fixed_sample", "get_model", "get_sampler", "kl_breakdown",
@@ -98,22 +98,24 @@ def using_mode(model: nn.Module, mode: str, num_samples: int = 1) -> Iterator[No
 
 @contextlib.contextmanager
 def fixed_sample(model: nn.Module, seed: Optional[int] = None, num_samples: int = 1) -> Iterator[None]:
-    """Draw once on entry and reuse that draw for every forward inside (e.g. ``generate``)."""
+    """Draw once on entry and reuse that draw for every forward inside (e.g. ``generate``).
+
+    Meant for inference: under autograd every forward inside shares the one draw's graph.
+    """
     sampler = get_sampler(model)
-    previous = (sampler.mode, sampler.num_samples, sampler.fixed)
+    previous = (sampler.mode, sampler.num_samples, sampler.fixed, sampler.draw_seed, sampler.draw_seeds)
     sampler.set_mode("sample", num_samples)
-    generator = None
     if seed is not None:
-        refs = sampler.active_factors()
-        device = refs[0].factor.inducing_mean.device if refs else torch.device("cpu")
-        generator = torch.Generator(device=device).manual_seed(seed)
-    sampler.draw(generator)
+        sampler.set_draw_seed(seed)
+    sampler.draw()
     sampler.fixed = True
     try:
         yield
     finally:
-        sampler.fixed = False
-        sampler.set_mode(*previous[:2])
+        sampler.fixed = previous[2]
+        sampler.draw_seed, sampler.draw_seeds = previous[3], previous[4]
+        if not sampler.fixed:
+            sampler.set_mode(*previous[:2])
 
 
 def set_draw_seed(model: nn.Module, seed: Optional[int]) -> None:
@@ -138,11 +140,13 @@ def kl_breakdown(model: nn.Module) -> list[dict]:
     refs = sampler.active_factors()
     known = dict(sampler.last_kl)
     missing = [r for r in refs if (id(r.layer), r.adapter, r.which) not in known]
-    for key, group in sampler.groups(missing).items():
-        stacked = StackedFactors.of([r.factor for r in group], key[1])
-        drawn, kl_cond = draw_group(stacked, 1), conditional_kl_group(stacked)
-        for i, ref in enumerate(group):
-            known[(id(ref.layer), ref.adapter, ref.which)] = (drawn.kl_flow[i], kl_cond[i])
+    groups = sampler.groups(missing)
+    with full_precision(groups):
+        for key, group in groups.items():
+            stacked = StackedFactors.of([r.factor for r in group], key[1])
+            drawn, kl_cond = draw_group(stacked, 1), conditional_kl_group(stacked)
+            for i, ref in enumerate(group):
+                known[(id(ref.layer), ref.adapter, ref.which)] = (drawn.kl_flow[i], kl_cond[i])
     rows = []
     for ref in refs:
         flow, cond = known[(id(ref.layer), ref.adapter, ref.which)]

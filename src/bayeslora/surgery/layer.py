@@ -101,22 +101,28 @@ class BayesLoraLinear(LoraLinear):
         return tuple(f.version() for f in self.lora_bayes[adapter].values())
 
     def mean_is_fresh(self, adapter: str) -> bool:
-        """A cached mean is reusable if no parameter changed and it holds no autograd graph."""
+        """A cached mean is reusable if no parameter changed, it holds no autograd graph, and no graph
+        is wanted now (a mean cached under no_grad must not silently cut gradients later)."""
         cached = self._bayes_mean_cache.get(adapter)
+        wants_graph = torch.is_grad_enabled() and any(
+            p.requires_grad for p in self.lora_bayes[adapter].parameters()
+        )
         return (
             cached is not None
             and cached[0] == self.mean_version(adapter)
             and not any(t.requires_grad for t in cached[1].values())
+            and not wants_graph
         )
 
-    def mean_weights(self, adapter: str) -> dict[str, Tensor]:
-        """Posterior means E[A], E[B]; recomputed only when a parameter changed (or to keep a graph)."""
-        if self.mean_is_fresh(adapter):
+    def mean_weights(self, adapter: str, refresh: bool = False) -> dict[str, Tensor]:
+        """Posterior means E[A], E[B]; recomputed when a parameter changed, a graph is needed, or
+        ``refresh`` is set (merging always recomputes)."""
+        if not refresh and self.mean_is_fresh(adapter):
             return self._bayes_mean_cache[adapter][1]
         cached = self._bayes_mean_cache.get(adapter)
-        if cached is not None and cached[0] == self.mean_version(adapter) and torch.is_grad_enabled():
-            # computed this forward by the sampler with a graph: use it (not reused across forwards,
-            # since the sampler recomputes before every forward)
+        if (not refresh and cached is not None and cached[0] == self.mean_version(adapter)
+                and torch.is_grad_enabled() and any(t.requires_grad for t in cached[1].values())):
+            # computed with a graph by the sampler for this forward (it recomputes before every one)
             return cached[1]
         settings = self.bayes_settings[adapter]
         means = {}
@@ -208,7 +214,7 @@ class BayesLoraLinear(LoraLinear):
         if adapter not in self.lora_bayes:
             return super().get_delta_weight(adapter)
         with torch.no_grad():
-            means = self.mean_weights(adapter)
+            means = self.mean_weights(adapter, refresh=True)
             delta = transpose(means["B"] @ means["A"], self.fan_in_fan_out) * self.scaling[adapter]
         return delta.to(self.get_base_layer().weight.dtype)
 

@@ -170,7 +170,7 @@ class PosteriorSampler:
         else:
             return None
         shape, dtype, device = key
-        group_id = zlib.crc32(f"{shape.key()}|{dtype}".encode())
+        group_id = zlib.crc32(f"{shape.key()}|{dtype}|{device}".encode())
         return [torch.Generator(device=device).manual_seed(mix_seed(s, group_id)) for s in seeds]
 
     def clear(self) -> None:

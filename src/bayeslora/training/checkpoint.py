@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["atomic_dir", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = ["atomic_dir", "existing_dir", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 
 CHECKPOINT = "checkpoint"
 
@@ -71,9 +71,16 @@ def save_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, posi
     atomic_dir(Path(run_dir) / CHECKPOINT, write)
 
 
+def existing_dir(target: Path) -> Path:
+    """``target``, or the previous version kept by :func:`atomic_dir` if a kill landed mid-swap."""
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    return old if not target.exists() and old.exists() else target
+
+
 def load_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNGs; returns the saved position."""
-    folder = Path(run_dir) / CHECKPOINT
+    folder = existing_dir(Path(run_dir) / CHECKPOINT)
     if not (folder / "state.json").exists():
         raise FileNotFoundError(f"{folder}: no checkpoint to resume from")
     weights = load_file(str(folder / "trainable.safetensors"))

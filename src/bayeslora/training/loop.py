@@ -26,7 +26,7 @@ from ..methods import get_method
 from ..models import load_base_model
 from ..scoring import make_scorer
 from ..seeding import mix_seed
-from .checkpoint import CHECKPOINT, atomic_dir, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, atomic_dir, existing_dir, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .objective import PAPER, beta_at, elbo_loss, paper_kl_weight, paper_loss, paper_lr_factor
 
@@ -193,17 +193,19 @@ class Trainer:
 
     def _optimizer_step(self, micro_batches: list[list[int]], epoch: int, index: int) -> dict[str, float]:
         logs = {"loss": 0.0, "nll": 0.0, "kl_flow": 0.0, "kl_cond": 0.0}
+        total = sum(len(rows) for rows in micro_batches)
         for j, rows in enumerate(micro_batches):
             self.method.before_step(self.module.model, mix_seed(self.cfg.seed, epoch, index + j))
+            weight = len(rows) / total  # a short last micro-batch counts by its rows, as in one big batch
             last = j == len(micro_batches) - 1
             with (nullcontext() if last else self.acc.no_sync(self.wrapped)):
                 parts = self._loss(self._local(rows), epoch, self.position.step)
-                self.acc.backward(parts.loss / len(micro_batches))
-            logs["loss"] += float(parts.loss.detach()) / len(micro_batches)
-            logs["nll"] += float(parts.nll) / len(micro_batches)
+                self.acc.backward(parts.loss * weight)
+            logs["loss"] += float(parts.loss.detach()) * weight
+            logs["nll"] += float(parts.nll) * weight
             for key in ("kl_flow", "kl_cond"):
                 value = getattr(parts, key)
-                logs[key] += 0.0 if value is None else float(value.detach()) / len(micro_batches)
+                logs[key] += 0.0 if value is None else float(value.detach()) * weight
         if self.cfg.max_grad_norm > 0:
             self.acc.clip_grad_norm_(self.wrapped.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
@@ -284,6 +286,6 @@ def _broadcast(acc, obj):
 def train(cfg: TrainConfig, resume: bool = False) -> list[dict[str, Any]]:
     """Train (or resume) a run; returns the per-epoch history written to ``history.json``."""
     if resume:
-        if not (Path(cfg.output) / CHECKPOINT / "state.json").exists():
+        if not (existing_dir(Path(cfg.output) / CHECKPOINT) / "state.json").exists():
             raise FileNotFoundError(f"{cfg.output}: nothing to resume (no {CHECKPOINT}/state.json)")
     return Trainer(cfg, resume=resume).fit()
