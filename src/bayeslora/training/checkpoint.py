@@ -60,12 +60,14 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, position: dict[str, Any]) -> None:
+def save_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, position: dict[str, Any],
+                    rng_states: list[dict[str, Any]] | None = None) -> None:
+    """Write the checkpoint; ``rng_states`` holds one RNG state per data-parallel rank (default: ours)."""
     def write(tmp: Path) -> None:
         save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        torch.save(rng_states or [rng_state()], tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(position, indent=2))
 
     atomic_dir(Path(run_dir) / CHECKPOINT, write)
@@ -78,8 +80,8 @@ def existing_dir(target: Path) -> Path:
     return old if not target.exists() and old.exists() else target
 
 
-def load_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNGs; returns the saved position."""
+def load_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this rank's RNGs; returns the saved position."""
     folder = existing_dir(Path(run_dir) / CHECKPOINT)
     if not (folder / "state.json").exists():
         raise FileNotFoundError(f"{folder}: no checkpoint to resume from")
@@ -95,5 +97,6 @@ def load_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler) -> d
     states = torch.load(folder / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
-    set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
+    states = torch.load(folder / "rng.pt", weights_only=False)
+    set_rng_state(states[rank] if rank < len(states) else states[0])
     return json.loads((folder / "state.json").read_text())

@@ -26,7 +26,7 @@ from ..methods import get_method
 from ..models import load_base_model
 from ..scoring import make_scorer
 from ..seeding import mix_seed
-from .checkpoint import CHECKPOINT, atomic_dir, existing_dir, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, atomic_dir, existing_dir, load_checkpoint, rng_state, save_checkpoint
 from .config import TrainConfig
 from .objective import PAPER, beta_at, elbo_loss, paper_kl_weight, paper_loss, paper_lr_factor
 
@@ -130,7 +130,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.position = Position()
         if resume:
-            state = load_checkpoint(self.run_dir, self.module, self.optimizer, self.scheduler)
+            state = load_checkpoint(self.run_dir, self.module, self.optimizer, self.scheduler,
+                                    rank=self.acc.process_index)
             self.position = Position(**state["position"])
             self.history = state["history"]
         self.wrapped, self.optimizer = self.acc.prepare(self.module, self.optimizer)
@@ -266,10 +267,15 @@ class Trainer:
         self.history = _broadcast(self.acc, self.history)
 
     def _checkpoint(self) -> None:
+        states = [rng_state()]
+        if self.acc.num_processes > 1:  # every rank's dropout RNG, so a resume replays each one
+            from accelerate.utils import gather_object
+
+            states = gather_object(states)
         if self.acc.is_main_process:
             position = {"epoch": self.position.epoch, "batch": self.position.batch, "step": self.position.step}
             save_checkpoint(self.run_dir, self.module, self.optimizer, self.scheduler,
-                            {"position": position, "history": self.history})
+                            {"position": position, "history": self.history}, rng_states=states)
         self.acc.wait_for_everyone()
 
 
