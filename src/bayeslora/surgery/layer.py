@@ -176,7 +176,7 @@ class BayesLoraLinear(LoraLinear):
             weight_a, weight_b = weight_a[0], weight_b[0]
         if weight_a.dim() == 2:
             out = F.linear(F.linear(h, weight_a), weight_b)
-        else:  # n draws: rows are sample-major blocks of the batch (S×B rows)
+        else:  # n draws: dim 0 holds sample-major blocks of the batch (S×B rows; batch-first activations)
             n = weight_a.shape[0]
             if h.shape[0] % n:
                 raise ValueError(
