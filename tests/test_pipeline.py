@@ -218,3 +218,11 @@ def test_bf16_mixed_precision_training_runs(workspace, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     dev = json.loads((run / "history.json").read_text())[-1]["dev"]
     assert all(torch.isfinite(torch.tensor(dev[k])) for k in ("nll", "ece", "brier"))
+
+
+def test_several_draws_per_training_step(workspace, tmp_path):
+    run = tmp_path / "s3"
+    assert cli.main(train_args(workspace, "causal", "bayeslora", run, "--max-steps", "2",
+                               "--train-samples", "3")) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["train_samples"] == 3
+    assert torch.isfinite(torch.tensor(json.loads((run / "history.json").read_text())[-1]["dev"]["nll"]))
