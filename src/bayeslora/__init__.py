@@ -1,19 +1,37 @@
 """bayeslora: Bayesian-LoRA fine-tuning of Hugging Face models with calibrated uncertainty.
 
-Public API (see README): ``BayesLoraConfig``, ``get_model``, ``load``, ``set_mode``, ``using_mode``,
-``fixed_sample``, ``kl_divergence``, ``kl_breakdown``, ``posterior_stats``, ``count_parameters``.
+Public API (see README): ``BayesLoraConfig``, ``get_model``, ``load``, ``attach``, ``set_mode``,
+``using_mode``, ``fixed_sample``, ``set_draw_seed(s)``, ``kl_divergence``, ``kl_breakdown``,
+``posterior_stats``, ``count_parameters``. They are imported on first use, so ``bayeslora.data``,
+``bayeslora.evaluation`` and ``bayeslora report`` do not pay for importing transformers and PEFT.
 """
 
-from .config import BayesLoraConfig
-from .surgery import (
-    BayesLoraLinear, attach, count_parameters, fixed_sample, get_model, get_sampler, kl_breakdown,
-    kl_divergence, load, posterior_stats, set_draw_seed, set_draw_seeds, set_mode, using_mode,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BayesLoraConfig", "BayesLoraLinear", "attach", "count_parameters", "fixed_sample", "get_model",
-    "get_sampler", "kl_breakdown", "kl_divergence", "load", "posterior_stats", "set_draw_seed", "set_draw_seeds",
-    "set_mode", "using_mode",
-]
+_EXPORTS = {
+    "BayesLoraConfig": "bayeslora.config",
+    **{name: "bayeslora.surgery" for name in (
+        "BayesLoraLinear", "attach", "count_parameters", "fixed_sample", "get_model", "get_sampler",
+        "kl_breakdown", "kl_divergence", "load", "posterior_stats", "set_draw_seed", "set_draw_seeds",
+        "set_mode", "using_mode",
+    )},
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bayeslora' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
