@@ -10,12 +10,14 @@ from typing import Optional, Sequence
 __all__ = ["main"]
 
 
-def _train_parser(sub) -> None:
+def _train_parser(sub, full: bool = True) -> None:
+    p = sub.add_parser("train", help="fine-tune a model on a multiple-choice task",
+                       description="Fine-tune with LoRA or Bayesian-LoRA; writes a run folder.")
+    if not full:  # another command runs: skip importing the model stack just to list train's flags
+        return
     from .methods import METHODS
     from .training import RECIPES, SELECTION_RULES
 
-    p = sub.add_parser("train", help="fine-tune a model on a multiple-choice task",
-                       description="Fine-tune with LoRA or Bayesian-LoRA; writes a run folder.")
     p.add_argument("--model", default="minilm", help="Hub id, local folder, or 'minilm' (embedded, offline)")
     p.add_argument("--model-kind", choices=["causal", "encoder"], help="override the detected model kind")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -135,10 +137,10 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = "train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bayeslora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+    _train_parser(sub, full=command == "train")
     _evaluate_parser(sub)
     p = sub.add_parser("report", help="compare metrics of runs in one table")
     p.add_argument("runs", nargs="+", help="run folders or metrics json files")
@@ -150,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     handler = {"train": _train, "evaluate": _evaluate, "report": _report, "quickstart": _quickstart}[args.command]
     try:
         return handler(args)
