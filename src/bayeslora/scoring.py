@@ -15,6 +15,7 @@ Logits come back as (S, B, C) with ``-inf`` where an item has fewer than C choic
 
 from __future__ import annotations
 
+import functools
 import inspect
 from pathlib import Path
 from typing import Any, Callable
@@ -35,9 +36,15 @@ def _repeat(batch: dict[str, Any], keys: tuple[str, ...], samples: int) -> dict[
     return {k: batch[k].repeat(samples, *([1] * (batch[k].dim() - 1))) for k in keys if k in batch}
 
 
-def _base_forward_params(model: nn.Module) -> set[str]:
+@functools.lru_cache(maxsize=None)
+def _forward_params(model_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def _base_forward_params(model: nn.Module) -> frozenset[str]:
+    """Forward arguments of the wrapped model, looked up once per class (this is on the hot path)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return set(inspect.signature(base.forward).parameters)
+    return _forward_params(type(base))
 
 
 class ChoiceScorer(nn.Module):

@@ -70,14 +70,12 @@ def full_precision(groups: dict[tuple, list[FactorRef]]) -> contextlib.ExitStack
     return stack
 
 
-def _uses_reentrant_checkpointing(root: nn.Module) -> bool:
-    """Whether a transformers block of ``root`` checkpoints with ``use_reentrant=True``."""
-    for module in root.modules():
-        func = module.__dict__.get("_gradient_checkpointing_func")
-        if module.__dict__.get("gradient_checkpointing") and func is not None:
-            if getattr(func, "keywords", {}).get("use_reentrant", False):
-                return True
-    return False
+def _uses_reentrant_checkpointing(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers block that checkpoints with ``use_reentrant=True``."""
+    func = module.__dict__.get("_gradient_checkpointing_func")
+    if not (module.__dict__.get("gradient_checkpointing") and func is not None):
+        return False
+    return bool(getattr(func, "keywords", {}).get("use_reentrant", False))
 
 
 class PosteriorSampler:
@@ -98,16 +96,33 @@ class PosteriorSampler:
         self._handle.remove()
 
     # ------------------------------------------------------------------------------ bookkeeping
-    def layers(self) -> Iterator[tuple[str, BayesLoraLinear]]:
+    def layers(self) -> list[tuple[str, BayesLoraLinear]]:
+        out = []
         for name, module in self.root.named_modules():
             if isinstance(module, BayesLoraLinear):
                 module._ensure_bayes_state()
-                yield name, module
+                out.append((name, module))
+        return out
 
-    def active_factors(self) -> list[FactorRef]:
+    def _scan(self, check_reentrant: bool) -> list[tuple[str, BayesLoraLinear]]:
+        """One walk over the model per forward: the adapter layers, and the reentrant-checkpoint check."""
+        out = []
+        for name, module in self.root.named_modules():
+            if isinstance(module, BayesLoraLinear):
+                module._ensure_bayes_state()
+                out.append((name, module))
+            elif check_reentrant and _uses_reentrant_checkpointing(module):
+                raise ValueError(
+                    "reentrant gradient checkpointing re-runs the backward of the shared posterior draw once "
+                    "per block, which is unsupported: enable it with gradient_checkpointing_kwargs="
+                    "{'use_reentrant': False} (the transformers default)"
+                )
+        return out
+
+    def active_factors(self, layers: Optional[list[tuple[str, BayesLoraLinear]]] = None) -> list[FactorRef]:
         """Factors of the active Bayesian adapters of layers that are neither disabled nor merged."""
         refs = []
-        for name, layer in self.layers():
+        for name, layer in self.layers() if layers is None else layers:
             if layer.disable_adapters or layer.merged:
                 continue
             for adapter in layer.active_adapters:
@@ -173,31 +188,28 @@ class PosteriorSampler:
         group_id = zlib.crc32(f"{shape.key()}|{dtype}|{device}".encode())
         return [torch.Generator(device=device).manual_seed(mix_seed(s, group_id)) for s in seeds]
 
-    def clear(self) -> None:
+    def clear(self, layers: Optional[list[tuple[str, BayesLoraLinear]]] = None) -> None:
         self.last_kl.clear()
-        for _, layer in self.layers():
+        for _, layer in self.layers() if layers is None else layers:
             layer.clear_drawn_weights()
 
     # ------------------------------------------------------------------------------ drawing
     def _before_forward(self, module: nn.Module, args) -> None:
-        if torch.is_grad_enabled() and _uses_reentrant_checkpointing(self.root):
-            raise ValueError(
-                "reentrant gradient checkpointing re-runs the backward of the shared posterior draw once per "
-                "block, which is unsupported: enable it with gradient_checkpointing_kwargs="
-                "{'use_reentrant': False} (the transformers default)"
-            )
+        layers = self._scan(check_reentrant=torch.is_grad_enabled())
         if self.fixed:
             return
         if self.mode == "sample":
-            self.draw()
+            self.draw(layers=layers)
         else:
-            self.clear()
-            self.refresh_means()
+            self.clear(layers)
+            self.refresh_means(layers)
 
-    def draw(self, generator: Optional[torch.Generator] = None) -> None:
+    def draw(self, generator: Optional[torch.Generator] = None,
+             layers: Optional[list[tuple[str, BayesLoraLinear]]] = None) -> None:
         """Draw ``num_samples`` weights for every active factor, one batched call per group."""
-        self.clear()
-        groups = self.groups(self.active_factors())
+        layers = self.layers() if layers is None else layers
+        self.clear(layers)
+        groups = self.groups(self.active_factors(layers))
         with _single_thread_on_cpu(any(key[2].type == "cpu" for key in groups)), full_precision(groups):
             self._draw_groups(groups, generator)
 
@@ -211,9 +223,9 @@ class PosteriorSampler:
                 ref.layer._bayes_draws.setdefault(ref.adapter, {})[ref.which] = drawn.weights[i]
                 self.last_kl[(id(ref.layer), ref.adapter, ref.which)] = (drawn.kl_flow[i], kl_cond[i])
 
-    def refresh_means(self) -> None:
+    def refresh_means(self, layers: Optional[list[tuple[str, BayesLoraLinear]]] = None) -> None:
         """Recompute, group-wise, the posterior means of adapters whose parameters changed."""
-        stale = [r for r in self.active_factors() if not r.layer.mean_is_fresh(r.adapter)]
+        stale = [r for r in self.active_factors(layers) if not r.layer.mean_is_fresh(r.adapter)]
         pending: dict[tuple[BayesLoraLinear, str], dict[str, Tensor]] = {}
         groups = self.groups(stale, by_mean_settings=True)
         with full_precision(groups):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..data import file_records, load_task, split_files
-from ..evaluation import compute_metrics, write_json_atomic
+from ..evaluation import average_log_probs, compute_metrics, write_json_atomic
 from ..evaluation.predict import predict_examples
 from ..methods import get_method
 from ..models import load_base_model
@@ -221,10 +221,9 @@ class Trainer:
         result = predict_examples(method, model, self.module.scorer, self.dev_set, self.collator, mode=mode,
                                   samples=self.cfg.dev_samples, batch_size=self.cfg.eval_batch_size,
                                   seed=self.cfg.seed, device=self.acc.device)
-        lp = result.log_probs
-        log_p_bar = torch.logsumexp(lp, 1) - math.log(lp.shape[1])
+        log_p_bar = average_log_probs(result.log_probs.transpose(0, 1), result.mask)
         metrics = compute_metrics(log_p_bar, result.labels, result.mask, kind="log_probs")
-        return {**metrics, "mode": mode, "samples": lp.shape[1]}
+        return {**metrics, "mode": mode, "samples": result.log_probs.shape[1]}
 
     # ------------------------------------------------------------------------------ run
     def fit(self) -> list[dict[str, Any]]:
