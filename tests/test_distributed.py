@@ -39,7 +39,7 @@ def test_two_process_run_equals_single_process(tmp_path):
     model_dir = save_tiny_causal(tmp_path / "model", [causal_prompt(e) for e in examples])
 
     def args(out: Path, batch_size: int) -> list[str]:
-        return ["train", "--model", model_dir, "--task", "jsonl", "--train-file", str(data), "--dev-file",
+        return ["train", "--model", model_dir, "--task", "jsonl", "--train-file", str(data), "--val-file",
                 str(data), "--method", "bayeslora", "--output", str(out), "--batch-size", str(batch_size),
                 "--max-steps", "4", "--lr", "1e-2", "--no-progress", "--target-modules", *TARGETS["causal"],
                 "--sigma-u-init", "0.05", "--lambda-init", "0.02"]
@@ -60,6 +60,6 @@ def test_two_process_run_equals_single_process(tmp_path):
     a, b = logits_of(single, examples[:8]), logits_of(double, examples[:8])
     for mode in a:
         assert torch.allclose(a[mode], b[mode], atol=1e-5), (mode, (a[mode] - b[mode]).abs().max())
-    base_a = json.loads((single / "history.json").read_text())[-1]["dev"]
-    base_b = json.loads((double / "history.json").read_text())[-1]["dev"]
+    base_a = json.loads((single / "history.json").read_text())[-1]["val"]
+    base_b = json.loads((double / "history.json").read_text())[-1]["val"]
     assert base_a["nll"] == pytest.approx(base_b["nll"], abs=1e-5)

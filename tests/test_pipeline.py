@@ -57,9 +57,9 @@ def workspace(tmp_path_factory):
 
 def train_args(ws, kind, method, out, *extra):
     data = str(ws["data"][kind])
-    return ["train", "--model", ws[kind], "--task", "jsonl", "--train-file", data, "--dev-file", data,
+    return ["train", "--model", ws[kind], "--task", "jsonl", "--train-file", data, "--val-file", data,
             "--method", method, "--output", str(out), "--batch-size", "8", "--no-progress",
-            "--dev-samples", "2", "--target-modules", *TARGETS[kind], *extra]
+            "--samples", "2", "--target-modules", *TARGETS[kind], *extra]
 
 
 # 32 examples are far too few for the per-example ELBO to move a posterior away from a prior whose
@@ -80,8 +80,8 @@ def test_train_evaluate_report(workspace, kind, method, capsys):
     assert config["data_files"]["train"][0]["sha256"]
     history = json.loads((run / "history.json").read_text())
     epochs = int(LEARN[method][LEARN[method].index("--epochs") + 1])
-    assert len(history) == epochs and all("nll" in h["dev"] for h in history)
-    assert json.loads((run / "selection.json").read_text())["rule"] == "best-dev-nll"
+    assert len(history) == epochs and all("nll" in h["val"] for h in history)
+    assert json.loads((run / "selection.json").read_text())["rule"] == "best-val-nll"
     assert cli.main(["evaluate", "--run", str(run), "--task", "jsonl", "--data-file",
                      str(workspace["data"][kind]), "--split", "train", "--samples", "3"]) == 0
     metrics_files = list((run / "eval").glob("metrics-*.json"))
@@ -191,7 +191,7 @@ def test_resume_after_sigkill_reaches_the_same_result(workspace, tmp_path):
     assert [h["epoch"] for h in ours] == [0, 1]
     for a, b in zip(ours, theirs):
         for key in ("acc", "ece", "nll", "brier"):
-            assert a["dev"][key] == pytest.approx(b["dev"][key], abs=1e-6), (a["epoch"], key)
+            assert a["val"][key] == pytest.approx(b["val"][key], abs=1e-6), (a["epoch"], key)
 
 
 def test_gradient_accumulation_equals_the_larger_batch(workspace, tmp_path):
@@ -216,7 +216,7 @@ def test_bf16_mixed_precision_training_runs(workspace, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bayeslora.cli", *args], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    dev = json.loads((run / "history.json").read_text())[-1]["dev"]
+    dev = json.loads((run / "history.json").read_text())[-1]["val"]
     assert all(torch.isfinite(torch.tensor(dev[k])) for k in ("nll", "ece", "brier"))
 
 
@@ -225,4 +225,4 @@ def test_several_draws_per_training_step(workspace, tmp_path):
     assert cli.main(train_args(workspace, "causal", "bayeslora", run, "--max-steps", "2",
                                "--train-samples", "3")) == 0
     assert json.loads((run / "config.json").read_text())["train"]["train_samples"] == 3
-    assert torch.isfinite(torch.tensor(json.loads((run / "history.json").read_text())[-1]["dev"]["nll"]))
+    assert torch.isfinite(torch.tensor(json.loads((run / "history.json").read_text())[-1]["val"]["nll"]))

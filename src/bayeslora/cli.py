@@ -12,57 +12,26 @@ __all__ = ["main"]
 
 def _train_parser(sub, full: bool = True) -> None:
     p = sub.add_parser("train", help="fine-tune a model on a multiple-choice task",
-                       description="Fine-tune with LoRA or Bayesian-LoRA; writes a run folder.")
+                       description="Fine-tune with LoRA or Bayesian-LoRA; writes a run folder. Options left "
+                                   "unset take the recipe's or the method's defaults (recorded in config.json).")
     if not full:  # another command runs: skip importing the model stack just to list train's flags
         return
     from .methods import METHODS
-    from .training import RECIPES, SELECTION_RULES
+    from .training import add_train_arguments
 
-    p.add_argument("--model", default="minilm", help="Hub id, local folder, or 'minilm' (embedded, offline)")
-    p.add_argument("--model-kind", choices=["causal", "encoder"], help="override the detected model kind")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
-    p.add_argument("--task", help="(required unless --resume) arc_easy, openbookqa, winogrande_s, boolq, mmlu_*, jsonl, synthetic ...")
-    p.add_argument("--data-dir", help="folder with the task files (default: $BAYESLORA_DATA_DIR or ../shared/data)")
-    p.add_argument("--train-file", help="train on this file instead of the task's train split")
-    p.add_argument("--dev-file", help="select on this file instead of the task's dev split")
-    p.add_argument("--method", choices=sorted(METHODS), help="(required unless --resume)")
-    p.add_argument("--output", required=True, help="run folder")
-    p.add_argument("--epochs", type=int, help="default 3 (6 with --recipe paper)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=8, help="per process")
-    p.add_argument("--eval-batch-size", type=int, default=32)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, help="default 1e-3 (7.39e-4 with --recipe paper)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="on non-variational parameters (elbo recipe)")
-    p.add_argument("--warmup-ratio", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recipe", default="elbo", choices=RECIPES)
-    p.add_argument("--kl-warmup-steps", type=int, default=0, help="ramp β linearly from 0 over N steps")
-    p.add_argument("--kl-scale", type=float, default=1.0,
-                   help="β = kl_scale / N_train (1 = the per-example ELBO; < 1 tempers the KL)")
-    p.add_argument("--train-samples", type=int, default=1, help="MC draws per training step")
-    p.add_argument("--dev-samples", type=int, default=4, help="MC draws for the per-epoch dev evaluation")
-    p.add_argument("--save-steps", type=int, default=0, help="also checkpoint every N optimizer steps")
-    p.add_argument("--select", default="best-dev-nll", choices=SELECTION_RULES)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--max-train-examples", type=int)
-    p.add_argument("--max-dev-examples", type=int)
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--target-modules", nargs="+", help="default: per-architecture (q_proj,v_proj / query,value ...)")
+    add_train_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for cls in METHODS.values():
         cls.add_arguments(p)
 
 
 def _train(args: argparse.Namespace) -> int:
     from .methods import METHODS
-    from .training import TrainConfig, train
+    from .training import TrainConfig, config_from_args, train
 
+    if args.output is None:
+        raise ValueError("the following arguments are required: --output")
     if args.resume:
         cfg = TrainConfig.from_run(args.output)  # the run's own configuration, not the command line
         cfg.progress = not args.no_progress
@@ -70,22 +39,9 @@ def _train(args: argparse.Namespace) -> int:
         missing = [f"--{name}" for name in ("task", "method") if getattr(args, name) is None]
         if missing:
             raise ValueError(f"the following arguments are required: {', '.join(missing)}")
-        paper = args.recipe == "paper"
-        cfg = TrainConfig(
-            model=args.model, task=args.task, method=args.method, output=args.output, data_dir=args.data_dir,
-            train_file=args.train_file, dev_file=args.dev_file, model_kind=args.model_kind, dtype=args.dtype,
-            mixed_precision=args.mixed_precision,
-            method_options=METHODS[args.method].options_from_args(args), r=args.r, lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout, target_modules=args.target_modules,
-            epochs=args.epochs or (6 if paper else 3), max_steps=args.max_steps, batch_size=args.batch_size,
-            eval_batch_size=args.eval_batch_size, grad_accum=args.grad_accum,
-            lr=args.lr or (7.39e-4 if paper else 1e-3), weight_decay=args.weight_decay,
-            warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=args.seed, recipe=args.recipe,
-            kl_warmup_steps=args.kl_warmup_steps, kl_scale=args.kl_scale, train_samples=args.train_samples, dev_samples=args.dev_samples,
-            save_steps=args.save_steps, select=args.select, max_length=args.max_length,
-            max_train_examples=args.max_train_examples, max_dev_examples=args.max_dev_examples,
-            progress=not args.no_progress,
-        )
+        if args.method not in METHODS:
+            raise ValueError(f"--method: unknown method {args.method!r}; available: {', '.join(sorted(METHODS))}")
+        cfg = config_from_args(args, METHODS[args.method].options_from_args(args))
     train(cfg, resume=args.resume)
     print(f"run folder: {cfg.output}")
     return 0

@@ -101,6 +101,11 @@ class BayesLoraConfig(LoraConfig):
             )
         if self.bayesian_modules is not None and not isinstance(self.bayesian_modules, str):
             self.bayesian_modules = list(self.bayesian_modules)
+        if self.init_lora_weights not in (True, False):
+            raise ValueError(
+                "BayesLoraConfig.init_lora_weights must be True (E[B] = 0: the adapter starts at the base "
+                f"model) or False (random inducing means, the paper's init), got {self.init_lora_weights!r}"
+            )
         if self.use_dora:
             raise ValueError("BayesLoraConfig.use_dora: DoRA cannot be combined with Bayesian-LoRA")
 

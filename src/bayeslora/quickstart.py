@@ -17,10 +17,7 @@ from .training import TrainConfig, train
 
 __all__ = ["quickstart"]
 
-METHODS = ("lora", "bayeslora")
-# The inducing parameters live in a whitened space scaled by σ_p = prior_std/sqrt(d_in), so Adam's
-# per-step change in weight space is ~σ_p × lr: Bayesian-LoRA needs a larger step size than LoRA.
-LEARNING_RATES = {"lora": 1e-3, "bayeslora": 1e-2}
+METHODS = ("lora", "bayeslora")  # each trained with its own defaults (learning rate, recipe, posterior)
 
 
 def quickstart(output: Path, epochs: int = 3, seed: int = 0) -> list[dict]:
@@ -30,7 +27,7 @@ def quickstart(output: Path, epochs: int = 3, seed: int = 0) -> list[dict]:
         run = output / method
         print(f"== training {method} on MiniLM, built-in demo task -> {run}")
         cfg = TrainConfig(model="minilm", task="synthetic", method=method, output=str(run), epochs=epochs,
-                          batch_size=16, lr=LEARNING_RATES[method], seed=seed, dev_samples=4, select="best-dev-nll",
+                          batch_size=16, seed=seed, samples=4, select="best-val-nll",
                           max_length=64)
         train(cfg)
         for split in ("test", "ood"):

@@ -19,6 +19,7 @@ from .evaluation import compute_metrics, reliability_bins, save_reliability_diag
 from .evaluation.predict import predict_examples
 from .evaluation.report import atomic_write, write_json_atomic
 from .methods import get_method
+from .layout import EvalFiles, RunFolder, eval_stem
 from .models import load_base_model
 from .scoring import make_scorer
 from .training.config import TrainConfig
@@ -26,18 +27,10 @@ from .training.config import TrainConfig
 __all__ = ["evaluate_run", "load_run_model"]
 
 
-def selected_adapter(run_dir: Path) -> tuple[Path, dict[str, Any]]:
-    path = run_dir / "selection.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: the run has no selected adapter yet (did training finish an epoch?)")
-    selection = json.loads(path.read_text())
-    return run_dir / selection["adapter"], selection
-
-
 def load_run_model(run_dir: Path, device: torch.device | str = "cpu"):
     """(method, model, scorer, tokenizer, config, selection) of a run's selected adapter."""
     cfg = TrainConfig.from_run(run_dir)
-    adapter, selection = selected_adapter(run_dir)
+    adapter, selection = RunFolder(run_dir).selected_adapter()
     method = get_method(cfg.method, cfg.method_options)
     loaded = load_base_model(cfg.model, dtype=cfg.dtype, kind=cfg.model_kind)
     model = method.load(loaded.model, adapter, cfg.lora()).to(device)
@@ -73,14 +66,14 @@ def evaluate_run(run_dir: str | Path, task: str, split: str, *, data_dir: Option
         "peak_memory_bytes": result.peak_memory_bytes, "batched": batched, "seed": seed, "run": str(run_dir),
         "data_file": data_file, "model": cfg.model,
     }
-    stem = f"{task}-{split}-{cfg.method}-{mode}-S{draws}"
-    out = Path(output) if output else run_dir / "eval" / f"metrics-{stem}.json"
+    files = EvalFiles(Path(output)) if output else RunFolder(run_dir).eval_files(
+        eval_stem(task, split, cfg.method, mode, draws))
+    out = files.metrics
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, record)
-    _write_predictions(out.with_name(out.name.replace("metrics", "predictions", 1)).with_suffix(".jsonl"),
-                       result, summary)
+    _write_predictions(files.predictions, result, summary)
     bins = reliability_bins(log_p_bar, result.labels, result.mask, kind="log_probs")
-    png = out.with_name(out.name.replace("metrics", "reliability", 1)).with_suffix(".png")
+    png = files.reliability
     save_reliability_diagram(bins, png, metrics, label=f"{cfg.method} {mode} S={draws} on {task}/{split}")
     record["reliability_png"] = str(png)
     record["metrics_file"] = str(out)

@@ -54,7 +54,8 @@ class FactorShape:
 class InducingFactor(nn.Module):
     """Inducing mean m, std parameter ρ_U, locations Z_r, Z_c, diagonals δ_r, δ_c, noise scale ℓ, flow.
 
-    Initialisation (METHOD.md section 2): m ~ N(0, 1); σ_U = softplus(ρ_U) = sigma_u_init;
+    Initialisation (METHOD.md section 2): m ~ N(0, 1), or m = 0 with an identity flow when
+    ``zero_mean`` (E[W] = 0 at init, as LoRA's B = 0); σ_U = softplus(ρ_U) = sigma_u_init;
     Z_r ~ N(0, 1)/√R, Z_c ~ N(0, 1)/√C; softplus(δ) = d_init; λ = softplus(ℓ) = lambda_init.
     Parameters are created in float32 and draw from the global RNG in sequence, so same-shaped factors
     start different (the reference code re-seeded per factor and made them identical).
@@ -67,18 +68,21 @@ class InducingFactor(nn.Module):
         sigma_u_init: float,
         lambda_init: float,
         d_init: float = 1e-3,
+        zero_mean: bool = False,
     ) -> None:
         super().__init__()
         self.shape = shape
         rows, cols = shape.rows, shape.cols
-        self.inducing_mean = nn.Parameter(torch.randn(rows, cols))
+        mean = torch.randn(rows, cols)  # drawn either way, so the global RNG stream does not depend on it
+        self.inducing_mean = nn.Parameter(mean.zero_() if zero_mean else mean)
         self.inducing_rho = nn.Parameter(torch.full((rows, cols), inverse_softplus(sigma_u_init)))
         self.z_rows = nn.Parameter(torch.randn(rows, shape.d_out) / math.sqrt(rows))
         self.z_cols = nn.Parameter(torch.randn(cols, shape.d_in) / math.sqrt(cols))
         self.delta_rows = nn.Parameter(torch.full((rows,), inverse_softplus(d_init)))
         self.delta_cols = nn.Parameter(torch.full((cols,), inverse_softplus(d_init)))
         self.lambda_raw = nn.Parameter(torch.tensor(inverse_softplus(lambda_init)))
-        self.flow = RowFlow(cols, shape.flow_depth, shape.flow_hidden) if shape.flow_depth > 0 else None
+        self.flow = (RowFlow(cols, shape.flow_depth, shape.flow_hidden, identity=zero_mean)
+                     if shape.flow_depth > 0 else None)
 
     def sigma_u(self) -> torch.Tensor:
         """σ_U = clamp(softplus(ρ_U), max=sigma_u_max), in float32."""

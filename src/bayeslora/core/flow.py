@@ -30,7 +30,9 @@ class RowFlow(nn.Module):
     Consecutive layers reverse the variable order, as in MAF/IAF stacks.
     """
 
-    def __init__(self, features: int, depth: int, hidden: int) -> None:
+    def __init__(self, features: int, depth: int, hidden: int, identity: bool = False) -> None:
+        """``identity=True`` zeroes the conditioners' last layers, so the flow starts exactly at the
+        identity (its last layers still get a gradient at the first step, the others from the second)."""
         super().__init__()
         if depth < 1:
             raise ValueError(f"flow_depth must be >= 1 for a RowFlow, got {depth}")
@@ -47,7 +49,7 @@ class RowFlow(nn.Module):
         with torch.no_grad():
             for transform in self.transforms:
                 last = transform.hyper[-1]
-                last.weight.mul_(_LAST_LAYER_INIT_SCALE)
+                last.weight.mul_(0.0 if identity else _LAST_LAYER_INIT_SCALE)
                 last.bias.zero_()
 
     def forward(self, u0: Tensor) -> tuple[Tensor, Tensor]:

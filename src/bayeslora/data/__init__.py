@@ -34,7 +34,7 @@ from .mmlu_subjects import SUBJECTS as MMLU_SUBJECTS
 from .mmlu_subjects import resolve_mmlu_subjects
 from .prompts import answer_cue, causal_prompt, encoder_pairs, label_strings
 from .synthetic import SyntheticConfig
-from .tasks import TASKS, load_task, split_files
+from .tasks import TASKS, fit_and_val, load_task, split_files
 
 _LAZY = {
     "CausalCollator": "collate",
@@ -72,6 +72,7 @@ __all__ = [
     "default_data_dir",
     "encoder_pairs",
     "file_records",
+    "fit_and_val",
     "label_strings",
     "label_token_ids",
     "load_hub_task",

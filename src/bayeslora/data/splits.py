@@ -39,3 +39,27 @@ def winogrande_dev_qids(train_l_qids: Iterable[str], train_m_qids: Iterable[str]
 def boolq_parity(split: str) -> int:
     """Remainder of ``idx % 2`` that a BoolQ split keeps: dev = even (0), test = odd (1)."""
     return {"dev": 0, "test": 1}[split]
+
+
+VAL_FRACTION = 0.1
+VAL_MAX_ROWS = 500
+VAL_SEED = 0
+
+
+def val_size(n_train: int) -> int:
+    """Rows of the ``val`` slice carved from a train split of ``n_train`` rows: 10%, at most 500, at least 1
+    (none when the split has fewer than 2 rows)."""
+    if n_train < 2:
+        return 0
+    return max(1, min(VAL_MAX_ROWS, round(VAL_FRACTION * n_train)))
+
+
+def val_uids(train_uids: Iterable[str]) -> frozenset[str]:
+    """The uids of the ``val`` slice: ``Random(0).sample(sorted(uids), val_size(n))``.
+
+    ``val`` is where checkpoints are selected, post-hoc methods are fitted and every tuning decision is
+    made, so ``dev`` is only ever reported on. Sorting makes the slice independent of file order; the
+    fixed seed makes it the same for every method, run and machine.
+    """
+    candidates = sorted(set(train_uids))
+    return frozenset(random.Random(VAL_SEED).sample(candidates, val_size(len(candidates))))

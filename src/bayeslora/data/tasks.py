@@ -15,6 +15,11 @@ task                          train                           dev               
 ``jsonl``                     needs ``file=``                 needs ``file=``              needs ``file=``
 ============================  ==============================  ===========================  ======================
 
+``val`` (every task with a train split, and any ``file=``): a fixed seeded slice of the train rows,
+10% capped at 500 (:func:`bayeslora.data.splits.val_uids`). Training fits on ``train`` less ``val``
+(:func:`fit_and_val`), selects checkpoints and tunes on ``val``, and ``dev`` is only reported on.
+``train`` itself stays the whole release file.
+
 MMLU also has ``fewshot`` = ``mmlu/dev/`` (5 exemplars per subject). The WinoGrande dev sample is
 defined in :mod:`bayeslora.data.splits`. If ``val_even``/``val_odd`` are absent but the full SuperGLUE
 ``boolq/val.jsonl`` is present, the BoolQ half is taken from it by ``idx`` parity (same rows).
@@ -33,7 +38,7 @@ from .example import DataFormatError, MCExample, MissingSplitError, SplitUnavail
 from .files import require_data_dir
 from .mmlu_subjects import resolve_mmlu_subjects
 from .readers import get_field, iter_jsonl
-from .splits import boolq_parity, winogrande_dev_qids
+from .splits import boolq_parity, val_uids, winogrande_dev_qids
 
 Reader = Callable[[Path], list[MCExample]]
 
@@ -61,7 +66,8 @@ def load_task(
 
     Args:
         task: a name of :data:`TASKS` or an MMLU subject/group name (``mmlu_chem``, ``mmlu_stem``, ...).
-        split: ``train``, ``dev``, ``test``; MMLU also ``fewshot``; ``synthetic`` also ``ood``.
+        split: ``train``, ``val`` (carved from train), ``dev``, ``test``; MMLU also ``fewshot``;
+            ``synthetic`` also ``ood``.
         data_dir: the data folder; None means ``$BAYESLORA_DATA_DIR`` or ``<repo>/../shared/data``.
         file: read this file instead of the split's file (BoolQ train, users' data).
 
@@ -69,16 +75,27 @@ def load_task(
         MissingSplitError: a split file is absent. SplitUnavailableError: the split does not exist.
         DataFormatError: a row is malformed or a uid repeats (message gives file, line and field).
     """
+    if split == "val":
+        return fit_and_val(task, data_dir, file)[1]
     examples = plan_split(task, split, data_dir, file).load()
     _check_unique(examples)
     return examples
+
+
+def fit_and_val(
+    task: str, data_dir: Path | str | None = None, file: Path | str | None = None
+) -> tuple[list[MCExample], list[MCExample]]:
+    """The train split (or ``file``) cut into the rows to fit on and the ``val`` slice, both in file order."""
+    examples = load_task(task, "train", data_dir, file)
+    held = val_uids(ex.uid for ex in examples)
+    return [ex for ex in examples if ex.uid not in held], [ex for ex in examples if ex.uid in held]
 
 
 def split_files(
     task: str, split: str, data_dir: Path | str | None = None, file: Path | str | None = None
 ) -> list[Path]:
     """The files :func:`load_task` reads for these arguments (labels files and ``train_m`` included)."""
-    return list(plan_split(task, split, data_dir, file).files)
+    return list(plan_split(task, "train" if split == "val" else split, data_dir, file).files)
 
 
 def plan_split(task: str, split: str, data_dir: Path | str | None, file: Path | str | None) -> SplitPlan:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ..layout import METRICS_GLOB, RunFolder
+
 REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
     "task": (str,), "split": (str,), "method": (str,), "mode": (str,), "samples": (int,), "n": (int,),
     "acc": (int, float), "ece": (int, float), "nll": (int, float), "brier": (int, float),
@@ -25,7 +27,6 @@ REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
 OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
     "recipe": (str,), "selection_rule": (str,), "eval_seconds": (int, float),
 }
-METRICS_GLOB = "metrics*.json"
 
 
 class MetricsFileError(ValueError):
@@ -81,8 +82,7 @@ def find_metrics_files(run: str | os.PathLike[str]) -> list[Path]:
         return [run]
     if not run.is_dir():
         raise FileNotFoundError(f"no such run folder or metrics file: {run}")
-    found = sorted(p for p in run.glob(METRICS_GLOB) if p.is_file())
-    found += sorted(p for p in (run / "eval").glob(METRICS_GLOB) if p.is_file())
+    found = RunFolder(run).metrics_files()
     if not found:
         raise FileNotFoundError(f"no {METRICS_GLOB} in {run} or {run / 'eval'}")
     return found

@@ -74,6 +74,14 @@ class Method:
     def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
         return {}
 
+    def training_defaults(self) -> dict[str, Any]:
+        """TrainConfig values this method uses when the user gives none (``recipe``, ``lr``, ...)."""
+        return {"recipe": "elbo"}
+
+    def resolved_options(self) -> dict[str, Any]:
+        """The method options with every default filled in, as recorded in the run config."""
+        return dict(self.options)
+
     # ---- model
     def build(self, base_model: nn.Module, lora: dict[str, Any]) -> nn.Module:
         raise NotImplementedError
@@ -87,6 +95,10 @@ class Method:
     def no_decay_parameters(self, model: nn.Module) -> set[str]:
         """Names of parameters that must not get weight decay (variational parameters)."""
         return set()
+
+    def lr_factors(self, model: nn.Module) -> dict[str, float]:
+        """Per-parameter multipliers of the learning rate (names absent from the dict get 1)."""
+        return {}
 
     # ---- training
     def train_outputs(self, model: nn.Module, scorer: ChoiceScorer, batch: dict[str, Any],

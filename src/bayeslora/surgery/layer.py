@@ -68,16 +68,19 @@ class BayesLoraLinear(LoraLinear):
         self.use_dora[adapter_name] = False
         self.scaling[adapter_name] = lora_alpha / (r**0.5 if config.use_rslora else r)
 
-        def factor(d_out: int, d_in: int) -> InducingFactor:
+        def factor(d_out: int, d_in: int, zero_mean: bool = False) -> InducingFactor:
             shape = FactorShape(
                 d_out, d_in, config.inducing_rows, config.inducing_cols, config.flow_depth,
                 config.flow_hidden, config.prior_std, config.sigma_u_max, config.lambda_max, config.jitter,
             )
             return InducingFactor(shape, sigma_u_init=config.sigma_u_init, lambda_init=config.lambda_init,
-                                  d_init=config.inducing_diag_init)
+                                  d_init=config.inducing_diag_init, zero_mean=zero_mean)
 
         device = self.get_base_layer().weight.device
-        pair = nn.ModuleDict({"A": factor(r, self.in_features), "B": factor(self.out_features, r)})
+        # init_lora_weights=True (PEFT's default: B = 0) means E[B] = 0, so the adapter starts at the
+        # pretrained function in mean mode; False keeps the paper's random inducing mean for both.
+        zero_b = config.init_lora_weights is not False
+        pair = nn.ModuleDict({"A": factor(r, self.in_features), "B": factor(self.out_features, r, zero_b)})
         self.lora_bayes[adapter_name] = pair.to(device=device, dtype=torch.float32)
         self.bayes_settings[adapter_name] = {
             "dtype": _DTYPES[config.inducing_dtype],

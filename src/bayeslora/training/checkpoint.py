@@ -21,10 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..layout import RunFolder
+
 __all__ = ["atomic_dir", "existing_dir", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
-
-CHECKPOINT = "checkpoint"
-
 
 def atomic_dir(target: Path, write) -> None:
     """Write a folder via ``write(tmp_path)`` then swap it in place of ``target``."""
@@ -70,7 +69,7 @@ def save_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, posi
         torch.save(rng_states or [rng_state()], tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(position, indent=2))
 
-    atomic_dir(Path(run_dir) / CHECKPOINT, write)
+    atomic_dir(RunFolder(run_dir).checkpoint, write)
 
 
 def existing_dir(target: Path) -> Path:
@@ -82,7 +81,7 @@ def existing_dir(target: Path) -> Path:
 
 def load_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNGs; returns the saved position."""
-    folder = existing_dir(Path(run_dir) / CHECKPOINT)
+    folder = existing_dir(RunFolder(run_dir).checkpoint)
     if not (folder / "state.json").exists():
         raise FileNotFoundError(f"{folder}: no checkpoint to resume from")
     weights = load_file(str(folder / "trainable.safetensors"))

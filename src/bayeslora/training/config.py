@@ -1,79 +1,102 @@
-"""TrainConfig: everything a training run needs, recorded in the run folder to reproduce it."""
+"""TrainConfig: every training option, declared once with its default and help.
+
+The ``bayeslora train`` parser is built from these fields (:func:`add_train_arguments`), and the run
+folder records the config after :func:`resolve` has filled the options the user left unset (``None``):
+first from the recipe when the user chose one, else from the method's own defaults, then from the
+method's recipe. So ``--method bayeslora`` alone trains with Bayesian-LoRA's defaults, ``--recipe paper``
+with the authors' lr and epochs, and ``config.json`` says which values were used.
+"""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+import argparse
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from .objective import RECIPES
+from ..layout import RunFolder
 
-__all__ = ["TrainConfig", "SELECTION_RULES"]
+__all__ = ["SELECTION_RULES", "TrainConfig", "add_train_arguments", "config_from_args", "resolve"]
 
-SELECTION_RULES = ("last", "best-dev-nll")
+SELECTION_RULES = ("last", "best-val-nll")
+
+
+def option(default: Any = None, help: str = "", *, flag: bool = True, **argparse_kwargs: Any) -> Any:
+    """A TrainConfig field: ``help`` and argparse keywords (``choices``, ``nargs``) in its metadata;
+    ``flag=False`` keeps it off the command line."""
+    meta = {"help": help, "flag": flag, "argparse": argparse_kwargs}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    model: str
-    task: str
-    method: str
-    output: str
-    data_dir: Optional[str] = None
-    train_file: Optional[str] = None
-    dev_file: Optional[str] = None
-    model_kind: Optional[str] = None
-    dtype: str = "float32"
-    mixed_precision: str = "no"
-    method_options: dict[str, Any] = field(default_factory=dict)
-    r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: Optional[list[str]] = None
-    epochs: int = 3
-    max_steps: Optional[int] = None
-    batch_size: int = 8
-    eval_batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    recipe: str = "elbo"
-    kl_warmup_steps: int = 0
-    kl_scale: float = 1.0
-    train_samples: int = 1
-    dev_samples: int = 4
-    save_steps: int = 0
-    select: str = "best-dev-nll"
-    max_length: Optional[int] = None
-    max_train_examples: Optional[int] = None
-    max_dev_examples: Optional[int] = None
-    progress: bool = True
+    model: str = option("minilm", "Hub id, local folder, or 'minilm' (embedded, offline)")
+    task: Optional[str] = option(None, "arc_easy, arc_challenge, openbookqa, winogrande_s, boolq, jsonl, synthetic, ...")
+    method: Optional[str] = option(None, "fine-tuning method")
+    output: Optional[str] = option(None, "run folder")
+    data_dir: Optional[str] = option(None, "folder with the task files (default: $BAYESLORA_DATA_DIR or ../shared/data)")
+    train_file: Optional[str] = option(None, "train on this file instead of the task's train split")
+    val_file: Optional[str] = option(None, "select on this file instead of the val slice carved from train")
+    model_kind: Optional[str] = option(None, "override the detected model kind", choices=["causal", "encoder"])
+    dtype: str = option("float32", "dtype of the base model", choices=["float32", "bfloat16", "float16"])
+    mixed_precision: str = option("no", "autocast precision", choices=["no", "bf16", "fp16"])
+    r: int = option(8, "LoRA rank")
+    lora_alpha: int = option(16, "LoRA alpha (scaling = alpha / r)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA input")
+    target_modules: Optional[list[str]] = option(
+        None, "default: per-architecture (q_proj,v_proj / query,value ...)", nargs="+")
+    recipe: Optional[str] = option(None, "training recipe (default: the method's)")
+    epochs: Optional[int] = option(None, "epochs (default: the recipe's or method's, else 3)")
+    max_steps: Optional[int] = option(None, "stop after this many optimizer steps")
+    batch_size: int = option(8, "examples per optimizer step and process")
+    eval_batch_size: int = option(32, "examples per evaluation batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: Optional[float] = option(None, "learning rate (default: the recipe's or method's)")
+    weight_decay: Optional[float] = option(None, "AdamW weight decay (default: the recipe's; never on "
+                                           "variational parameters under the elbo recipe)")
+    warmup_ratio: float = option(0.0, "linear lr warm-up over this fraction of the steps (elbo recipe)")
+    max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
+    seed: int = option(0, "seed of data order, initialisation and draws")
+    kl_scale: Optional[float] = option(None, "β = kl_scale / N_train (1 = the per-example ELBO; < 1 tempers it)")
+    kl_warmup_steps: int = option(0, "ramp β linearly from 0 over N steps")
+    train_samples: int = option(1, "posterior draws per training step (ELBO particles)")
+    samples: int = option(4, "predictive draws (per-epoch val evaluation)")
+    save_steps: int = option(0, "also checkpoint every N optimizer steps")
+    select: str = option("best-val-nll", "which epoch's adapter the run keeps", choices=list(SELECTION_RULES))
+    max_length: Optional[int] = option(None, "truncate prompts to this many tokens")
+    max_train_examples: Optional[int] = option(None, "use only the first N training rows")
+    max_val_examples: Optional[int] = option(None, "use only the first N val rows")
+    method_options: dict[str, Any] = option({}, flag=False)
+    progress: bool = option(True, flag=False)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        positive = ("r", "lora_alpha", "epochs", "batch_size", "eval_batch_size", "grad_accum",
-                    "train_samples", "dev_samples")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
+        positive = ("r", "lora_alpha", "batch_size", "eval_batch_size", "grad_accum", "train_samples", "samples")
+        for name in positive + ("epochs",):
+            value = getattr(self, name)
+            if (value is not None or name in positive) and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"--max-steps must be positive, got {self.max_steps}")
-        if not self.kl_scale >= 0:
+        if self.kl_scale is not None and not self.kl_scale >= 0:
             raise ValueError(f"--kl-scale must be >= 0, got {self.kl_scale}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.recipe not in RECIPES:
-            raise ValueError(f"--recipe must be one of {RECIPES}, got {self.recipe!r}")
-        if self.select not in SELECTION_RULES:
-            raise ValueError(f"--select must be one of {SELECTION_RULES}, got {self.select!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        from .recipes import RECIPES
+
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ValueError(f"--recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
+        for f in fields(self):
+            choices = f.metadata.get("argparse", {}).get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {choices}, got {value!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
 
@@ -87,14 +110,75 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
         known = {f.name for f in fields(cls)}
+        renamed = {"dev_file": "val_file", "dev_samples": "samples", "max_dev_examples": "max_val_examples"}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown training fields {unknown}")
+            hint = [f"{k} is now {renamed[k]}" for k in unknown if k in renamed]
+            raise ValueError(f"{source}: unknown training fields {unknown}" + (f" ({'; '.join(hint)})" if hint else ""))
         return cls(**data)
 
     @classmethod
     def from_run(cls, run_dir: str | Path) -> "TrainConfig":
-        path = Path(run_dir) / "config.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: not a bayeslora run folder (no config.json)")
-        return cls.from_dict(json.loads(path.read_text())["train"], str(path))
+        folder = RunFolder(run_dir)
+        return cls.from_dict(folder.read_config()["train"], str(folder.config))
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill every option left ``None`` that has a recipe or method default; returns a new config.
+
+    Precedence: the user's value; the recipe's defaults when the user chose a recipe other than the
+    method's own; the method's defaults; the recipe's defaults; the field default.
+    """
+    from ..methods import get_method
+    from .recipes import RECIPES
+
+    method = get_method(cfg.method, cfg.method_options)
+    own = method.training_defaults()
+    own_recipe = own.pop("recipe", "elbo")
+    recipe = RECIPES[cfg.recipe or own_recipe]
+    layers = [recipe.defaults, own]
+    if recipe.name == own_recipe:
+        layers.reverse()  # the method's own values win over its own recipe's
+    values = cfg.to_dict()
+    values["recipe"] = recipe.name
+    for name in values:
+        if values[name] is None:
+            values[name] = next((layer[name] for layer in layers if name in layer), None)
+    values["epochs"] = values["epochs"] or 3
+    values["method_options"] = method.resolved_options()
+    return TrainConfig(**values)
+
+
+# ------------------------------------------------------------------------------ command line
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, with the field's default and help (methods and recipes as
+    registered now)."""
+    from ..methods import METHODS
+    from .recipes import RECIPES
+
+    registered = {"method": sorted(METHODS), "recipe": list(RECIPES)}
+    for f in fields(TrainConfig):
+        if not f.metadata.get("flag", True):
+            continue
+        kwargs = dict(f.metadata.get("argparse", {}))
+        if f.name in registered:
+            kwargs["choices"] = registered[f.name]
+        default = None if f.default is MISSING else f.default
+        if "nargs" not in kwargs:
+            kwargs["type"] = _scalar_type(f.type)
+        shown = "" if default is None else f" (default {default})"
+        parser.add_argument("--" + f.name.replace("_", "-"), default=default, help=f.metadata["help"] + shown,
+                            **kwargs)
+
+
+def _scalar_type(annotation: Any) -> type:
+    text = str(annotation)
+    for name, kind in (("int", int), ("float", float), ("str", str)):
+        if name in text:
+            return kind
+    raise TypeError(f"no command-line type for {annotation!r}")
+
+
+def config_from_args(args: argparse.Namespace, method_options: dict[str, Any]) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.metadata.get("flag", True)}
+    return TrainConfig(**values, method_options=method_options, progress=not args.no_progress)

@@ -19,16 +19,17 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..data import file_records, load_task, split_files
+from ..data import file_records, fit_and_val, load_task, split_files
 from ..evaluation import average_log_probs, compute_metrics, write_json_atomic
 from ..evaluation.predict import predict_examples
 from ..methods import get_method
 from ..models import load_base_model
 from ..scoring import make_scorer
 from ..seeding import mix_seed
-from .checkpoint import CHECKPOINT, atomic_dir, existing_dir, load_checkpoint, rng_state, save_checkpoint
-from .config import TrainConfig
-from .objective import PAPER, beta_at, elbo_loss, paper_kl_weight, paper_loss, paper_lr_factor
+from ..layout import RunFolder
+from .checkpoint import atomic_dir, existing_dir, load_checkpoint, rng_state, save_checkpoint
+from .config import TrainConfig, resolve
+from .recipes import RECIPES, StepContext
 
 __all__ = ["TrainModule", "train", "versions"]
 
@@ -74,27 +75,21 @@ def _limit(examples: list, limit: Optional[int]) -> list:
 
 def _optimizer(cfg: TrainConfig, method, module: TrainModule) -> torch.optim.Optimizer:
     no_decay = {f"model.{n}" for n in method.no_decay_parameters(module.model)}
-    decay_rate = PAPER.weight_decay if cfg.recipe == "paper" else cfg.weight_decay
+    lr_factors = {f"model.{n}": f for n, f in method.lr_factors(module.model).items()}
+    everything = RECIPES[cfg.recipe].decays_variational
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in params if cfg.recipe == "paper" or n not in no_decay], "weight_decay": decay_rate},
-        {"params": [p for n, p in params if cfg.recipe != "paper" and n in no_decay], "weight_decay": 0.0},
-    ]
+    keyed: dict[tuple[float, float], list] = {}
+    for n, p in params:
+        decay = cfg.weight_decay if everything or n not in no_decay else 0.0
+        keyed.setdefault((lr_factors.get(n, 1.0), decay), []).append(p)
+    groups = [{"params": ps, "lr": cfg.lr * f, "weight_decay": d} for (f, d), ps in keyed.items()]
     # the fused kernel updates every tensor at once (a Bayesian adapter has ~10x LoRA's tensor count)
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for _, p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=fused or None)
 
 
 def _scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, total_steps: int):
-    if cfg.recipe == "paper":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: paper_lr_factor(s // steps_per_epoch))
-    warmup = int(cfg.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
+    factor = RECIPES[cfg.recipe].lr_factor(cfg, steps_per_epoch, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -103,19 +98,27 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        self.cfg, self.run_dir = cfg, Path(cfg.output)
+        self.cfg, self.run_dir, self.folder = cfg, Path(cfg.output), RunFolder(cfg.output)
         # cpu=True without an accelerator, so a multi-process launch on CPUs takes the gloo backend
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
         set_seed(cfg.seed)
         self.method = get_method(cfg.method, cfg.method_options)
+        self.recipe = RECIPES[cfg.recipe]
         loaded = load_base_model(cfg.model, dtype=cfg.dtype, kind=cfg.model_kind)
         self.kind, self.tokenizer = loaded.kind, loaded.tokenizer
         model = self.method.build(loaded.model, cfg.lora())
         scorer = make_scorer(loaded.kind, model)
         self.module = TrainModule(self.method, model, scorer).to(self.acc.device)
         self.collator = scorer.make_collator(self.tokenizer, cfg.max_length)
-        self.train_set = _limit(load_task(cfg.task, "train", cfg.data_dir, cfg.train_file), cfg.max_train_examples)
-        self.dev_set = _limit(load_task(cfg.task, "dev", cfg.data_dir, cfg.dev_file), cfg.max_dev_examples)
+        if cfg.val_file is None:  # fit on train less the seeded val slice, select on the slice
+            fit, val = fit_and_val(cfg.task, cfg.data_dir, cfg.train_file)
+        else:
+            fit = load_task(cfg.task, "train", cfg.data_dir, cfg.train_file)
+            val = load_task(cfg.task, "train", cfg.data_dir, cfg.val_file)
+        self.train_set = _limit(fit, cfg.max_train_examples)
+        self.val_set = _limit(val, cfg.max_val_examples)
+        if not self.val_set:
+            raise ValueError(f"task {cfg.task!r}: the val slice is empty (too few training rows); pass --val-file")
         self.global_batch = cfg.batch_size * self.acc.num_processes
         n = len(self.train_set)
         per_epoch = n // self.global_batch if self.acc.num_processes > 1 else math.ceil(n / self.global_batch)
@@ -145,28 +148,28 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg = self.cfg
         files = {split: file_records(split_files(cfg.task, split, cfg.data_dir, file))
-                 for split, file in (("train", cfg.train_file), ("dev", cfg.dev_file))}
-        write_json_atomic(self.run_dir / "config.json", {
+                 for split, file in (("train", cfg.train_file), ("val", cfg.val_file or cfg.train_file))}
+        write_json_atomic(self.folder.config, {
             "train": cfg.to_dict(), "versions": versions(), "seed": cfg.seed, "data_files": files,
             "model_kind": self.kind, "num_processes": self.acc.num_processes, "n_train": len(self.train_set),
-            "n_dev": len(self.dev_set), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "n_val": len(self.val_set), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
         })
 
     def _save_adapter(self, epoch: int) -> str:
-        name = f"adapters/epoch-{epoch}"
+        name = RunFolder.adapter_name(epoch)
 
         def write(tmp: Path) -> None:
             self.method.save(self.module.model, tmp)
             self.module.scorer.save(tmp)
 
-        (self.run_dir / "adapters").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         atomic_dir(self.run_dir / name, write)
         return name
 
     def _select(self) -> None:
         rule = self.cfg.select
-        chosen = self.history[-1] if rule == "last" else min(self.history, key=lambda h: h["dev"]["nll"])
-        write_json_atomic(self.run_dir / "selection.json",
+        chosen = self.history[-1] if rule == "last" else min(self.history, key=lambda h: h["val"]["nll"])
+        write_json_atomic(self.folder.selection,
                           {"rule": rule, "epoch": chosen["epoch"], "adapter": chosen["adapter"]})
 
     # ------------------------------------------------------------------------------ steps
@@ -184,13 +187,8 @@ class Trainer:
 
     def _loss(self, batch: dict[str, Any], epoch: int, step: int):
         out = self.wrapped(batch, self.cfg.train_samples)
-        labels = batch["labels"]
-        if self.cfg.recipe == "paper":
-            mask = batch.get("label_mask", batch.get("choice_mask"))
-            return paper_loss(out["log_probs"], labels, mask, out["kl_flow"], out["kl_cond"],
-                              paper_kl_weight(epoch, self.steps_per_epoch))
-        beta = self.cfg.kl_scale * beta_at(step, len(self.train_set), self.cfg.kl_warmup_steps)
-        return elbo_loss(out["log_probs"], labels, out["kl_flow"], out["kl_cond"], beta)
+        ctx = StepContext(epoch, step, self.steps_per_epoch, self.total_steps, len(self.train_set))
+        return self.recipe.loss(out, batch, ctx, self.cfg)
 
     def _optimizer_step(self, micro_batches: list[list[int]], epoch: int, index: int) -> dict[str, float]:
         logs = {"loss": 0.0, "nll": 0.0, "kl_flow": 0.0, "kl_cond": 0.0}
@@ -215,11 +213,11 @@ class Trainer:
         self.position.step += 1
         return logs
 
-    def evaluate_dev(self) -> dict[str, Any]:
+    def evaluate_val(self) -> dict[str, Any]:
         method, model = self.method, self.module.model
         mode = method.default_mode
-        result = predict_examples(method, model, self.module.scorer, self.dev_set, self.collator, mode=mode,
-                                  samples=self.cfg.dev_samples, batch_size=self.cfg.eval_batch_size,
+        result = predict_examples(method, model, self.module.scorer, self.val_set, self.collator, mode=mode,
+                                  samples=self.cfg.samples, batch_size=self.cfg.eval_batch_size,
                                   seed=self.cfg.seed, device=self.acc.device)
         log_p_bar = average_log_probs(result.log_probs.transpose(0, 1), result.mask)
         metrics = compute_metrics(log_p_bar, result.labels, result.mask, kind="log_probs")
@@ -251,15 +249,15 @@ class Trainer:
 
     def _end_epoch(self, epoch: int) -> None:
         if self.acc.is_main_process:
-            dev = self.evaluate_dev()
+            val = self.evaluate_val()
             adapter = self._save_adapter(epoch)
-            entry = {"epoch": epoch, "step": self.position.step, "dev": dev, "adapter": adapter,
+            entry = {"epoch": epoch, "step": self.position.step, "val": val, "adapter": adapter,
                      "posterior": self.method.epoch_stats(self.module.model)}
             self.history.append(entry)
-            write_json_atomic(self.run_dir / "history.json", self.history)
+            write_json_atomic(self.folder.history, self.history)
             self._select()
-            self.acc.print(f"epoch {epoch}: dev acc {dev['acc']:.4f} ece {dev['ece']:.4f} nll {dev['nll']:.4f}"
-                           f" brier {dev['brier']:.4f}")
+            self.acc.print(f"epoch {epoch}: val acc {val['acc']:.4f} ece {val['ece']:.4f} nll {val['nll']:.4f}"
+                           f" brier {val['brier']:.4f}")
             for module, values in entry["posterior"].items():
                 self.acc.print(f"  {module}: lambda {values['lambda']:.3g} mean sigma_U {values['sigma_u_mean']:.3g}")
         self.acc.wait_for_everyone()
@@ -291,6 +289,7 @@ def _broadcast(acc, obj):
 def train(cfg: TrainConfig, resume: bool = False) -> list[dict[str, Any]]:
     """Train (or resume) a run; returns the per-epoch history written to ``history.json``."""
     if resume:
-        if not (existing_dir(Path(cfg.output) / CHECKPOINT) / "state.json").exists():
-            raise FileNotFoundError(f"{cfg.output}: nothing to resume (no {CHECKPOINT}/state.json)")
-    return Trainer(cfg, resume=resume).fit()
+        folder = RunFolder(cfg.output).checkpoint
+        if not (existing_dir(folder) / "state.json").exists():
+            raise FileNotFoundError(f"{cfg.output}: nothing to resume (no {folder.name}/state.json)")
+    return Trainer(resolve(cfg), resume=resume).fit()

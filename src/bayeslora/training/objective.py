@@ -17,11 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["LossParts", "RECIPES", "beta_at", "elbo_loss", "paper_kl_weight", "paper_loss",
+__all__ = ["LossParts", "beta_at", "elbo_loss", "paper_kl_weight", "paper_loss",
            "paper_lr_factor", "PAPER"]
-
-RECIPES = ("elbo", "paper")
-
 
 @dataclass(frozen=True)
 class PaperRecipe:

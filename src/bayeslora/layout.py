@@ -1,0 +1,118 @@
+"""The run folder: the one place that names every file a run writes and reads each back.
+
+Training, evaluation, the report and the comparison all go through :class:`RunFolder`, so a file name
+lives here only::
+
+    RUN/config.json              the resolved training config, versions, data files (sha256)
+    RUN/history.json             one entry per epoch: val metrics, posterior statistics, adapter
+    RUN/selection.json           which epoch's adapter the run stands for, and by which rule
+    RUN/adapters/epoch-N/        the adapter (PEFT folder) and the scorer head of epoch N
+    RUN/checkpoint/              the resumable training state (see bayeslora.training.checkpoint)
+    RUN/eval/metrics-STEM.json   one evaluation: task, split, mode, draws, ACC/ECE/NLL/Brier, ...
+    RUN/eval/predictions-STEM.jsonl, RUN/eval/reliability-STEM.png   beside it
+
+This module imports nothing of the model stack, so the report reads runs without loading torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EvalFiles", "RunFolder", "METRICS_GLOB", "eval_stem"]
+
+METRICS_GLOB = "metrics*.json"
+
+
+def eval_stem(task: str, split: str, method: str, mode: str, samples: int) -> str:
+    """The name shared by one evaluation's metrics, predictions and reliability files."""
+    return f"{task}-{split}-{method}-{mode}-S{samples}"
+
+
+@dataclass(frozen=True)
+class EvalFiles:
+    """The three files of one evaluation, named after its metrics file."""
+
+    metrics: Path
+
+    @property
+    def predictions(self) -> Path:
+        return self.metrics.with_name(self.metrics.name.replace("metrics", "predictions", 1)).with_suffix(".jsonl")
+
+    @property
+    def reliability(self) -> Path:
+        return self.metrics.with_name(self.metrics.name.replace("metrics", "reliability", 1)).with_suffix(".png")
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.json"
+
+    @property
+    def selection(self) -> Path:
+        return self.root / "selection.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @staticmethod
+    def adapter_name(epoch: int) -> str:
+        """The adapter folder of an epoch, relative to the run (as ``selection.json`` records it)."""
+        return f"adapters/epoch-{epoch}"
+
+    def eval_files(self, stem: str) -> EvalFiles:
+        return EvalFiles(self.eval_dir / f"metrics-{stem}.json")
+
+    def metrics_files(self) -> list[Path]:
+        """Every metrics file of the run: ``metrics*.json`` in the run folder, then in ``eval/``."""
+        found = sorted(p for p in self.root.glob(METRICS_GLOB) if p.is_file())
+        return found + sorted(p for p in self.eval_dir.glob(METRICS_GLOB) if p.is_file())
+
+    # ------------------------------------------------------------------ reading back
+    def _read(self, path: Path, what: str) -> Any:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: {what}")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
+
+    def read_config(self) -> dict[str, Any]:
+        return self._read(self.config, "not a bayeslora run folder (no config.json)")
+
+    def read_history(self) -> list[dict[str, Any]]:
+        return self._read(self.history, "the run has finished no epoch yet (no history.json)")
+
+    def read_selection(self) -> dict[str, Any]:
+        return self._read(self.selection, "the run has no selected adapter yet (did training finish an epoch?)")
+
+    def selected_adapter(self) -> tuple[Path, dict[str, Any]]:
+        selection = self.read_selection()
+        return self.root / selection["adapter"], selection
+
+    def is_trained(self) -> bool:
+        """Whether training finished: the selection exists and the checkpoint says no step is left."""
+        state = self.checkpoint / "state.json"
+        if not (self.selection.exists() and self.config.exists() and state.exists()):
+            return False
+        total = self.read_config().get("total_steps")
+        return total is not None and json.loads(state.read_text())["position"]["step"] >= total
