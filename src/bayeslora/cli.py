@@ -93,11 +93,54 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="Bayesian-LoRA vs LoRA: same data, budget and evaluation, several seeds",
+                       description="Train every cell on every task, budget and seed (selecting on the val "
+                                   "slice), evaluate on --split, write compare.json and compare.md. Resumable: "
+                                   "finished runs and evaluations are skipped.")
+    p.add_argument("--output", default="runs/compare", help="comparison folder (default runs/compare)")
+    p.add_argument("--tasks", nargs="+", default=["arc_easy", "arc_challenge", "openbookqa"],
+                   help="in-distribution tasks (default arc_easy arc_challenge openbookqa)")
+    p.add_argument("--ood-train", default="openbookqa", help="OOD protocol: train here (default openbookqa; "
+                   "'none' = no OOD sets)")
+    p.add_argument("--ood-eval", nargs="+", default=["arc_easy", "arc_challenge", "mmlu_stem"],
+                   help="OOD protocol: evaluate there (default arc_easy arc_challenge mmlu_stem)")
+    p.add_argument("--cells", nargs="+", default=["lora", "bayeslora"],
+                   help="methods with their defaults, or LABEL='{\"method\": ..., settings}' (default lora bayeslora)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="default 0 1")
+    p.add_argument("--budgets", nargs="+", choices=["short", "default"], default=["short", "default"],
+                   help="short = 1 epoch; default = the CLI's default epochs; batch 16 for both")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--data-dir")
+    p.add_argument("--split", default="dev", help="where to report (default dev)")
+    p.add_argument("--samples", type=int, default=4, help="predictive draws in sample mode (default 4)")
+    p.add_argument("--max-length", type=int, default=128, help="default 128")
+    p.add_argument("--reference", default="lora", help="the cell others are paired with (default lora)")
+    p.add_argument("--summary-only", action="store_true", help="only re-read what exists and write the tables")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import BUDGETS, Cell, Plan, run_plan, write_summary
+
+    plan = Plan(output=Path(args.output), tasks=args.tasks, cells=[Cell.parse(c) for c in args.cells],
+                seeds=args.seeds, budgets=[BUDGETS[b] for b in args.budgets],
+                ood_train=None if args.ood_train == "none" else args.ood_train, ood_eval=args.ood_eval,
+                model=args.model, data_dir=args.data_dir, split=args.split, samples=args.samples,
+                max_length=args.max_length, reference=args.reference)
+    if not args.summary_only:
+        run_plan(plan)
+    json_path, md_path = write_summary(plan)
+    print(md_path.read_text())
+    print(f"results: {json_path}\ntable: {md_path}")
+    return 0
+
+
 def build_parser(command: Optional[str] = "train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bayeslora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub, full=command == "train")
     _evaluate_parser(sub)
+    _compare_parser(sub)
     p = sub.add_parser("report", help="compare metrics of runs in one table")
     p.add_argument("runs", nargs="+", help="run folders or metrics json files")
     p = sub.add_parser("quickstart", help="offline demo: LoRA vs Bayesian-LoRA on MiniLM, built-in task")
@@ -111,7 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
-    handler = {"train": _train, "evaluate": _evaluate, "report": _report, "quickstart": _quickstart}[args.command]
+    handler = {"train": _train, "evaluate": _evaluate, "report": _report, "quickstart": _quickstart,
+               "compare": _compare}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as exc:

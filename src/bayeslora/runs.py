@@ -85,7 +85,8 @@ def _write_predictions(path: Path, result, summary) -> None:
         for i, uid in enumerate(result.uids):
             n = int(result.mask[i].sum())
             per_sample = result.log_probs[i, :, :n].exp()
-            row = {"uid": uid, "label": int(result.labels[i]),
+            label = int(result.labels[i])
+            row = {"uid": uid, "label": label, "nll": -float(summary.log_probs[i, label]),
                    "probs": [round(float(p), 6) for p in summary.log_probs[i, :n].exp()],
                    "sample_probs": [[round(float(p), 6) for p in s] for s in per_sample],
                    "entropy": float(summary.entropy[i]), "mutual_information": float(summary.mutual_information[i])}

@@ -1,0 +1,314 @@
+"""``bayeslora compare``: Bayesian-LoRA against LoRA on the same data, budget and evaluation.
+
+A comparison is a matrix of budgets × training tasks × cells × seeds. A *cell* is a named method with
+optional settings (``lora``, ``bayeslora``, ``lora+paper`` = LoRA with the paper's regularisers, ...);
+every cell trains with its method's own defaults unless the cell says otherwise. Training selects on the
+``val`` slice; evaluation runs on ``--split`` (``dev``). The OOD protocol re-uses the OpenBookQA runs and
+scores them on ARC-Easy, ARC-Challenge and MMLU STEM.
+
+Runs and evaluations are files in the output folder (one run folder each, see :mod:`bayeslora.layout`),
+so an interrupted comparison resumes where it stopped: trained runs and existing metrics are skipped, a
+half-trained run resumes from its checkpoint. ``summarise`` reads everything back and writes
+``compare.json`` and ``compare.md`` (means ± std over seeds, paired bootstrap intervals against the
+reference cell, the ECE noise floor beside every ECE, posterior statistics, and the issue's targets).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .layout import RunFolder, eval_stem
+
+__all__ = ["Budget", "Cell", "Plan", "run_plan", "summarise"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    epochs: Optional[int]  # None: the method's/recipe's default epochs
+    batch_size: int = 16
+
+
+BUDGETS = {"short": Budget("short", 1), "default": Budget("default", None)}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A named method configuration: TrainConfig fields and method options (anything else)."""
+
+    label: str
+    method: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> "Cell":
+        """``NAME`` (a registered method) or ``LABEL={"method": ..., "recipe": ..., ...}`` (JSON)."""
+        if "=" not in text:
+            return cls(text, text)
+        label, _, spec = text.partition("=")
+        try:
+            settings = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--cell {label}: settings are not a JSON object ({err.msg})") from err
+        if not isinstance(settings, dict) or "method" not in settings:
+            raise ValueError(f"--cell {label}: settings must be a JSON object with a 'method'")
+        return cls(label, settings.pop("method"), settings)
+
+
+@dataclass
+class Plan:
+    output: Path
+    tasks: list[str]
+    cells: list[Cell]
+    seeds: list[int]
+    budgets: list[Budget]
+    ood_train: Optional[str] = "openbookqa"
+    ood_eval: list[str] = field(default_factory=lambda: ["arc_easy", "arc_challenge", "mmlu_stem"])
+    model: str = "minilm"
+    data_dir: Optional[str] = None
+    split: str = "dev"
+    samples: int = 4
+    max_length: Optional[int] = 128
+    reference: str = "lora"
+
+    def train_tasks(self) -> list[str]:
+        extra = [self.ood_train] if self.ood_train and self.ood_train not in self.tasks else []
+        return self.tasks + extra
+
+    def evals_of(self, task: str) -> list[tuple[str, str]]:
+        """(eval task, kind) for a training task: its own split (ID) and, for the OOD source, the shifts."""
+        out = [(task, "id")] if task in self.tasks else []
+        if task == self.ood_train:
+            out += [(t, "ood") for t in self.ood_eval]
+        return out
+
+    def run_dir(self, budget: Budget, task: str, cell: Cell, seed: int) -> Path:
+        return self.output / "runs" / budget.name / task / cell.label / f"seed-{seed}"
+
+    def runs(self) -> list[tuple[Budget, str, Cell, int]]:
+        return [(b, t, c, s) for b in self.budgets for t in self.train_tasks() for s in self.seeds for c in self.cells]
+
+
+def _train_config(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int):
+    from dataclasses import fields
+
+    from .training import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)}
+    train_fields = {k: v for k, v in cell.settings.items() if k in known}
+    options = {k: v for k, v in cell.settings.items() if k not in known}
+    base = dict(model=plan.model, task=task, method=cell.method, data_dir=plan.data_dir, epochs=budget.epochs,
+                batch_size=budget.batch_size, seed=seed, samples=plan.samples, max_length=plan.max_length,
+                progress=False)
+    return TrainConfig(**{**base, **train_fields, "output": str(plan.run_dir(budget, task, cell, seed))},
+                       method_options=options)
+
+
+def _modes(method_name: str) -> list[str]:
+    from .methods import METHODS
+
+    cls = METHODS[method_name]
+    return [m for m in ("sample", "mean") if m in cls.modes]
+
+
+def run_plan(plan: Plan, log=print) -> None:
+    """Train every run and evaluate it on its sets, skipping what the output folder already holds."""
+    from .runs import evaluate_run
+    from .training import TrainConfig, train
+
+    runs = plan.runs()
+    n_evals = sum(len(plan.evals_of(t)) * len(_modes(c.method)) for _, t, c, _ in runs)
+    log(f"compare: {len(runs)} training runs ({len(plan.budgets)} budgets × {len(plan.train_tasks())} tasks × "
+        f"{len(plan.cells)} cells × {len(plan.seeds)} seeds), {n_evals} evaluations on '{plan.split}', "
+        f"into {plan.output}")
+    start = time.perf_counter()
+    for i, (budget, task, cell, seed) in enumerate(runs):
+        folder = RunFolder(plan.run_dir(budget, task, cell, seed))
+        label = f"[{i + 1}/{len(runs)}] {budget.name} {task} {cell.label} seed {seed}"
+        if not folder.is_trained():
+            if folder.checkpoint.exists() and folder.config.exists():
+                log(f"{label}: resuming training")
+                train(TrainConfig.from_run(folder.root), resume=True)
+            else:
+                shutil.rmtree(folder.root, ignore_errors=True)
+                log(f"{label}: training")
+                train(_train_config(plan, budget, task, cell, seed))
+        cfg = TrainConfig.from_run(folder.root)
+        for eval_task, _ in plan.evals_of(task):
+            for mode in _modes(cell.method):
+                samples = plan.samples if mode == "sample" else 1
+                if folder.eval_files(eval_stem(eval_task, plan.split, cfg.method, mode, samples)).metrics.exists():
+                    continue
+                r = evaluate_run(folder.root, eval_task, plan.split, data_dir=plan.data_dir, samples=samples,
+                                 mode=mode, seed=seed)
+                log(f"{label}: {eval_task}/{plan.split} {mode}: acc {100 * r['acc']:.1f} ece {100 * r['ece']:.1f} "
+                    f"nll {r['nll']:.4f}")
+        elapsed = time.perf_counter() - start
+        log(f"{label}: done; elapsed {elapsed / 60:.1f} min")
+
+
+# ------------------------------------------------------------------------------ summary
+def _predictions(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _per_example(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    probs = [torch.tensor(r["probs"], dtype=torch.float64) for r in rows]
+    labels = [r["label"] for r in rows]
+    brier = torch.tensor([float(((p - torch.nn.functional.one_hot(torch.tensor(y), p.numel())) ** 2).sum())
+                          for p, y in zip(probs, labels)])
+    return {"uid": [r["uid"] for r in rows], "nll": torch.tensor([r["nll"] for r in rows], dtype=torch.float64),
+            "brier": brier.to(torch.float64), "confidence": torch.stack([p.max() for p in probs]),
+            "mi": torch.tensor([r["mutual_information"] for r in rows], dtype=torch.float64),
+            "entropy": torch.tensor([r["entropy"] for r in rows], dtype=torch.float64)}
+
+
+def _posterior(folder: RunFolder) -> Optional[dict[str, float]]:
+    selection, history = folder.read_selection(), folder.read_history()
+    entry = next(h for h in history if h["epoch"] == selection["epoch"])
+    stats = entry.get("posterior") or {}
+    if not stats:
+        return None
+    lam = [v["lambda"] for v in stats.values()]
+    sig = [v["sigma_u_mean"] for v in stats.values()]
+    return {"lambda_mean": sum(lam) / len(lam), "lambda_max": max(lam), "sigma_u_mean": sum(sig) / len(sig),
+            "sigma_u_max": max(sig)}
+
+
+def summarise(plan: Plan) -> dict[str, Any]:
+    """Read every evaluation back; aggregate over seeds; pair each cell with the reference cell."""
+    from .evaluation import load_metrics
+    from .evaluation.significance import ece_noise_floor, paired_bootstrap
+
+    rows: list[dict[str, Any]] = []
+    per_example: dict[tuple, dict[int, dict[str, Any]]] = {}
+    for budget, task, cell, seed in plan.runs():
+        folder = RunFolder(plan.run_dir(budget, task, cell, seed))
+        if not folder.config.exists():
+            continue
+        method = folder.read_config()["train"]["method"]
+        for eval_task, kind in plan.evals_of(task):
+            for mode in _modes(method):
+                samples = plan.samples if mode == "sample" else 1
+                files = folder.eval_files(eval_stem(eval_task, plan.split, method, mode, samples))
+                if not files.metrics.exists():
+                    continue
+                m = load_metrics(files.metrics)
+                ex = _per_example(_predictions(files.predictions))
+                per_example.setdefault((budget.name, task, eval_task, cell.label, mode), {})[seed] = ex
+                rows.append({"budget": budget.name, "train_task": task, "eval_task": eval_task, "kind": kind,
+                             "cell": cell.label, "mode": mode, "seed": seed, "n": m["n"], "acc": m["acc"],
+                             "ece": m["ece"], "nll": m["nll"], "brier": m["brier"],
+                             "ece_floor": ece_noise_floor(ex["confidence"]), "mi": float(ex["mi"].mean()),
+                             "mi_share": float(ex["mi"].sum() / ex["entropy"].sum().clamp_min(1e-12)),
+                             "posterior": _posterior(folder)})
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["budget"], r["train_task"], r["eval_task"], r["kind"], r["cell"], r["mode"]), []).append(r)
+    table = []
+    for key, members in groups.items():
+        entry = dict(zip(("budget", "train_task", "eval_task", "kind", "cell", "mode"), key))
+        entry["seeds"] = sorted(r["seed"] for r in members)
+        entry["n"] = members[0]["n"]
+        for metric in ("acc", "ece", "nll", "brier", "ece_floor", "mi", "mi_share"):
+            values = torch.tensor([r[metric] for r in members], dtype=torch.float64)
+            entry[metric] = float(values.mean())
+            entry[f"{metric}_std"] = float(values.std()) if len(values) > 1 else 0.0
+        posts = [r["posterior"] for r in members if r["posterior"]]
+        entry["posterior"] = ({k: sum(p[k] for p in posts) / len(posts) for k in posts[0]} if posts else None)
+        ref_key = (key[0], key[1], key[2], plan.reference)
+        ref_mode = next((m for m in ("mean", "sample") if (*ref_key, m) in per_example), None)
+        if key[4] != plan.reference and ref_mode is not None:
+            mine, ref = per_example[(*key[:3], key[4], key[5])], per_example[(*ref_key, ref_mode)]
+            seeds = sorted(set(mine) & set(ref))
+            if seeds:
+                entry["vs_reference"] = {"seeds": seeds}
+                for metric in ("nll", "brier"):
+                    a = torch.stack([mine[s][metric] for s in seeds])
+                    b = torch.stack([ref[s][metric] for s in seeds])
+                    res = paired_bootstrap(a, b)
+                    entry["vs_reference"][metric] = {"diff": res.difference, "low": res.low, "high": res.high}
+        table.append(entry)
+    return {"plan": {"tasks": plan.tasks, "ood_train": plan.ood_train, "ood_eval": plan.ood_eval,
+                     "cells": [c.__dict__ for c in plan.cells], "seeds": plan.seeds, "split": plan.split,
+                     "budgets": [b.__dict__ for b in plan.budgets], "model": plan.model, "samples": plan.samples,
+                     "reference": plan.reference},
+            "rows": rows, "table": table, "targets": targets(table, plan)}
+
+
+def targets(table: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
+    """The issue's targets for every non-reference cell in its default (first) mode, per budget."""
+    out = []
+    index = {(e["budget"], e["train_task"], e["eval_task"], e["cell"], e["mode"]): e for e in table}
+    for e in table:
+        if e["cell"] == plan.reference or e["mode"] != _modes(_method_of(plan, e["cell"]))[0]:
+            continue
+        ref = next((index[(e["budget"], e["train_task"], e["eval_task"], plan.reference, m)]
+                    for m in ("mean", "sample")
+                    if (e["budget"], e["train_task"], e["eval_task"], plan.reference, m) in index), None)
+        if ref is None:
+            continue
+        vs = e.get("vs_reference", {})
+        out.append({"budget": e["budget"], "cell": e["cell"], "set": f"{e['train_task']}→{e['eval_task']}",
+                    "kind": e["kind"], "acc_diff": 100 * (e["acc"] - ref["acc"]),
+                    "nll_lower": bool(vs.get("nll") and vs["nll"]["high"] < 0),
+                    "brier_lower": bool(vs.get("brier") and vs["brier"]["high"] < 0),
+                    "ece_ratio": e["ece"] / max(ref["ece"], 1e-12)})
+    return out
+
+
+def _method_of(plan: Plan, label: str) -> str:
+    return next(c.method for c in plan.cells if c.label == label)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = []
+    plan = summary["plan"]
+    lines.append(f"Model {plan['model']}; split {plan['split']}; seeds {plan['seeds']}; predictive draws "
+                 f"S={plan['samples']} (sample mode); ACC, ECE ×100 (mean ± std over seeds); 'floor' = the ECE "
+                 f"of a perfectly calibrated predictor with the same confidences; Δ = paired difference to "
+                 f"{plan['reference']} with a 95% bootstrap interval.")
+    head = ("| budget | train → eval | cell | mode | n | ACC | ECE (floor) | NLL | Brier | ΔNLL [95%] | ΔBrier [95%] "
+            "| MI share | λ / σ_U |")
+    lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
+    for e in sorted(summary["table"], key=lambda e: (e["budget"], e["kind"], e["train_task"], e["eval_task"],
+                                                      e["cell"], e["mode"])):
+        vs = e.get("vs_reference")
+
+        def delta(metric: str) -> str:
+            if not vs:
+                return ""
+            d = vs[metric]
+            return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+        post = e["posterior"]
+        post_text = f"{post['lambda_mean']:.2g} / {post['sigma_u_mean']:.2g}" if post else ""
+        lines.append(
+            f"| {e['budget']} | {e['train_task']} → {e['eval_task']} | {e['cell']} | {e['mode']} | {e['n']} | "
+            f"{100 * e['acc']:.1f} ± {100 * e['acc_std']:.1f} | {100 * e['ece']:.1f} ± {100 * e['ece_std']:.1f} "
+            f"({100 * e['ece_floor']:.1f}) | {e['nll']:.3f} | {e['brier']:.3f} | {delta('nll')} | {delta('brier')} | "
+            f"{e['mi_share']:.3f} | {post_text} |")
+    lines += ["", "Targets (against the reference, default mode):", "",
+              "| budget | cell | set | kind | ΔACC | NLL lower | Brier lower | ECE ratio |", "|---|---|---|---|---|---|---|---|"]
+    for t in summary["targets"]:
+        lines.append(f"| {t['budget']} | {t['cell']} | {t['set']} | {t['kind']} | {t['acc_diff']:+.1f} | "
+                     f"{'yes' if t['nll_lower'] else 'no'} | {'yes' if t['brier_lower'] else 'no'} | {t['ece_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(plan: Plan) -> tuple[Path, Path]:
+    from .evaluation import atomic_write, write_json_atomic
+
+    summary = summarise(plan)
+    json_path = write_json_atomic(plan.output / "compare.json", summary)
+    text = markdown(summary)
+    md_path = plan.output / "compare.md"
+    atomic_write(md_path, lambda handle: handle.write(text.encode()))
+    return Path(json_path), md_path

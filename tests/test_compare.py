@@ -1,0 +1,100 @@
+"""``bayeslora compare``: the matrix runs, resumes without retraining, pairs cells with the reference, and
+its statistics (bootstrap interval, ECE noise floor) behave as documented."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import save_tiny_encoder
+
+from bayeslora.compare import BUDGETS, Cell, Plan, run_plan, write_summary
+from bayeslora.evaluation.significance import ece_noise_floor, paired_bootstrap
+from bayeslora.layout import RunFolder
+
+
+def write_arc(path: Path, n: int, seed: int) -> None:
+    """ARC-format rows of the fruit task: the right choice is a fruit, the others are materials."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        good = rng.choice(["apple", "pear", "plum"])
+        bad = rng.sample(["stone", "brick", "steel", "glass"], 2)
+        choices = [good, *bad]
+        rng.shuffle(choices)
+        labels = "ABC"
+        rows.append({"id": f"q{seed}-{i}", "answerKey": labels[choices.index(good)],
+                     "question": {"stem": "which one can you eat",
+                                  "choices": [{"text": t, "label": labels[j]} for j, t in enumerate(choices)]}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    for name, seed in (("ARC-Easy", 0), ("ARC-Challenge", 1)):
+        write_arc(root / "data" / "arc" / name / f"{name}-Train.jsonl", 40, seed)
+        write_arc(root / "data" / "arc" / name / f"{name}-Dev.jsonl", 12, seed + 10)
+    return root, save_tiny_encoder(root / "encoder")
+
+
+def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
+    root, model = setup
+    cells = [Cell("lora", "lora", {"target_modules": ["query", "value"], "lr": 5e-2}),
+             Cell.parse('bayeslora={"method": "bayeslora", "target_modules": ["query", "value"], "lr": 2e-2}')]
+    plan = Plan(output=root / "out", tasks=["arc_easy"], cells=cells, seeds=[0, 1], budgets=[BUDGETS["short"]],
+                ood_train="arc_easy", ood_eval=["arc_challenge"], model=model, data_dir=str(root / "data"),
+                samples=2, max_length=32)
+    logs: list[str] = []
+    run_plan(plan, log=logs.append)
+    assert sum(line.endswith(": training") for line in logs) == 4  # 2 cells × 2 seeds, one task
+    assert all(RunFolder(plan.run_dir(b, t, c, s)).is_trained() for b, t, c, s in plan.runs())
+
+    again: list[str] = []
+    run_plan(plan, log=again.append)  # everything is on disk: nothing trains or evaluates again
+    assert not any(line.endswith(": training") or " acc " in line for line in again)
+
+    json_path, md_path = write_summary(plan)
+    summary = json.loads(json_path.read_text())
+    keys = {(e["eval_task"], e["kind"], e["cell"], e["mode"]) for e in summary["table"]}
+    assert keys == {(t, k, c, m) for t, k in (("arc_easy", "id"), ("arc_challenge", "ood"))
+                    for c, m in (("lora", "mean"), ("bayeslora", "sample"), ("bayeslora", "mean"))}
+    for e in summary["table"]:
+        assert e["seeds"] == [0, 1] and e["n"] == 12 and 0 <= e["ece_floor"] <= 1
+        if e["cell"] == "bayeslora":
+            vs = e["vs_reference"]["nll"]
+            assert vs["low"] <= vs["diff"] <= vs["high"]
+            assert e["posterior"]["lambda_mean"] > 0
+    assert {t["set"] for t in summary["targets"]} == {"arc_easy→arc_easy", "arc_easy→arc_challenge"}
+    assert "ECE (floor)" in md_path.read_text()
+
+
+def test_cell_parse_errors_name_the_cell():
+    assert Cell.parse("lora") == Cell("lora", "lora", {})
+    with pytest.raises(ValueError, match="--cell x: settings are not a JSON object"):
+        Cell.parse("x={method: lora}")
+    with pytest.raises(ValueError, match="with a 'method'"):
+        Cell.parse('x={"lr": 1}')
+
+
+def test_paired_bootstrap_interval_covers_a_known_shift_and_zero_when_none():
+    gen = torch.Generator().manual_seed(0)
+    b = torch.rand(3, 400, generator=gen, dtype=torch.float64)
+    shifted = paired_bootstrap(b - 0.1 + 0.01 * torch.randn(3, 400, generator=gen, dtype=torch.float64), b)
+    assert shifted.low < -0.1 < shifted.high and shifted.excludes_zero
+    noise = paired_bootstrap(b + 0.3 * torch.randn(3, 400, generator=gen, dtype=torch.float64), b)
+    assert noise.low < 0 < noise.high and not noise.excludes_zero
+    with pytest.raises(ValueError, match="same shape"):
+        paired_bootstrap(b, b[:, :10])
+
+
+def test_ece_noise_floor_shrinks_with_n_and_is_about_five_points_at_300():
+    gen = torch.Generator().manual_seed(1)
+    conf = 0.3 + 0.6 * torch.rand(3000, generator=gen, dtype=torch.float64)
+    at_300, at_3000 = ece_noise_floor(conf[:300]), ece_noise_floor(conf)
+    assert 0.03 < at_300 < 0.08  # the figure the issue quotes (~5 points at n=300 with 15 bins)
+    assert at_3000 < at_300 / 2
