@@ -261,3 +261,31 @@ def test_real_data_hashes_and_winogrande_dev_disjointness() -> None:
         assert not dev & {e.uid for e in load_task(f"winogrande_{size}", "train", REAL)}
     arc_dev = load_task("arc_challenge", "dev", REAL)
     assert {e.n_choices for e in arc_dev} == {3, 4, 5}
+
+
+# ------------------------------------------------------------------------------ the val slice
+def test_val_slice_size_rule_and_order_independence(tmp_path: Path) -> None:
+    from bayeslora.data import fit_and_val
+    from bayeslora.data.splits import val_size, val_uids
+
+    assert [val_size(n) for n in (0, 1, 2, 9, 100, 2251, 5000, 10000)] == [0, 0, 1, 1, 10, 225, 500, 500]
+    uids = [f"u{i}" for i in range(50)]
+    assert val_uids(uids) == val_uids(reversed(uids)) and len(val_uids(uids)) == 5
+    rows = [{"question": f"q{i}", "choices": ["a", "b"], "answer": i % 2, "id": f"u{i}"} for i in range(50)]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fit, val = fit_and_val("jsonl", file=data)
+    assert len(fit) == 45 and len(val) == 5 and not {e.uid for e in fit} & {e.uid for e in val}
+    assert [e.uid for e in load_task("jsonl", "val", file=data)] == [e.uid for e in val]
+
+
+@needs_real_data
+def test_real_val_slices_are_fixed_and_disjoint_from_dev() -> None:
+    from bayeslora.data import fit_and_val
+
+    for task, n_val in (("arc_easy", 225), ("arc_challenge", 112), ("openbookqa", 496), ("winogrande_s", 64)):
+        fit, val = fit_and_val(task, REAL)
+        assert len(val) == n_val and len(fit) + n_val == len(load_task(task, "train", REAL))
+        assert not {e.uid for e in val} & {e.uid for e in load_task(task, "dev", REAL)}
+    first = [e.uid for e in load_task("arc_easy", "val", REAL)][:3]
+    assert first == [e.uid for e in fit_and_val("arc_easy", REAL)[1]][:3]

@@ -111,11 +111,13 @@ def _train_config(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int):
                        method_options=options)
 
 
-def _modes(method_name: str) -> list[str]:
+def _modes(method_name: str, kind: str = "id") -> list[str]:
+    """Evaluation modes: the method's default first; mean mode beside it on in-distribution sets only."""
     from .methods import METHODS
 
     cls = METHODS[method_name]
-    return [m for m in ("sample", "mean") if m in cls.modes]
+    modes = [cls.default_mode] + [m for m in ("mean",) if m in cls.modes and m != cls.default_mode]
+    return modes if kind == "id" else modes[:1]
 
 
 def run_plan(plan: Plan, log=print) -> None:
@@ -124,7 +126,7 @@ def run_plan(plan: Plan, log=print) -> None:
     from .training import TrainConfig, train
 
     runs = plan.runs()
-    n_evals = sum(len(plan.evals_of(t)) * len(_modes(c.method)) for _, t, c, _ in runs)
+    n_evals = sum(len(_modes(c.method, k)) for _, t, c, _ in runs for _, k in plan.evals_of(t))
     log(f"compare: {len(runs)} training runs ({len(plan.budgets)} budgets × {len(plan.train_tasks())} tasks × "
         f"{len(plan.cells)} cells × {len(plan.seeds)} seeds), {n_evals} evaluations on '{plan.split}', "
         f"into {plan.output}")
@@ -141,8 +143,8 @@ def run_plan(plan: Plan, log=print) -> None:
                 log(f"{label}: training")
                 train(_train_config(plan, budget, task, cell, seed))
         cfg = TrainConfig.from_run(folder.root)
-        for eval_task, _ in plan.evals_of(task):
-            for mode in _modes(cell.method):
+        for eval_task, kind in plan.evals_of(task):
+            for mode in _modes(cell.method, kind):
                 samples = plan.samples if mode == "sample" else 1
                 if folder.eval_files(eval_stem(eval_task, plan.split, cfg.method, mode, samples)).metrics.exists():
                     continue
@@ -195,7 +197,7 @@ def summarise(plan: Plan) -> dict[str, Any]:
             continue
         method = folder.read_config()["train"]["method"]
         for eval_task, kind in plan.evals_of(task):
-            for mode in _modes(method):
+            for mode in _modes(method, kind):
                 samples = plan.samples if mode == "sample" else 1
                 files = folder.eval_files(eval_stem(eval_task, plan.split, method, mode, samples))
                 if not files.metrics.exists():

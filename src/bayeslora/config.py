@@ -47,11 +47,12 @@ class BayesLoraConfig(LoraConfig):
     inducing_cols: int = field(default=9, metadata={"help": "C: columns of the inducing matrix (flow width)."})
     flow_depth: int = field(default=1, metadata={"help": "Masked autoregressive flow layers; 0 = no flow."})
     flow_hidden: int = field(default=16, metadata={"help": "Hidden width of each flow conditioner."})
-    prior_std: float = field(default=0.1, metadata={"help": "Prior std; σ_p = prior_std / sqrt(d_in)."})
+    prior_std: float = field(default=1.0, metadata={"help": "Prior std; σ_p = prior_std / sqrt(d_in) (1 = the "
+                                                    "LeCun scale of LoRA's own init; the paper: 0.1)."})
     lambda_init: float = field(default=1e-3, metadata={"help": "Initial conditional-noise scale λ."})
-    lambda_max: float = field(default=0.03, metadata={"help": "Upper clamp of λ."})
+    lambda_max: float = field(default=0.03, metadata={"help": "Upper clamp of λ (the paper's 0.03; unclamped, the ELBO drives λ up and the model to chance)."})
     sigma_u_init: float = field(default=1e-3, metadata={"help": "Initial inducing std σ_U."})
-    sigma_u_max: float = field(default=0.1, metadata={"help": "Upper clamp of σ_U."})
+    sigma_u_max: float = field(default=1.0, metadata={"help": "Upper clamp of σ_U (1 = the prior's; the paper: 0.1)."})
     inducing_diag_init: float = field(default=1e-3, metadata={"help": "Initial D = softplus(δ)."})
     jitter: float = field(default=1e-5, metadata={"help": "Relative jitter added to K's diagonal."})
     inducing_dtype: str = field(

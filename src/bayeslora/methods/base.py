@@ -96,8 +96,8 @@ class Method:
         """Names of parameters that must not get weight decay (variational parameters)."""
         return set()
 
-    def lr_factors(self, model: nn.Module) -> dict[str, float]:
-        """Per-parameter multipliers of the learning rate (names absent from the dict get 1)."""
+    def lr_factors(self, model: nn.Module, lr: float) -> dict[str, float]:
+        """Per-parameter multipliers of the run's learning rate ``lr`` (names absent get 1)."""
         return {}
 
     # ---- training

@@ -39,10 +39,12 @@ ROLES = {"inducing_mean": "mean", "inducing_rho": "scale", "lambda_raw": "scale"
          "z_cols": "geometry", "delta_rows": "geometry", "delta_cols": "geometry"}
 LR_FACTOR_HELP = {
     "mean": "inducing means m",
-    "scale": "posterior scales (ρ_U behind σ_U, and λ)",
     "geometry": "inducing locations Z and diagonals D",
     "flow": "flow conditioners",
 }
+# The scales (ρ_U behind σ_U, and ℓ behind λ) are log-like: Adam moves them by about their learning rate
+# per step whatever the task's lr, so theirs is absolute (None = the run's lr).
+SCALE_LR_HELP = "absolute learning rate of the posterior scales ρ_U (σ_U) and ℓ (λ); unset = the run's lr"
 
 
 @dataclass(frozen=True)
@@ -51,18 +53,19 @@ class Preset:
 
     posterior: dict[str, Any]
     lr_factors: dict[str, float]
+    scale_lr: float | None
     training: dict[str, Any]
 
 
 PRESETS = {
     # ours: measured on the val slices (README, training notes); the posterior fields are BayesLoraConfig's
-    "default": Preset(posterior={}, lr_factors={"mean": 1.0, "scale": 1.0, "geometry": 1.0, "flow": 1.0},
+    "default": Preset(posterior={}, lr_factors={"mean": 10.0, "geometry": 10.0, "flow": 10.0}, scale_lr=0.1,
                       training={"recipe": "elbo", "lr": 1e-3}),
     # the authors' settings (METHOD.md sections 2 and 3)
     "paper": Preset(
         posterior={"prior_std": 0.1, "sigma_u_init": 1e-3, "sigma_u_max": 0.1, "lambda_init": 1e-3,
                    "lambda_max": 0.03, "init_lora_weights": False, "flow_depth": 1},
-        lr_factors={"mean": 1.0, "scale": 1.0, "geometry": 1.0, "flow": 1.0},
+        lr_factors={"mean": 1.0, "geometry": 1.0, "flow": 1.0}, scale_lr=None,
         training={"recipe": "paper"},
     ),
 }
@@ -100,6 +103,8 @@ class BayesLoraMethod(Method):
             group.add_argument(f"--{role}-lr-factor", type=float, default=None,
                                help=f"learning-rate multiplier of the {what} "
                                     f"(default {PRESETS['default'].lr_factors[role]})")
+        group.add_argument("--scale-lr", type=float, default=None,
+                           help=f"{SCALE_LR_HELP} (default {PRESETS['default'].scale_lr})")
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
@@ -108,6 +113,8 @@ class BayesLoraMethod(Method):
         options["bayesian_modules"] = args.bayesian_modules
         factors = {role: getattr(args, f"{role}_lr_factor") for role in LR_FACTOR_HELP}
         options["lr_factors"] = {k: v for k, v in factors.items() if v is not None}
+        if args.scale_lr is not None:
+            options["scale_lr"] = args.scale_lr
         return options
 
     def _preset(self) -> Preset:
@@ -124,7 +131,8 @@ class BayesLoraMethod(Method):
         fields = BayesLoraConfig.__dataclass_fields__
         posterior = {name: fields[name].default for name in POSTERIOR_FIELDS}
         given = {k: v for k, v in self.options.items() if k in POSTERIOR_FIELDS}
-        unknown = sorted(set(self.options) - set(POSTERIOR_FIELDS) - {"preset", "bayesian_modules", "lr_factors"})
+        unknown = sorted(set(self.options) - set(POSTERIOR_FIELDS)
+                         - {"preset", "bayesian_modules", "lr_factors", "scale_lr"})
         if unknown:
             raise ValueError(f"bayeslora: unknown method options {unknown}")
         return {
@@ -132,6 +140,7 @@ class BayesLoraMethod(Method):
             "preset": self.options.get("preset", "default"),
             "bayesian_modules": self.options.get("bayesian_modules"),
             "lr_factors": {**preset.lr_factors, **self.options.get("lr_factors", {})},
+            "scale_lr": self.options.get("scale_lr", preset.scale_lr),
         }
 
     def config(self, lora: dict[str, Any]) -> BayesLoraConfig:
@@ -139,8 +148,10 @@ class BayesLoraMethod(Method):
         fields = {k: v for k, v in options.items() if k in POSTERIOR_FIELDS or k == "bayesian_modules"}
         return BayesLoraConfig(**lora_config_kwargs(lora), **fields)
 
-    def lr_factors(self, model: nn.Module) -> dict[str, float]:
-        factors = self.resolved_options()["lr_factors"]
+    def lr_factors(self, model: nn.Module, lr: float) -> dict[str, float]:
+        options = self.resolved_options()
+        factors = dict(options["lr_factors"])
+        factors["scale"] = 1.0 if options["scale_lr"] is None else options["scale_lr"] / lr
         out = {}
         for name, p in model.named_parameters():
             role = parameter_role(name)

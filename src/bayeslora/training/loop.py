@@ -75,7 +75,7 @@ def _limit(examples: list, limit: Optional[int]) -> list:
 
 def _optimizer(cfg: TrainConfig, method, module: TrainModule) -> torch.optim.Optimizer:
     no_decay = {f"model.{n}" for n in method.no_decay_parameters(module.model)}
-    lr_factors = {f"model.{n}": f for n, f in method.lr_factors(module.model).items()}
+    lr_factors = {f"model.{n}": f for n, f in method.lr_factors(module.model, cfg.lr).items()}
     everything = RECIPES[cfg.recipe].decays_variational
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     keyed: dict[tuple[float, float], list] = {}
