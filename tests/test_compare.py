@@ -93,6 +93,26 @@ def test_paired_bootstrap_interval_covers_a_known_shift_and_zero_when_none():
         paired_bootstrap(b, b[:, :10])
 
 
+def test_paired_bootstrap_sees_seeds_that_disagree():
+    # seed 0 says +1 everywhere, seed 1 says -0.5: the mean is +0.25 but the seeds disagree in sign
+    a = torch.stack([torch.ones(300), -0.5 * torch.ones(300)]).double()
+    result = paired_bootstrap(a, torch.zeros_like(a))
+    assert result.difference == pytest.approx(0.25)
+    assert result.low < 0 < result.high and not result.excludes_zero
+
+
+def test_plan_refuses_unknown_methods_duplicate_labels_and_reserved_cell_keys(tmp_path):
+    def plan(cells):
+        return Plan(output=tmp_path, tasks=["arc_easy"], cells=cells, seeds=[0], budgets=[BUDGETS["short"]])
+
+    with pytest.raises(ValueError, match="unknown method 'lora\\+paper'"):
+        plan([Cell.parse("lora+paper")]).validate()
+    with pytest.raises(ValueError, match="labels must be unique"):
+        plan([Cell.parse("lora"), Cell.parse("lora")]).validate()
+    with pytest.raises(ValueError, match="set by the comparison"):
+        Cell.parse('x={"method": "lora", "seed": 3}')
+
+
 def test_ece_noise_floor_shrinks_with_n_and_is_about_five_points_at_300():
     gen = torch.Generator().manual_seed(1)
     conf = 0.3 + 0.6 * torch.rand(3000, generator=gen, dtype=torch.float64)

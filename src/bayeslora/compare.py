@@ -59,6 +59,9 @@ class Cell:
             raise ValueError(f"--cell {label}: settings are not a JSON object ({err.msg})") from err
         if not isinstance(settings, dict) or "method" not in settings:
             raise ValueError(f"--cell {label}: settings must be a JSON object with a 'method'")
+        reserved = sorted({"method_options", "progress", "output", "task", "seed"} & set(settings))
+        if reserved:
+            raise ValueError(f"--cell {label}: {reserved} are set by the comparison, not by a cell")
         return cls(label, settings.pop("method"), settings)
 
 
@@ -77,6 +80,19 @@ class Plan:
     samples: int = 4
     max_length: Optional[int] = 128
     reference: str = "lora"
+
+    def validate(self) -> None:
+        from .methods import METHODS
+
+        labels = [c.label for c in self.cells]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"--cells: labels must be unique, got {labels}")
+        for c in self.cells:
+            if c.method not in METHODS:
+                raise ValueError(f"--cells {c.label}: unknown method {c.method!r}; available: {', '.join(sorted(METHODS))}"
+                                 " (name a variant LABEL='{\"method\": ...}')")
+        if self.ood_train in self.ood_eval:
+            raise ValueError(f"--ood-eval must not contain the OOD training task {self.ood_train!r}")
 
     def train_tasks(self) -> list[str]:
         extra = [self.ood_train] if self.ood_train and self.ood_train not in self.tasks else []
@@ -123,8 +139,9 @@ def _modes(method_name: str, kind: str = "id") -> list[str]:
 def run_plan(plan: Plan, log=print) -> None:
     """Train every run and evaluate it on its sets, skipping what the output folder already holds."""
     from .runs import evaluate_run
-    from .training import TrainConfig, train
+    from .training import TrainConfig, resolve, train
 
+    plan.validate()
     runs = plan.runs()
     n_evals = sum(len(_modes(c.method, k)) for _, t, c, _ in runs for _, k in plan.evals_of(t))
     log(f"compare: {len(runs)} training runs ({len(plan.budgets)} budgets × {len(plan.train_tasks())} tasks × "
@@ -134,11 +151,20 @@ def run_plan(plan: Plan, log=print) -> None:
     for i, (budget, task, cell, seed) in enumerate(runs):
         folder = RunFolder(plan.run_dir(budget, task, cell, seed))
         label = f"[{i + 1}/{len(runs)}] {budget.name} {task} {cell.label} seed {seed}"
+        wanted = resolve(_train_config(plan, budget, task, cell, seed)).to_dict()
+        if folder.config.exists() and folder.read_config()["train"] != wanted:
+            stored = folder.read_config()["train"]
+            changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+            raise ValueError(f"{folder.config}: this run was trained with other settings ({changed}); "
+                             "use another --output or another cell label")
         if not folder.is_trained():
-            if folder.checkpoint.exists() and folder.config.exists():
+            if folder.has_training_state():
                 log(f"{label}: resuming training")
                 train(TrainConfig.from_run(folder.root), resume=True)
-            else:
+            elif folder.selection.exists():
+                raise ValueError(f"{folder.root}: an adapter was selected but the checkpoint is gone; "
+                                 "restore it or remove the run folder to retrain")
+            else:  # nothing worth keeping: a run killed before its first checkpoint
                 shutil.rmtree(folder.root, ignore_errors=True)
                 log(f"{label}: training")
                 train(_train_config(plan, budget, task, cell, seed))
@@ -186,6 +212,7 @@ def _posterior(folder: RunFolder) -> Optional[dict[str, float]]:
 
 def summarise(plan: Plan) -> dict[str, Any]:
     """Read every evaluation back; aggregate over seeds; pair each cell with the reference cell."""
+    plan.validate()
     from .evaluation import load_metrics
     from .evaluation.significance import ece_noise_floor, paired_bootstrap
 
@@ -230,6 +257,9 @@ def summarise(plan: Plan) -> dict[str, Any]:
         if key[4] != plan.reference and ref_mode is not None:
             mine, ref = per_example[(*key[:3], key[4], key[5])], per_example[(*ref_key, ref_mode)]
             seeds = sorted(set(mine) & set(ref))
+            for s in seeds:
+                if mine[s]["uid"] != ref[s]["uid"]:
+                    raise ValueError(f"{key}: seed {s} scored other examples than {plan.reference}; cannot pair")
             if seeds:
                 entry["vs_reference"] = {"seeds": seeds}
                 for metric in ("nll", "brier"):

@@ -21,9 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EvalFiles", "RunFolder", "METRICS_GLOB", "eval_stem"]
+__all__ = ["EvalFiles", "RunFolder", "METRICS_GLOB", "eval_stem", "previous_version"]
 
 METRICS_GLOB = "metrics*.json"
+
+
+def previous_version(target: Path) -> Path:
+    """Where an atomic folder swap keeps the previous version of ``target`` while it swaps."""
+    return target.with_name(f".{target.name}.old")
 
 
 def eval_stem(task: str, split: str, method: str, mode: str, samples: int) -> str:
@@ -109,9 +114,19 @@ class RunFolder:
         selection = self.read_selection()
         return self.root / selection["adapter"], selection
 
+    def _state(self) -> Path:
+        """The checkpoint's state.json, or the one kept beside it when a kill landed mid-swap."""
+        for folder in (self.checkpoint, previous_version(self.checkpoint)):
+            if (folder / "state.json").exists():
+                return folder / "state.json"
+        return self.checkpoint / "state.json"
+
+    def has_training_state(self) -> bool:
+        return self.config.exists() and self._state().exists()
+
     def is_trained(self) -> bool:
         """Whether training finished: the selection exists and the checkpoint says no step is left."""
-        state = self.checkpoint / "state.json"
+        state = self._state()
         if not (self.selection.exists() and self.config.exists() and state.exists()):
             return False
         total = self.read_config().get("total_steps")

@@ -80,7 +80,9 @@ class Method:
 
     def resolved_options(self) -> dict[str, Any]:
         """The method options with every default filled in, as recorded in the run config."""
-        return dict(self.options)
+        if self.options:
+            raise ValueError(f"method {self.name!r} takes no options, got {sorted(self.options)}")
+        return {}
 
     # ---- model
     def build(self, base_model: nn.Module, lora: dict[str, Any]) -> nn.Module:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..layout import RunFolder
+from ..layout import RunFolder, previous_version
 
 __all__ = ["atomic_dir", "existing_dir", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 
@@ -29,7 +29,7 @@ def atomic_dir(target: Path, write) -> None:
     """Write a folder via ``write(tmp_path)`` then swap it in place of ``target``."""
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp")
-    old = target.with_name(f".{target.name}.old")
+    old = previous_version(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
@@ -75,7 +75,7 @@ def save_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, posi
 def existing_dir(target: Path) -> Path:
     """``target``, or the previous version kept by :func:`atomic_dir` if a kill landed mid-swap."""
     target = Path(target)
-    old = target.with_name(f".{target.name}.old")
+    old = previous_version(target)
     return old if not target.exists() and old.exists() else target
 
 

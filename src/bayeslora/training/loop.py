@@ -82,7 +82,8 @@ def _optimizer(cfg: TrainConfig, method, module: TrainModule) -> torch.optim.Opt
     for n, p in params:
         decay = cfg.weight_decay if everything or n not in no_decay else 0.0
         keyed.setdefault((lr_factors.get(n, 1.0), decay), []).append(p)
-    groups = [{"params": ps, "lr": cfg.lr * f, "weight_decay": d} for (f, d), ps in keyed.items()]
+    # AdamW decays by lr × weight_decay: divide by the factor so a faster group is not decayed harder
+    groups = [{"params": ps, "lr": cfg.lr * f, "weight_decay": d / f} for (f, d), ps in keyed.items()]
     # the fused kernel updates every tensor at once (a Bayesian adapter has ~10x LoRA's tensor count)
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for _, p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=fused or None)
