@@ -326,7 +326,7 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| {e['budget']} | {e['train_task']} → {e['eval_task']} | {e['cell']} | {e['mode']} | {e['n']} | "
             f"{100 * e['acc']:.1f} ± {100 * e['acc_std']:.1f} | {100 * e['ece']:.1f} ± {100 * e['ece_std']:.1f} "
             f"({100 * e['ece_floor']:.1f}) | {e['nll']:.3f} | {e['brier']:.3f} | {delta('nll')} | {delta('brier')} | "
-            f"{e['mi_share']:.3f} | {post_text} |")
+            f"{e['mi_share']:.2g} | {post_text} |")
     lines += ["", "Targets (against the reference, default mode):", "",
               "| budget | cell | set | kind | ΔACC | NLL lower | Brier lower | ECE ratio |", "|---|---|---|---|---|---|---|---|"]
     for t in summary["targets"]:
