@@ -75,3 +75,28 @@ def test_train_config_rejects_bad_values(field, value):
     kwargs[field] = value
     with pytest.raises(ValueError, match=field.replace("_", "-")):
         TrainConfig(**kwargs)
+
+
+def test_parameter_groups_take_the_role_multipliers_and_decay_is_not_scaled_up():
+    from tiny_models import tiny
+
+    from bayeslora.methods import get_method
+    from bayeslora.methods.bayes import parameter_role
+    from bayeslora.training import TrainConfig, resolve
+    from bayeslora.training.loop import TrainModule, _optimizer
+
+    cfg = resolve(TrainConfig(task="synthetic", method="bayeslora", output="unused", target_modules=["q_proj"],
+                              recipe="paper"))  # the paper recipe decays every parameter
+    method = get_method(cfg.method, cfg.method_options)
+    model = method.build(tiny("llama"), cfg.lora())
+    optimizer = _optimizer(cfg, method, TrainModule(method, model, torch.nn.Linear(2, 2)))
+    role_of = {id(p): parameter_role(n) for n, p in model.named_parameters()}
+    expected_lr = {"mean": 10 * cfg.lr, "geometry": 10 * cfg.lr, "flow": 10 * cfg.lr, "scale": 0.1, None: cfg.lr}
+    seen = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            role = role_of.get(id(p))
+            seen.add(role)
+            assert group["lr"] == pytest.approx(expected_lr[role]), role
+            assert group["lr"] * group["weight_decay"] == pytest.approx(cfg.lr * cfg.weight_decay), role
+    assert seen == set(expected_lr)
