@@ -152,8 +152,8 @@ def run_plan(plan: Plan, log=print) -> None:
         folder = RunFolder(plan.run_dir(budget, task, cell, seed))
         label = f"[{i + 1}/{len(runs)}] {budget.name} {task} {cell.label} seed {seed}"
         wanted = resolve(_train_config(plan, budget, task, cell, seed)).to_dict()
-        if folder.config.exists() and folder.read_config()["train"] != wanted:
-            stored = folder.read_config()["train"]
+        stored = folder.read_config()["train"] if folder.config.exists() else wanted
+        if stored != wanted:
             changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
             raise ValueError(f"{folder.config}: this run was trained with other settings ({changed}); "
                              "use another --output or another cell label")

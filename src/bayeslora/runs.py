@@ -73,9 +73,8 @@ def evaluate_run(run_dir: str | Path, task: str, split: str, *, data_dir: Option
     write_json_atomic(out, record)
     _write_predictions(files.predictions, result, summary)
     bins = reliability_bins(log_p_bar, result.labels, result.mask, kind="log_probs")
-    png = files.reliability
-    save_reliability_diagram(bins, png, metrics, label=f"{cfg.method} {mode} S={draws} on {task}/{split}")
-    record["reliability_png"] = str(png)
+    save_reliability_diagram(bins, files.reliability, metrics, label=f"{cfg.method} {mode} S={draws} on {task}/{split}")
+    record["reliability_png"] = str(files.reliability)
     record["metrics_file"] = str(out)
     return record
 

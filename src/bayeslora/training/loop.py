@@ -99,7 +99,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        self.cfg, self.run_dir, self.folder = cfg, Path(cfg.output), RunFolder(cfg.output)
+        self.cfg, self.folder = cfg, RunFolder(cfg.output)
         # cpu=True without an accelerator, so a multi-process launch on CPUs takes the gloo backend
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
         set_seed(cfg.seed)
@@ -134,7 +134,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.position = Position()
         if resume:
-            state = load_checkpoint(self.run_dir, self.module, self.optimizer, self.scheduler,
+            state = load_checkpoint(self.folder.root, self.module, self.optimizer, self.scheduler,
                                     rank=self.acc.process_index)
             self.position = Position(**state["position"])
             self.history = state["history"]
@@ -146,7 +146,7 @@ class Trainer:
     def _write_run_config(self) -> None:
         if not self.acc.is_main_process:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.folder.root.mkdir(parents=True, exist_ok=True)
         cfg = self.cfg
         files = {split: file_records(split_files(cfg.task, split, cfg.data_dir, file))
                  for split, file in (("train", cfg.train_file), ("val", cfg.val_file or cfg.train_file))}
@@ -163,8 +163,8 @@ class Trainer:
             self.method.save(self.module.model, tmp)
             self.module.scorer.save(tmp)
 
-        (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        atomic_dir(self.run_dir / name, write)
+        (self.folder.root / name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_dir(self.folder.root / name, write)
         return name
 
     def _select(self) -> None:
@@ -272,7 +272,7 @@ class Trainer:
             states = gather_object(states)
         if self.acc.is_main_process:
             position = {"epoch": self.position.epoch, "batch": self.position.batch, "step": self.position.step}
-            save_checkpoint(self.run_dir, self.module, self.optimizer, self.scheduler,
+            save_checkpoint(self.folder.root, self.module, self.optimizer, self.scheduler,
                             {"position": position, "history": self.history}, rng_states=states)
         self.acc.wait_for_everyone()
 
