@@ -172,15 +172,20 @@ def mean_group(p: StackedFactors, mean_samples: int, seed: int) -> Tensor:
     """Posterior mean E_q[W] of every factor, (G, d_o, d_i) (METHOD.md section 4).
 
     E[W] = σ_p T_r L_r E[U_w] L_cᵀ T_c since the conditional noise has mean zero. Without a flow
-    E[U_w] = m exactly; with one it is the average of the flow over ``mean_samples`` fixed draws
-    (:func:`mean_flow_noise` with ``seed``).
+    E[U_w] = m exactly. With one, E[U_w] = m + E[T(U0) − U0] (E[U0] = m exactly), and only the flow's
+    residual T(U0) − U0 is averaged over ``mean_samples`` fixed draws (:func:`mean_flow_noise` with
+    ``seed``): a control variate, so an identity flow gives E[U_w] = m to the last bit (a fresh
+    ``init_lora_weights=True`` adapter is exactly the base model in mean mode), and a near-identity
+    flow's Monte-Carlo error scales with its departure from the identity, not with σ_U.
     """
     if p.factors[0].flow is None:
         mean_w = p.mean
     else:
         eps = mean_flow_noise(p.shape, mean_samples, seed, p.mean)
-        u_w, _ = _whitened(p, eps.expand(len(p.factors), *eps.shape))
-        mean_w = u_w.mean(1)
+        eps = eps.expand(len(p.factors), *eps.shape)
+        u_w, _ = _whitened(p, eps)
+        u0 = p.mean.unsqueeze(1) + p.sigma.unsqueeze(1) * eps
+        mean_w = p.mean + (u_w - u0).mean(1)
     geo = geometry(p)
     u = geo.chol_rows @ mean_w @ geo.chol_cols.transpose(-1, -2)
     return p.shape.prior_scale * (geo.proj_rows @ (u @ geo.proj_cols))

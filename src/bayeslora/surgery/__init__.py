@@ -2,13 +2,13 @@
 
 from .api import (
     attach, count_parameters, fixed_sample, get_model, get_sampler, kl_breakdown, kl_divergence, load,
-    posterior_stats, set_draw_seed, set_draw_seeds, set_mode, using_mode,
+    load_adapter, posterior_stats, set_draw_seed, set_draw_seeds, set_mode, using_mode,
 )
 from .layer import BayesLoraLinear
 from .sampler import PosteriorSampler
 
 __all__ = [
     "BayesLoraLinear", "PosteriorSampler", "attach", "count_parameters", "fixed_sample", "get_model",
-    "get_sampler", "kl_breakdown", "kl_divergence", "load", "posterior_stats", "set_draw_seed", "set_draw_seeds",
-    "set_mode", "using_mode",
+    "get_sampler", "kl_breakdown", "kl_divergence", "load", "load_adapter", "posterior_stats",
+    "set_draw_seed", "set_draw_seeds", "set_mode", "using_mode",
 ]

@@ -12,13 +12,14 @@ from torch import Tensor, nn
 
 from ..config import BayesLoraConfig
 from ..core import StackedFactors, conditional_kl_group, draw_group
+from .combine import install as install_combination
 from .inject import prepare_config, resolve_targets, untie_targets
 from .layer import BayesLoraLinear
 from .sampler import PosteriorSampler, full_precision
 
 __all__ = [
     "attach", "count_parameters", "fixed_sample", "get_model", "get_sampler", "kl_breakdown",
-    "kl_divergence", "load", "posterior_stats", "set_draw_seed", "set_draw_seeds", "set_mode", "using_mode",
+    "kl_divergence", "load", "load_adapter", "posterior_stats", "set_draw_seed", "set_draw_seeds", "set_mode", "using_mode",
 ]
 
 _SAMPLER_ATTR = "_bayeslora_sampler"
@@ -44,8 +45,11 @@ def get_sampler(model: nn.Module) -> PosteriorSampler:
 
 
 def attach(model: nn.Module) -> nn.Module:
-    """Attach the model-level sampler (idempotent) and untie tied adapter targets; returns ``model``."""
+    """Attach the model-level sampler (idempotent), untie tied adapter targets, and give the LoraModel
+    an ``add_weighted_adapter`` that combines posterior means (:mod:`.combine`); returns ``model``."""
     inner = _inner_model(model)
+    tuner = model.base_model if isinstance(model, peft.PeftModel) else model
+    install_combination(tuner)
     if inner.__dict__.get(_SAMPLER_ATTR) is None:
         inner.__dict__[_SAMPLER_ATTR] = PosteriorSampler(inner)
     untie_targets(inner)
@@ -75,6 +79,23 @@ def load(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default
     peft_model = peft.PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, config=config,
                                                 is_trainable=is_trainable, **peft_kwargs)
     return attach(peft_model)
+
+
+def load_adapter(model: peft.PeftModel, path: str | os.PathLike, adapter_name: str,
+                 is_trainable: bool = False, **peft_kwargs) -> peft.PeftModel:
+    """Load a saved Bayesian-LoRA adapter as a further adapter ``adapter_name`` of ``model``.
+
+    PEFT's own ``model.load_adapter(path, name)`` reads the folder's ``peft_type`` and does not know
+    BAYESLORA; this adds the adapter from its :class:`BayesLoraConfig` first, then lets PEFT load the
+    weights (any name works: the checkpoint keys carry none). The new adapter is not made active.
+    """
+    if adapter_name in model.peft_config:
+        raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+    config = prepare_config(BayesLoraConfig.from_pretrained(str(path)))
+    config.inference_mode = not is_trainable
+    model.add_adapter(adapter_name, config, low_cpu_mem_usage=peft_kwargs.get("low_cpu_mem_usage", False))
+    model.load_adapter(str(path), adapter_name, is_trainable=is_trainable, **peft_kwargs)
+    return attach(model)
 
 
 # ------------------------------------------------------------------------------------- modes

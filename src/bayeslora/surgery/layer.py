@@ -9,6 +9,12 @@ drew for every factor at once before the forward started. Without a sampler atta
 its own factors (correct, but unbatched and not safe under gradient checkpointing).
 
 The merge delta of a Bayesian adapter is the posterior mean, scaling · E[B] E[A].
+
+PEFT names checkpoint tensors by stripping the adapter name where it is the last or second-to-last part
+of a key. A factor's parameters sit deeper (``lora_bayes.<adapter>.A.flow.transforms.0...``), so a
+:class:`FactorPair` saves everything below it under one flat part (``lora_bayes.<adapter>.A__flow__...``):
+PEFT's own save and load then work for any adapter name, and older nested checkpoints still load
+under the name they were saved with.
 """
 
 from __future__ import annotations
@@ -26,10 +32,40 @@ from torch import Tensor, nn
 from ..config import BayesLoraConfig
 from ..core import FactorShape, InducingFactor, StackedFactors, draw_group, mean_group
 
-__all__ = ["BayesLoraLinear", "MODES"]
+__all__ = ["BayesLoraLinear", "FactorPair", "MODES"]
 
 MODES = ("sample", "mean")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class FactorPair(nn.ModuleDict):
+    """The "A" and "B" factors of one Bayesian adapter; its state-dict keys are flat below it."""
+
+    SEP = "__"
+
+    def __init__(self, factors: dict[str, nn.Module]) -> None:
+        super().__init__(factors)
+        self._register_state_dict_hook(FactorPair._flatten_keys)
+
+    def _nested_names(self) -> list[str]:
+        """Every key of the nested state dict (shared tensors, e.g. zuko's masks, under each name)."""
+        names = [n for n, _ in self.named_parameters(remove_duplicate=False)]
+        return names + [n for n, _ in self.named_buffers(remove_duplicate=False)]
+
+    @staticmethod
+    def _flatten_keys(module: "FactorPair", state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        nested = [k for k in list(state_dict) if k.startswith(prefix) and "." in k[len(prefix):]]
+        for key in nested:
+            state_dict[prefix + key[len(prefix):].replace(".", FactorPair.SEP)] = state_dict.pop(key)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        for name in self._nested_names():
+            flat = prefix + name.replace(".", self.SEP)
+            if flat in state_dict and prefix + name not in state_dict:
+                state_dict[prefix + name] = state_dict.pop(flat)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
 class BayesLoraLinear(LoraLinear):
@@ -76,18 +112,37 @@ class BayesLoraLinear(LoraLinear):
             return InducingFactor(shape, sigma_u_init=config.sigma_u_init, lambda_init=config.lambda_init,
                                   d_init=config.inducing_diag_init, zero_mean=zero_mean)
 
-        device = self.get_base_layer().weight.device
         # init_lora_weights=True (PEFT's default: B = 0) means E[B] = 0, so the adapter starts at the
         # pretrained function in mean mode; False keeps the paper's random inducing mean for both.
         zero_b = config.init_lora_weights is not False
-        pair = nn.ModuleDict({"A": factor(r, self.in_features), "B": factor(self.out_features, r, zero_b)})
-        self.lora_bayes[adapter_name] = pair.to(device=device, dtype=torch.float32)
+        pair = FactorPair({"A": factor(r, self.in_features), "B": factor(self.out_features, r, zero_b)})
+        self.lora_bayes[adapter_name] = pair.float()
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.bayes_settings[adapter_name] = {
             "dtype": _DTYPES[config.inducing_dtype],
             "mean_samples": config.mean_samples,
             "seed": config.seed,
         }
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        """PEFT's move to the base layer's device and dtype, except that a Bayesian pair only changes
+        device: its inducing parameters stay float32 whatever the base dtype. Meta (not yet loaded,
+        ``low_cpu_mem_usage=True``) parameters stay where they are, as PEFT does."""
+        bayes = self._modules.get("lora_bayes")
+        pair = bayes[adapter_name] if bayes is not None and adapter_name in bayes else None
+        if pair is None:
+            return super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        bayes[adapter_name] = nn.Identity()  # PEFT's loop must not cast it; the slot keeps its order
+        try:
+            super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        finally:
+            bayes[adapter_name] = pair
+        if any(t.is_meta for t in pair.parameters()):
+            return
+        target = device if device is not None else self._get_base_layer_device_and_dtype(self.get_base_layer())[0]
+        if target is not None:
+            pair.to(device=target, dtype=torch.float32)
 
     # ----------------------------------------------------------------------------------- posterior
     def bayes_factors(self, adapter: str) -> dict[str, InducingFactor]:

@@ -96,20 +96,27 @@ class PosteriorSampler:
         self._handle.remove()
 
     # ------------------------------------------------------------------------------ bookkeeping
+    def _adopt(self, layer: BayesLoraLinear) -> None:
+        """The mode belongs to the model: a layer created after ``set_mode`` (``add_adapter``,
+        ``load_adapter`` on new targets) takes it at the next walk."""
+        layer._ensure_bayes_state()
+        layer.bayes_mode, layer.bayes_num_samples = self.mode, self.num_samples
+
     def layers(self) -> list[tuple[str, BayesLoraLinear]]:
         out = []
         for name, module in self.root.named_modules():
             if isinstance(module, BayesLoraLinear):
-                module._ensure_bayes_state()
+                self._adopt(module)
                 out.append((name, module))
         return out
 
     def _scan(self, check_reentrant: bool) -> list[tuple[str, BayesLoraLinear]]:
-        """One walk over the model per forward: the adapter layers, and the reentrant-checkpoint check."""
+        """One walk over the model per forward: the adapter layers (which take the model's mode), and
+        the reentrant-checkpoint check."""
         out = []
         for name, module in self.root.named_modules():
             if isinstance(module, BayesLoraLinear):
-                module._ensure_bayes_state()
+                self._adopt(module)
                 out.append((name, module))
             elif check_reentrant and _uses_reentrant_checkpointing(module):
                 raise ValueError(
@@ -158,9 +165,7 @@ class PosteriorSampler:
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         self.mode, self.num_samples = mode, num_samples
-        for _, layer in self.layers():
-            layer.bayes_mode, layer.bayes_num_samples = mode, num_samples
-        self.clear()
+        self.clear()  # walks the layers, which take the new mode
 
     def set_draw_seeds(self, seeds: Optional[list[int]]) -> None:
         """One seed per draw of each forward (``None``: torch's global RNG).
