@@ -68,8 +68,34 @@ def test_paper_loss_smooths_over_each_items_own_choices_and_rewards_entropy():
     assert parts.loss.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_elbo_takes_the_papers_regularisers_as_options():
+    probs = torch.tensor([[[0.7, 0.2, 0.1], [0.6, 0.4, 0.0]]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    log_probs = probs.log().masked_fill(~mask, float("-inf"))
+    labels = torch.tensor([0, 1])
+    kl = torch.tensor(10.0)
+    paper = paper_loss(log_probs, labels, mask, None, kl, kl_weight=0.01)
+    elbo = elbo_loss(log_probs, labels, None, kl, 0.01, mask, label_smoothing=0.05, entropy_bonus=0.05)
+    assert elbo.loss.item() == pytest.approx(paper.loss.item(), rel=1e-6)
+    plain = elbo_loss(log_probs, labels, None, kl, 0.01, mask)
+    assert plain.loss.item() == pytest.approx(plain.nll.item() + 0.1, rel=1e-6)
+    assert plain.loss.item() != pytest.approx(elbo.loss.item(), rel=1e-3)
+
+
+def test_regularisers_default_to_the_recipes_and_are_recorded():
+    from bayeslora.training import resolve
+
+    base = dict(model="m", task="t", method="lora", output="o")
+    elbo, paper = resolve(TrainConfig(**base)), resolve(TrainConfig(**base, recipe="paper"))
+    assert (elbo.label_smoothing, elbo.entropy_bonus) == (0.0, 0.0)
+    assert (paper.label_smoothing, paper.entropy_bonus) == (0.05, 0.05)
+    mine = resolve(TrainConfig(**base, label_smoothing=0.1))
+    assert (mine.label_smoothing, mine.entropy_bonus) == (0.1, 0.0)
+
+
 @pytest.mark.parametrize("field, value", [("batch_size", 0), ("recipe", "other"), ("select", "best"),
-                                          ("train_samples", 0), ("lr", 0.0)])
+                                          ("train_samples", 0), ("lr", 0.0), ("label_smoothing", 1.0),
+                                          ("entropy_bonus", -0.1)])
 def test_train_config_rejects_bad_values(field, value):
     kwargs = dict(model="m", task="t", method="lora", output="o")
     kwargs[field] = value

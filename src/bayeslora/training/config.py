@@ -61,6 +61,10 @@ class TrainConfig:
     seed: int = option(0, "seed of data order, initialisation and draws")
     kl_scale: Optional[float] = option(None, "β = kl_scale / N_train (1 = the per-example ELBO; < 1 tempers it)")
     kl_warmup_steps: int = option(0, "ramp β linearly from 0 over N steps")
+    label_smoothing: Optional[float] = option(None, "mix the target with the uniform distribution over each "
+                                              "item's choices (default: the recipe's; elbo 0, paper 0.05)")
+    entropy_bonus: Optional[float] = option(None, "subtract this × the predictive entropy from the loss "
+                                            "(default: the recipe's; elbo 0, paper 0.05)")
     train_samples: int = option(1, "posterior draws per training step (ELBO particles)")
     samples: int = option(4, "predictive draws (per-epoch val evaluation)")
     save_steps: int = option(0, "also checkpoint every N optimizer steps")
@@ -84,6 +88,10 @@ class TrainConfig:
             raise ValueError(f"--max-steps must be positive, got {self.max_steps}")
         if self.kl_scale is not None and not self.kl_scale >= 0:
             raise ValueError(f"--kl-scale must be >= 0, got {self.kl_scale}")
+        if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.entropy_bonus is not None and not self.entropy_bonus >= 0:
+            raise ValueError(f"--entropy-bonus must be >= 0, got {self.entropy_bonus}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.weight_decay is not None and not self.weight_decay >= 0:

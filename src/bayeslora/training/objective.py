@@ -2,7 +2,10 @@
 
 * ``elbo``: the per-example ELBO, NLL averaged over the S draws of the step (the ELBO averages
   log-likelihoods, not probabilities) + β·KL with β = 1/N_train, optionally ramped up linearly over
-  ``kl_warmup_steps``; ``--kl-scale`` multiplies β (a tempered ELBO, reported in the run config). No weight decay on variational parameters (that would add a second prior).
+  ``kl_warmup_steps``; ``--kl-scale`` multiplies β (a tempered ELBO, reported in the run config). No
+  weight decay on variational parameters (that would add a second prior). Off by default, the paper's
+  calibrating regularisers (label smoothing, entropy bonus) are options of every recipe
+  (``--label-smoothing``, ``--entropy-bonus``), so a method and LoRA can be compared with the same ones.
 * ``paper``: the authors' recipe, offered by name and recorded with every number it produces:
   cross-entropy with label smoothing 0.05 − 0.05 × predictive entropy + w·KL with
   w = 0.1/steps_per_epoch from (0-based) epoch 2, lr ×1, 1, 0.1, 0.1, 0.01, 0.01, weight decay
@@ -17,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["LossParts", "beta_at", "elbo_loss", "paper_kl_weight", "paper_loss",
+__all__ = ["LossParts", "beta_at", "data_term", "elbo_loss", "paper_kl_weight", "paper_loss",
            "paper_lr_factor", "PAPER"]
 
 @dataclass(frozen=True)
@@ -57,10 +60,31 @@ def beta_at(step: int, n_train: int, warmup_steps: int = 0) -> float:
     return ramp / n_train
 
 
-def elbo_loss(log_probs: Tensor, labels: Tensor, kl_flow: Optional[Tensor], kl_cond: Optional[Tensor],
-              beta: float) -> LossParts:
+def data_term(log_probs: Tensor, labels: Tensor, mask: Optional[Tensor], label_smoothing: float = 0.0,
+              entropy_bonus: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(loss, nll): the NLL, label-smoothed over each item's own choices (``mask``, (B, C)), minus
+    ``entropy_bonus`` × the mean entropy of each draw's prediction; both averaged over the S draws."""
     nll = _nll(log_probs, labels)
+    if not label_smoothing and not entropy_bonus:
+        return nll, nll
+    if mask is None:
+        mask = torch.isfinite(log_probs[0])
+    valid = mask.unsqueeze(0).expand_as(log_probs)
+    finite = log_probs.masked_fill(~valid, 0.0)
     loss = nll
+    if label_smoothing:
+        n_choices = mask.sum(-1).to(log_probs.dtype)  # (B,)
+        uniform_ce = -(finite.sum(-1) / n_choices).mean()
+        loss = (1 - label_smoothing) * nll + label_smoothing * uniform_ce
+    if entropy_bonus:
+        loss = loss - entropy_bonus * (-(finite.exp() * finite).sum(-1).mean())
+    return loss, nll
+
+
+def elbo_loss(log_probs: Tensor, labels: Tensor, kl_flow: Optional[Tensor], kl_cond: Optional[Tensor],
+              beta: float, mask: Optional[Tensor] = None, label_smoothing: float = 0.0,
+              entropy_bonus: float = 0.0) -> LossParts:
+    loss, nll = data_term(log_probs, labels, mask, label_smoothing, entropy_bonus)
     for term in (kl_flow, kl_cond):
         if term is not None:
             loss = loss + beta * term
@@ -78,16 +102,10 @@ def paper_lr_factor(epoch: int) -> float:
 
 
 def paper_loss(log_probs: Tensor, labels: Tensor, mask: Tensor, kl_flow: Optional[Tensor],
-               kl_cond: Optional[Tensor], kl_weight: float) -> LossParts:
+               kl_cond: Optional[Tensor], kl_weight: float, label_smoothing: float = PAPER.label_smoothing,
+               entropy_bonus: float = PAPER.entropy_bonus) -> LossParts:
     """Label-smoothed CE over each item's own choices, minus an entropy bonus, plus w·KL."""
-    valid = mask.unsqueeze(0).expand_as(log_probs)
-    finite = log_probs.masked_fill(~valid, 0.0)
-    n_choices = mask.sum(-1).to(log_probs.dtype)  # (B,)
-    nll = _nll(log_probs, labels)
-    uniform_ce = -(finite.sum(-1) / n_choices).mean()
-    smoothed = (1 - PAPER.label_smoothing) * nll + PAPER.label_smoothing * uniform_ce
-    entropy = -(finite.exp() * finite).sum(-1).mean()
-    loss = smoothed - PAPER.entropy_bonus * entropy
+    loss, nll = data_term(log_probs, labels, mask, label_smoothing, entropy_bonus)
     for term in (kl_flow, kl_cond):
         if term is not None:
             loss = loss + kl_weight * term

@@ -2,7 +2,8 @@
 rule and the option values it brings, so the loop has no per-recipe branches.
 
 * ``elbo``: the per-example ELBO (METHOD.md section 3), β = kl_scale/N_train with an optional linear
-  warm-up, linear lr warm-up/decay, no weight decay on variational parameters.
+  warm-up, linear lr warm-up/decay, no weight decay on variational parameters, no regularisers unless
+  asked (``--label-smoothing``, ``--entropy-bonus``).
 * ``paper``: the authors' recipe (label smoothing 0.05, entropy bonus 0.05, KL weight 0.1/steps_per_epoch
   from epoch 2, lr ÷10 at epochs 2 and 4, weight decay 0.027 on everything, lr 7.39e-4, 6 epochs).
 
@@ -41,11 +42,13 @@ class Recipe:
 
 class ElboRecipe(Recipe):
     name = "elbo"
-    defaults = {"lr": 1e-3, "weight_decay": 0.0, "kl_scale": 1.0}
+    defaults = {"lr": 1e-3, "weight_decay": 0.0, "kl_scale": 1.0, "label_smoothing": 0.0, "entropy_bonus": 0.0}
 
     def loss(self, out, batch, ctx, cfg) -> LossParts:
         beta = cfg.kl_scale * beta_at(ctx.step, ctx.n_train, cfg.kl_warmup_steps)
-        return elbo_loss(out["log_probs"], batch["labels"], out["kl_flow"], out["kl_cond"], beta)
+        mask = batch.get("label_mask", batch.get("choice_mask"))
+        return elbo_loss(out["log_probs"], batch["labels"], out["kl_flow"], out["kl_cond"], beta, mask,
+                         cfg.label_smoothing, cfg.entropy_bonus)
 
     def lr_factor(self, cfg, steps_per_epoch, total_steps):
         warmup = int(cfg.warmup_ratio * total_steps)
@@ -60,13 +63,15 @@ class ElboRecipe(Recipe):
 
 class PaperRecipe(Recipe):
     name = "paper"
-    defaults = {"lr": PAPER.lr, "epochs": PAPER.epochs, "weight_decay": PAPER.weight_decay, "kl_scale": 1.0}
+    defaults = {"lr": PAPER.lr, "epochs": PAPER.epochs, "weight_decay": PAPER.weight_decay, "kl_scale": 1.0,
+                "label_smoothing": PAPER.label_smoothing, "entropy_bonus": PAPER.entropy_bonus}
     decays_variational = True
 
     def loss(self, out, batch, ctx, cfg) -> LossParts:
         mask = batch.get("label_mask", batch.get("choice_mask"))
         weight = cfg.kl_scale * paper_kl_weight(ctx.epoch, ctx.steps_per_epoch)
-        return paper_loss(out["log_probs"], batch["labels"], mask, out["kl_flow"], out["kl_cond"], weight)
+        return paper_loss(out["log_probs"], batch["labels"], mask, out["kl_flow"], out["kl_cond"], weight,
+                          cfg.label_smoothing, cfg.entropy_bonus)
 
     def lr_factor(self, cfg, steps_per_epoch, total_steps):
         return lambda step: paper_lr_factor(step // steps_per_epoch)
