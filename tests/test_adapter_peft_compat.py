@@ -90,6 +90,27 @@ def test_load_adapter_adds_a_second_bayesian_adapter_and_leaves_the_first(tmp_pa
         bayeslora.load_adapter(model, tmp_path, "other")
 
 
+def test_failed_load_adapter_leaves_no_adapter_behind(tmp_path):
+    model = bayeslora.get_model(tiny("llama"), config("llama"))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()  # the config alone: the weights cannot load
+    with pytest.raises(Exception):
+        bayeslora.load_adapter(model, tmp_path, "second")
+    assert list(model.peft_config) == ["default"]
+    assert not any("second" in m.lora_bayes for m in model.modules() if isinstance(m, BayesLoraLinear))
+
+
+def test_distributed_checkpoint_state_dict_round_trip():
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    model = bayeslora.get_model(tiny("llama"), config("llama"))
+    trained_like(model)
+    fresh = bayeslora.get_model(tiny("llama", seed=3), config("llama"))
+    set_model_state_dict(fresh, get_model_state_dict(model))
+    for name, value in bayes_tensors(model, "default").items():
+        assert torch.equal(bayes_tensors(fresh, "default")[name], value), name
+
+
 def test_state_dict_round_trip_through_the_model_itself():
     model = bayeslora.get_model(tiny("gpt2"), config("gpt2"))
     trained_like(model)
@@ -169,6 +190,22 @@ def test_add_weighted_adapter_mixes_a_bayesian_and_a_plain_adapter():
     model.add_weighted_adapter(["default", "plain"], [1.0, 1.0], "sum", combination_type="cat")
     for name, delta in _delta(model, "sum").items():
         torch.testing.assert_close(delta, first[name] + second[name], rtol=1e-5, atol=1e-6)
+
+
+def test_add_weighted_adapter_survives_pickling_and_takes_a_source_twice():
+    import io
+
+    model = bayeslora.get_model(tiny("llama"), config("llama"))
+    trained_like(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)  # our own object, never a user's file
+    first = _delta(restored, "default")
+    restored.add_weighted_adapter(["default", "default"], [0.5, 0.25], "twice", combination_type="cat")
+    for name, delta in _delta(restored, "twice").items():
+        torch.testing.assert_close(delta, 0.75 * first[name], rtol=1e-5, atol=1e-6)
+    assert not any("twice" in m.lora_bayes for m in restored.modules() if isinstance(m, BayesLoraLinear))
 
 
 def test_add_weighted_adapter_on_plain_adapters_is_peft_unchanged():

@@ -137,6 +137,39 @@ def test_mean_without_flow_is_exact_and_matches_draw_average():
     assert ((w.mean(0) - mean).abs() <= 4 * se).all()
 
 
+@pytest.mark.parametrize("log_scale_bias", [0.0, -4.0, 1.0])
+def test_mean_with_a_flow_beats_the_plain_flow_average(log_scale_bias):
+    """The control-variate mean (U0, with estimated β) is closer to a 2^20-draw reference than the plain
+    average of the same 4096 draws, also for flows that shrink or stretch their input."""
+    f = make_factor(flow_depth=1, sigma=1.0, sigma_max=1.0, rows=9, cols=9, d_out=4, d_in=32)
+    with torch.no_grad():
+        f.flow.transforms[0].hyper[-1].bias[1::2] = log_scale_bias
+        f.flow.transforms[0].hyper[-1].weight.normal_(0, 0.1)
+        p = StackedFactors.of([f], torch.float64)
+        reference = mean_group(p, 1 << 18, 123)
+        plain_err, cv_err = 0.0, 0.0
+        for seed in range(4):
+            eps = mean_flow_noise(p.shape, 4096, seed, p.mean).expand(1, 4096, 9, 9)
+            u_w, _ = apply_flows([f.flow], p.mean.unsqueeze(1) + p.sigma.unsqueeze(1) * eps)
+            geo = geometry(p)
+            plain = p.shape.prior_scale * (geo.proj_rows @ (geo.chol_rows @ u_w.mean(1)
+                                           @ geo.chol_cols.transpose(-1, -2) @ geo.proj_cols))
+            plain_err += (plain - reference).square().mean().item()
+            cv_err += (mean_group(p, 4096, seed) - reference).square().mean().item()
+    assert cv_err < plain_err / 1.5  # measured: ~2x (shrinking flow) to >10x better
+
+
+def test_mean_of_an_identity_flow_is_the_inducing_mean_exactly():
+    f = make_factor(flow_depth=1, sigma=0.5, sigma_max=1.0)
+    with torch.no_grad():
+        for transform in f.flow.transforms:
+            transform.hyper[-1].weight.zero_()
+            transform.hyper[-1].bias.zero_()
+        f.inducing_mean.zero_()
+        p = StackedFactors.of([f], torch.float64)
+        assert torch.equal(mean_group(p, 4096, 0), torch.zeros_like(mean_group(p, 4096, 0)))
+
+
 def test_mean_flow_noise_is_device_independent_and_seeded():
     shape = make_factor().shape
     like = torch.zeros((), dtype=torch.float32)

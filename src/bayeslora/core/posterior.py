@@ -172,11 +172,12 @@ def mean_group(p: StackedFactors, mean_samples: int, seed: int) -> Tensor:
     """Posterior mean E_q[W] of every factor, (G, d_o, d_i) (METHOD.md section 4).
 
     E[W] = σ_p T_r L_r E[U_w] L_cᵀ T_c since the conditional noise has mean zero. Without a flow
-    E[U_w] = m exactly. With one, E[U_w] = m + E[T(U0) − U0] (E[U0] = m exactly), and only the flow's
-    residual T(U0) − U0 is averaged over ``mean_samples`` fixed draws (:func:`mean_flow_noise` with
-    ``seed``): a control variate, so an identity flow gives E[U_w] = m to the last bit (a fresh
-    ``init_lora_weights=True`` adapter is exactly the base model in mean mode), and a near-identity
-    flow's Monte-Carlo error scales with its departure from the identity, not with σ_U.
+    E[U_w] = m exactly. With one, E[U_w] is averaged over ``mean_samples`` fixed draws
+    (:func:`mean_flow_noise` with ``seed``) with U0 as a control variate (E[U0] = m is known):
+    E[U_w] ≈ m + mean(T(U0) − U0) + (1 − β)(mean(U0) − m), with β = Cov(T(U0), U0)/Var(U0) per entry
+    estimated from the same draws. An identity flow gives β = 1 and E[U_w] = m to the last bit (a
+    fresh ``init_lora_weights=True`` adapter is exactly the base model in mean mode); a flow that
+    rescales its input gets β ≈ its scale, so the estimate is never worse than the plain average.
     """
     if p.factors[0].flow is None:
         mean_w = p.mean
@@ -185,7 +186,9 @@ def mean_group(p: StackedFactors, mean_samples: int, seed: int) -> Tensor:
         eps = eps.expand(len(p.factors), *eps.shape)
         u_w, _ = _whitened(p, eps)
         u0 = p.mean.unsqueeze(1) + p.sigma.unsqueeze(1) * eps
-        mean_w = p.mean + (u_w - u0).mean(1)
+        centred_u0 = u0 - u0.mean(1, keepdim=True)
+        beta = (centred_u0 * (u_w - u_w.mean(1, keepdim=True))).sum(1) / centred_u0.square().sum(1)
+        mean_w = p.mean + (u_w - u0).mean(1) + (1 - beta) * (u0.mean(1) - p.mean)
     geo = geometry(p)
     u = geo.chol_rows @ mean_w @ geo.chol_cols.transpose(-1, -2)
     return p.shape.prior_scale * (geo.proj_rows @ (u @ geo.proj_cols))

@@ -19,7 +19,8 @@ from .sampler import PosteriorSampler, full_precision
 
 __all__ = [
     "attach", "count_parameters", "fixed_sample", "get_model", "get_sampler", "kl_breakdown",
-    "kl_divergence", "load", "load_adapter", "posterior_stats", "set_draw_seed", "set_draw_seeds", "set_mode", "using_mode",
+    "kl_divergence", "load", "load_adapter", "posterior_stats", "set_draw_seed", "set_draw_seeds",
+    "set_mode", "using_mode",
 ]
 
 _SAMPLER_ATTR = "_bayeslora_sampler"
@@ -49,7 +50,8 @@ def attach(model: nn.Module) -> nn.Module:
     an ``add_weighted_adapter`` that combines posterior means (:mod:`.combine`); returns ``model``."""
     inner = _inner_model(model)
     tuner = model.base_model if isinstance(model, peft.PeftModel) else model
-    install_combination(tuner)
+    if isinstance(tuner, peft.tuners.lora.LoraModel):
+        install_combination(tuner)
     if inner.__dict__.get(_SAMPLER_ATTR) is None:
         inner.__dict__[_SAMPLER_ATTR] = PosteriorSampler(inner)
     untie_targets(inner)
@@ -93,8 +95,13 @@ def load_adapter(model: peft.PeftModel, path: str | os.PathLike, adapter_name: s
         raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
     config = prepare_config(BayesLoraConfig.from_pretrained(str(path)))
     config.inference_mode = not is_trainable
-    model.add_adapter(adapter_name, config, low_cpu_mem_usage=peft_kwargs.get("low_cpu_mem_usage", False))
-    model.load_adapter(str(path), adapter_name, is_trainable=is_trainable, **peft_kwargs)
+    creation = {k: peft_kwargs[k] for k in ("low_cpu_mem_usage", "autocast_adapter_dtype") if k in peft_kwargs}
+    model.add_adapter(adapter_name, config, **creation)
+    try:
+        model.load_adapter(str(path), adapter_name, is_trainable=is_trainable, **peft_kwargs)
+    except BaseException:
+        model.delete_adapter(adapter_name)  # never leave a half-built random adapter behind
+        raise
     return attach(model)
 
 

@@ -4,7 +4,8 @@ PEFT's ``LoraModel.add_weighted_adapter`` reads the ``lora_A``/``lora_B`` weight
 Bayesian adapter has none, so PEFT alone would inject a fresh (random) Bayesian adapter and skip every
 layer, silently. Combining posteriors has no standard meaning; combining posterior means (the weights
 ``merge_and_unload`` merges, scaling · E[B] E[A]) does. So :func:`install` (called by
-``bayeslora.attach``) gives the model's ``LoraModel`` this method: each Bayesian source becomes a
+``bayeslora.attach``) makes the model's ``LoraModel`` a :class:`BayesLoraModel`, a subclass whose only
+change is this method (a class, so it survives pickling and ``deepcopy``): each Bayesian source becomes a
 temporary plain adapter holding E[A], E[B] (same rank, alpha and targets), PEFT's own method combines
 them with any of its combination types, and the temporaries are deleted. The result is a **plain,
 deterministic LoRA adapter**; its config has ``bayesian_modules=[]``.
@@ -13,7 +14,6 @@ deterministic LoRA adapter**; its config has ``bayesian_modules=[]``.
 from __future__ import annotations
 
 import dataclasses
-import types
 
 import torch
 from peft.tuners.lora import LoraModel
@@ -21,7 +21,7 @@ from torch import nn
 
 from .layer import BayesLoraLinear
 
-__all__ = ["add_weighted_adapter", "install"]
+__all__ = ["BayesLoraModel", "install"]
 
 _SUFFIX = "__posterior_mean"
 
@@ -54,31 +54,32 @@ def _as_plain_adapter(lora_model: LoraModel, adapter: str) -> str:
     return name
 
 
-def add_weighted_adapter(self: LoraModel, adapters: list[str], weights: list[float], adapter_name: str,
-                         *args, **kwargs) -> None:
-    """PEFT's ``add_weighted_adapter``; Bayesian sources enter through their posterior means."""
-    bayesian = {a for layer in _layers(self) for a in layer.lora_bayes if a in adapters}
-    if not bayesian or adapter_name in self.peft_config:
-        return LoraModel.add_weighted_adapter(self, adapters, weights, adapter_name, *args, **kwargs)
-    missing = [a for a in adapters if a not in self.peft_config]
-    if missing:
-        raise ValueError(f"add_weighted_adapter: adapter {missing[0]!r} does not exist")
-    temporaries: list[str] = []
-    try:
-        sources = []
-        for adapter in adapters:
-            if adapter in bayesian:
-                temporaries.append(_as_plain_adapter(self, adapter))
-                sources.append(temporaries[-1])
-            else:
-                sources.append(adapter)
-        LoraModel.add_weighted_adapter(self, sources, weights, adapter_name, *args, **kwargs)
-    finally:
-        for name in temporaries:
-            self.delete_adapter(name)
+class BayesLoraModel(LoraModel):
+    """PEFT's LoraModel; ``add_weighted_adapter`` also takes Bayesian sources (their posterior means)."""
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             *args, **kwargs) -> None:
+        bayesian = {a for layer in _layers(self) for a in layer.lora_bayes if a in adapters}
+        if not bayesian or adapter_name in self.peft_config:
+            return super().add_weighted_adapter(adapters, weights, adapter_name, *args, **kwargs)
+        missing = [a for a in adapters if a not in self.peft_config]
+        if missing:
+            raise ValueError(f"add_weighted_adapter: adapter {missing[0]!r} does not exist")
+        temporaries: dict[str, str] = {}
+        try:
+            for adapter in dict.fromkeys(adapters):  # each source once, even when listed twice
+                if adapter in bayesian:
+                    temporaries[adapter] = _as_plain_adapter(self, adapter)
+            sources = [temporaries.get(a, a) for a in adapters]
+            super().add_weighted_adapter(sources, weights, adapter_name, *args, **kwargs)
+        finally:
+            for name in temporaries.values():
+                self.delete_adapter(name)
 
 
-def install(lora_model: nn.Module) -> None:
-    """Give this ``LoraModel`` instance the method above (``PeftModel`` forwards to it)."""
-    if isinstance(lora_model, LoraModel):
-        lora_model.__dict__["add_weighted_adapter"] = types.MethodType(add_weighted_adapter, lora_model)
+def install(tuner: nn.Module) -> None:
+    """Make a PeftModel's ``LoraModel`` a :class:`BayesLoraModel` (same state, one more capability)."""
+    if not isinstance(tuner, LoraModel):
+        raise TypeError(f"expected PEFT's LoraModel under the PeftModel, got {type(tuner).__name__}")
+    if type(tuner) is LoraModel:
+        tuner.__class__ = BayesLoraModel

@@ -50,13 +50,26 @@ class FactorPair(nn.ModuleDict):
     def _nested_names(self) -> list[str]:
         """Every key of the nested state dict (shared tensors, e.g. zuko's masks, under each name)."""
         names = [n for n, _ in self.named_parameters(remove_duplicate=False)]
-        return names + [n for n, _ in self.named_buffers(remove_duplicate=False)]
+        names += [n for n, _ in self.named_buffers(remove_duplicate=False)]
+        if any(self.SEP in n for n in names):  # flat keys must map back to one nested name each
+            raise ValueError(f"a factor parameter name contains {self.SEP!r}: {[n for n in names if self.SEP in n]}")
+        return names
+
+    def __getattr__(self, name: str):
+        """``pair.A__flow__transforms__0__...`` is ``pair.A.flow.transforms[0]...``: a flat state-dict key
+        stays an attribute path, as ``torch.distributed.checkpoint`` requires of every key."""
+        if self.SEP in name and not name.startswith("_"):
+            target = self
+            for part in name.split(self.SEP):
+                target = getattr(target, part)
+            return target
+        return super().__getattr__(name)
 
     @staticmethod
     def _flatten_keys(module: "FactorPair", state_dict: dict, prefix: str, local_metadata: dict) -> None:
         nested = [k for k in list(state_dict) if k.startswith(prefix) and "." in k[len(prefix):]]
         for key in nested:
-            state_dict[prefix + key[len(prefix):].replace(".", FactorPair.SEP)] = state_dict.pop(key)
+            state_dict[prefix + key[len(prefix):].replace(".", module.SEP)] = state_dict.pop(key)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
