@@ -16,13 +16,13 @@ from tiny_models import save_tiny_causal
 
 import bayeslora
 from bayeslora import cli
-from bayeslora.data import CausalCollator, causal_prompt, load_task
+from bayeslora.data import causal_prompt, load_task
 from bayeslora.runs import load_run_model
 
 
 def logits_of(run: Path, examples) -> dict[str, torch.Tensor]:
     method, model, scorer, tokenizer, _, _ = load_run_model(run)
-    batch = CausalCollator(tokenizer)(examples)
+    batch = scorer.make_collator(tokenizer)(examples)
     out = {}
     with torch.no_grad():
         for mode in ("mean", "sample"):

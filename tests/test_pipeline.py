@@ -205,7 +205,10 @@ def test_gradient_accumulation_equals_the_larger_batch(workspace, tmp_path):
         runs[name] = load_file(str(out / "adapters" / "epoch-0" / "adapter_model.safetensors"))
     assert runs["whole"].keys() == runs["accumulated"].keys()
     for key in runs["whole"]:
-        assert torch.allclose(runs["whole"][key], runs["accumulated"][key], atol=1e-5), key
+        # choice rows are padded per micro-batch, so sums differ in the last bits and Adam magnifies
+        # that on near-zero gradients (measured 1.5e-5); a wrong accumulation is off by ~lr = 1e-2
+        diff = (runs["whole"][key] - runs["accumulated"][key]).abs().max()
+        assert diff < 1e-4, (key, diff)
 
 
 def test_bf16_mixed_precision_training_runs(workspace, tmp_path):

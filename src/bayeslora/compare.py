@@ -140,6 +140,7 @@ def run_plan(plan: Plan, log=print) -> None:
     """Train every run and evaluate it on its sets, skipping what the output folder already holds."""
     from .runs import evaluate_run
     from .training import TrainConfig, resolve, train
+    from .training.config import RESOLVED_AT_TRAINING
 
     plan.validate()
     runs = plan.runs()
@@ -153,8 +154,9 @@ def run_plan(plan: Plan, log=print) -> None:
         label = f"[{i + 1}/{len(runs)}] {budget.name} {task} {cell.label} seed {seed}"
         wanted = resolve(_train_config(plan, budget, task, cell, seed)).to_dict()
         stored = folder.read_config()["train"] if folder.config.exists() else wanted
-        if stored != wanted:
-            changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k)
+                         and not (k in RESOLVED_AT_TRAINING and wanted.get(k) is None))
+        if changed:
             raise ValueError(f"{folder.config}: this run was trained with other settings ({changed}); "
                              "use another --output or another cell label")
         if not folder.is_trained():

@@ -27,6 +27,11 @@ from .training.config import TrainConfig
 __all__ = ["evaluate_run", "load_run_model"]
 
 
+def _legacy_protocol(kind: str) -> str:
+    """Runs recorded before the scoring option existed scored causal LMs by their label tokens."""
+    return "labels" if kind == "causal" else "pairs"
+
+
 def load_run_model(run_dir: Path, device: torch.device | str = "cpu"):
     """(method, model, scorer, tokenizer, config, selection) of a run's selected adapter."""
     cfg = TrainConfig.from_run(run_dir)
@@ -34,7 +39,7 @@ def load_run_model(run_dir: Path, device: torch.device | str = "cpu"):
     method = get_method(cfg.method, cfg.method_options)
     loaded = load_base_model(cfg.model, dtype=cfg.dtype, kind=cfg.model_kind)
     model = method.load(loaded.model, adapter, cfg.lora()).to(device)
-    scorer = make_scorer(loaded.kind, model).load(adapter).to(device)
+    scorer = make_scorer(loaded.kind, model, cfg.scoring or _legacy_protocol(loaded.kind)).load(adapter).to(device)
     return method, model, scorer, loaded.tokenizer, cfg, selection
 
 
@@ -60,7 +65,7 @@ def evaluate_run(run_dir: str | Path, task: str, split: str, *, data_dir: Option
     draws = result.log_probs.shape[1]
     record = {
         "task": task, "split": split, "method": cfg.method, "mode": mode, "samples": draws,
-        **metrics, "recipe": cfg.recipe, "selection_rule": selection["rule"], "selected_epoch": selection["epoch"],
+        **metrics, "scoring": scorer.protocol, "recipe": cfg.recipe, "selection_rule": selection["rule"], "selected_epoch": selection["epoch"],
         "truncated": result.truncated, "eval_seconds": result.seconds,
         "examples_per_second": len(examples) / max(result.seconds, 1e-9),
         "peak_memory_bytes": result.peak_memory_bytes, "batched": batched, "seed": seed, "run": str(run_dir),

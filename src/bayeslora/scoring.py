@@ -2,8 +2,11 @@
 
 One small interface for both model kinds, so every method and metric works for both:
 
-* causal LMs: next-token logits at the last prompt position (prompts are left-padded), restricted to
-  the answer-label tokens;
+* causal LMs, protocol ``labels`` (the paper's): next-token logits at the last prompt position (prompts
+  are left-padded), restricted to the answer-label tokens;
+* causal LMs, protocols ``loglik`` and ``loglik-norm`` (the default for causal LMs): the summed (or
+  per-token mean) log-probability of each choice's text given a context, one row per choice, as
+  lm-evaluation-harness scores multiple choice; the same cross-entropy over choices trains them;
 * encoders: a trainable linear head on the mean-pooled final hidden state of each (context, choice)
   pair; the head is trained with the adapter and saved beside it.
 
@@ -24,9 +27,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .data import CausalCollator, EncoderCollator, regroup_pair_scores
+from .data import CausalChoiceCollator, CausalCollator, EncoderCollator, regroup_pair_scores
 
-__all__ = ["CausalScorer", "ChoiceScorer", "EncoderScorer", "make_scorer", "SCORER_FILE"]
+__all__ = ["CausalLoglikScorer", "CausalScorer", "ChoiceScorer", "EncoderScorer", "PROTOCOLS", "make_scorer",
+           "SCORER_FILE", "default_protocol"]
+
+PROTOCOLS = {"causal": ("loglik", "loglik-norm", "labels"), "encoder": ("pairs",)}  # the first is the default
 
 SCORER_FILE = "scorer.safetensors"
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
@@ -51,6 +57,7 @@ class ChoiceScorer(nn.Module):
     """Base class: ``choice_logits(model, batch, num_samples)`` -> ((S, B, C) logits, (B, C) mask)."""
 
     kind: str = ""
+    protocol: str = ""
 
     def make_collator(self, tokenizer: Any, max_length: int | None = None) -> Callable:
         raise NotImplementedError
@@ -77,6 +84,7 @@ class CausalScorer(ChoiceScorer):
     """Last-position logits over the answer-label tokens; has no parameters."""
 
     kind = "causal"
+    protocol = "labels"
 
     def make_collator(self, tokenizer: Any, max_length: int | None = None) -> Callable:
         return CausalCollator(tokenizer, max_length)
@@ -94,10 +102,45 @@ class CausalScorer(ChoiceScorer):
         return logits.masked_fill(~mask, float("-inf")), mask
 
 
+class CausalLoglikScorer(ChoiceScorer):
+    """Log-likelihood of each choice's continuation tokens given its context; has no parameters.
+
+    Rows are left-padded, so every continuation ends at the last position and only the last K + 1
+    positions' logits are computed (``logits_to_keep``), never a (rows, L, vocab) tensor.
+    ``normalise`` divides each sum by the continuation's token count (``loglik-norm``).
+    """
+
+    kind = "causal"
+
+    def __init__(self, normalise: bool = False) -> None:
+        super().__init__()
+        self.normalise = normalise
+        self.protocol = "loglik-norm" if normalise else "loglik"
+
+    def make_collator(self, tokenizer: Any, max_length: int | None = None) -> Callable:
+        return CausalChoiceCollator(tokenizer, max_length)
+
+    def choice_logits(self, model: nn.Module, batch: dict[str, Any], num_samples: int = 1) -> tuple[Tensor, Tensor]:
+        inputs = _repeat(batch, ("input_ids", "attention_mask", "position_ids"), num_samples)
+        cont = batch["continuation_mask"]  # (N, K)
+        k = cont.shape[1]
+        if "logits_to_keep" in _base_forward_params(model):
+            inputs["logits_to_keep"] = k + 1
+        logits = model(**inputs).logits[:, -(k + 1):-1, :]  # positions predicting the last K tokens
+        targets = inputs["input_ids"][:, -k:]
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        mask = cont.repeat(num_samples, 1).to(logp.dtype)
+        scores = (logp * mask).sum(-1)
+        if self.normalise:
+            scores = scores / mask.sum(-1)
+        return regroup_pair_scores(scores.view(num_samples, -1), batch["n_choices"])
+
+
 class EncoderScorer(ChoiceScorer):
     """A linear head on the mean-pooled last hidden state of each (context, choice) pair."""
 
     kind = "encoder"
+    protocol = "pairs"
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
@@ -116,10 +159,21 @@ class EncoderScorer(ChoiceScorer):
         return logits, choice_mask
 
 
-def make_scorer(kind: str, model: nn.Module) -> ChoiceScorer:
-    """The scorer for a model kind ("causal" or "encoder"); encoder heads are sized from the config."""
-    if kind == "causal":
+def default_protocol(kind: str) -> str:
+    if kind not in PROTOCOLS:
+        raise ValueError(f"unknown model kind {kind!r}")
+    return PROTOCOLS[kind][0]
+
+
+def make_scorer(kind: str, model: nn.Module, protocol: str | None = None) -> ChoiceScorer:
+    """The scorer for a model kind ("causal" or "encoder") and scoring protocol (None: the kind's
+    default, see ``PROTOCOLS``); encoder heads are sized from the config."""
+    protocol = protocol or default_protocol(kind)
+    if protocol not in PROTOCOLS.get(kind, ()):
+        raise ValueError(f"--scoring {protocol!r} does not apply to {kind} models; "
+                         f"choose one of {', '.join(PROTOCOLS.get(kind, ()))}")
+    if protocol == "labels":
         return CausalScorer()
-    if kind == "encoder":
-        return EncoderScorer(model.config.hidden_size)
-    raise ValueError(f"unknown model kind {kind!r}")
+    if protocol in ("loglik", "loglik-norm"):
+        return CausalLoglikScorer(normalise=protocol == "loglik-norm")
+    return EncoderScorer(model.config.hidden_size)

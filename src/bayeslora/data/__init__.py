@@ -37,6 +37,7 @@ from .synthetic import SyntheticConfig
 from .tasks import TASKS, fit_and_val, load_task, split_files
 
 _LAZY = {
+    "CausalChoiceCollator": "collate",
     "CausalCollator": "collate",
     "EncoderCollator": "collate",
     "label_token_ids": "collate",
@@ -59,6 +60,7 @@ __all__ = [
     "DATA_DIR_ENV",
     "MMLU_SUBJECTS",
     "TASKS",
+    "CausalChoiceCollator",
     "CausalCollator",
     "DataFormatError",
     "EncoderCollator",

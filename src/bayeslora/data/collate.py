@@ -1,4 +1,5 @@
-"""Batch collation for causal LMs (left-padded prompts + label tokens) and encoders (choice pairs).
+"""Batch collation for causal LMs (left-padded prompts + label tokens, or one left-padded
+(context, choice) row per choice for the log-likelihood protocol) and encoders (choice pairs).
 
 Both collators take a Hugging Face tokenizer (any object with the tokenizer ``__call__``; nothing here
 imports model code) and return ``torch`` tensors. Padding is done here rather than by the tokenizer so
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from .example import MCExample
-from .prompts import answer_cue, causal_prompt_segments, encoder_pair_segments, label_strings
+from .prompts import answer_cue, causal_prompt_segments, encoder_pair_segments, label_strings, loglik_pair_segments
 from .truncation import fit_segments
 
 
@@ -172,6 +173,72 @@ class EncoderCollator:
             uids=[ex.uid for ex in examples],
         )
         return out
+
+
+class CausalChoiceCollator:
+    """Collate :class:`MCExample` rows into left-padded (context + continuation) rows, one per choice.
+
+    Returns (N = total choices in the batch, L = longest row, K = longest continuation):
+    ``input_ids``, ``attention_mask``, ``position_ids`` (N, L), rows in example-major order and
+    left-padded, so every continuation ends at the last position; ``continuation_mask`` (N, K), True
+    on the last ``k_i`` of the K final positions (row i's continuation tokens); ``n_choices`` (B,);
+    ``choice_mask`` (B, C); ``labels`` (B,); ``truncated`` (int, examples whose context was shortened);
+    ``uids``. The continuation's ids are those that ``context + continuation`` adds to ``context``
+    (so BPE merges across the boundary are the tokenizer's own), else its separate tokenization.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length or _default_max_length(tokenizer, 4096)
+        self.pad_id = _pad_id(tokenizer)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, verbose=False)["input_ids"]
+
+    def encode(self, context: list, continuation: str) -> tuple[list[int], int, bool]:
+        """(row ids, continuation length, whether the context was shortened)."""
+        cont_alone = self.tokenizer(continuation, add_special_tokens=False, verbose=False)["input_ids"]
+        if not cont_alone:
+            raise ValueError(f"a choice continuation tokenizes to nothing: {continuation!r}")
+        budget = self.max_length - len(cont_alone)
+        text, cut = fit_segments(context, lambda t: len(self._ids(t)), budget, self.tokenizer)
+        ctx, whole = self._ids(text), self._ids(text + continuation)
+        if len(whole) > len(ctx) and whole[: len(ctx)] == ctx and len(whole) <= self.max_length:
+            return whole, len(whole) - len(ctx), cut
+        return ctx + cont_alone, len(cont_alone), cut
+
+    def __call__(self, examples: Sequence[MCExample]) -> dict[str, Any]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        rows, lengths, truncated = [], [], 0
+        for ex in examples:
+            any_cut = False
+            for context, continuation in loglik_pair_segments(ex):
+                ids, k, cut = self.encode(context, continuation)
+                rows.append(ids)
+                lengths.append(k)
+                any_cut |= cut
+            truncated += any_cut
+        width, k_max = max(len(r) for r in rows), max(lengths)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        continuation_mask = torch.zeros((len(rows), k_max), dtype=torch.bool)
+        for i, (ids, k) in enumerate(zip(rows, lengths)):
+            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, width - len(ids):] = 1
+            continuation_mask[i, k_max - k:] = True
+        n_choices = torch.tensor([ex.n_choices for ex in examples], dtype=torch.long)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+            "continuation_mask": continuation_mask,
+            "n_choices": n_choices,
+            "choice_mask": torch.arange(int(n_choices.max()))[None, :] < n_choices[:, None],
+            "labels": torch.tensor([ex.answer for ex in examples], dtype=torch.long),
+            "truncated": truncated,
+            "uids": [ex.uid for ex in examples],
+        }
 
 
 def regroup_pair_scores(scores: torch.Tensor, n_choices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

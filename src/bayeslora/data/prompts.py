@@ -40,7 +40,8 @@ Prompts are lists of :class:`Segment` so truncation can shorten the passage (fir
 (a Wikipedia paragraph leads with its topic); the question keeps its end (long MMLU questions put a
 source text first and the actual question last).
 
-Encoders score (context, choice) pairs, see :func:`encoder_pair_segments`.
+Encoders score (context, choice) pairs, see :func:`encoder_pair_segments`. Causal LMs can instead be
+scored by the log-likelihood of each choice's text given a context (:func:`loglik_pair_segments`).
 """
 
 from __future__ import annotations
@@ -159,3 +160,34 @@ def encoder_pair_segments(example: MCExample) -> list[tuple[list[Segment], str]]
 def encoder_pairs(example: MCExample) -> list[tuple[str, str]]:
     """The untruncated (context, choice) text pairs of ``example``, one per choice."""
     return [(render(context), second) for context, second in encoder_pair_segments(example)]
+
+
+def loglik_pair_segments(example: MCExample) -> list[tuple[list[Segment], str]]:
+    """Per choice, the (context segments, continuation) whose continuation tokens a causal LM scores.
+
+    The choice log-likelihood protocol, as lm-evaluation-harness scores multiple choice:
+
+    * multiple choice: ``Question: {question}\nAnswer:`` (after ``Passage: {passage}\n`` if present),
+      continuation ``" {choice}"``;
+    * BoolQ: ``{passage}\nQuestion: {question}?\nAnswer:``, continuation ``" false"`` / ``" true"``;
+    * WinoGrande: the sentence up to the blank with the option filled in, continuation the rest of the
+      sentence (the same text for both options, so only the context differs).
+
+    Only the context is ever shortened (passage first, then the question from its start).
+    """
+    if example.kind is Kind.WINOGRANDE:
+        before, _, after = example.question.partition("_")
+        rest = " " + after.strip()
+        return [([Segment(before, "tail", QUESTION_PRIORITY), Segment(option)], rest) for option in example.choices]
+    if example.kind is Kind.BOOLQ:
+        context = [
+            Segment(example.passage or "", "head", PASSAGE_PRIORITY),
+            Segment("\nQuestion: "),
+            Segment(example.question.rstrip().rstrip("?"), "tail", QUESTION_PRIORITY),
+            Segment(f"?\n{ANSWER_CUE}"),
+        ]
+        return [(context, f" {choice}") for choice in example.choices]
+    context = [Segment("Question: "), Segment(example.question, "tail", QUESTION_PRIORITY), Segment(f"\n{ANSWER_CUE}")]
+    if example.passage is not None:
+        context = [Segment("Passage: "), Segment(example.passage, "head", PASSAGE_PRIORITY), Segment("\n"), *context]
+    return [(context, f" {choice}") for choice in example.choices]

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from ..layout import RunFolder
 
-__all__ = ["SELECTION_RULES", "TrainConfig", "add_train_arguments", "config_from_args", "resolve"]
+__all__ = ["RESOLVED_AT_TRAINING", "SELECTION_RULES", "TrainConfig", "add_train_arguments", "config_from_args", "resolve"]
 
 SELECTION_RULES = ("last", "best-val-nll")
 
@@ -43,6 +43,10 @@ class TrainConfig:
     model_kind: Optional[str] = option(None, "override the detected model kind", choices=["causal", "encoder"])
     dtype: str = option("float32", "dtype of the base model", choices=["float32", "bfloat16", "float16"])
     mixed_precision: str = option("no", "autocast precision", choices=["no", "bf16", "fp16"])
+    scoring: Optional[str] = option(None, "how choices are scored (default: the model kind's first): causal "
+                                    "LMs loglik (summed log-likelihood of each choice's text), loglik-norm "
+                                    "(per token) or labels (the paper's answer-label tokens); encoders pairs",
+                                    choices=["loglik", "loglik-norm", "labels", "pairs"])
     r: int = option(8, "LoRA rank")
     lora_alpha: int = option(16, "LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = option(0.0, "dropout on the LoRA input")
@@ -130,6 +134,11 @@ class TrainConfig:
     def from_run(cls, run_dir: str | Path) -> "TrainConfig":
         folder = RunFolder(run_dir)
         return cls.from_dict(folder.read_config()["train"], str(folder.config))
+
+
+# Left unset, these are filled only once the model is loaded (the scoring protocol depends on its kind);
+# the run's config.json records the value used.
+RESOLVED_AT_TRAINING = ("scoring",)
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:

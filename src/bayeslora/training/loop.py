@@ -8,6 +8,8 @@ Adapter draws are seeded by (seed, micro-batch), identical on every rank.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import platform
@@ -108,7 +110,8 @@ class Trainer:
         loaded = load_base_model(cfg.model, dtype=cfg.dtype, kind=cfg.model_kind)
         self.kind, self.tokenizer = loaded.kind, loaded.tokenizer
         model = self.method.build(loaded.model, cfg.lora())
-        scorer = make_scorer(loaded.kind, model)
+        scorer = make_scorer(loaded.kind, model, cfg.scoring)
+        self.cfg = cfg = dataclasses.replace(cfg, scoring=scorer.protocol)  # recorded as resolved
         self.module = TrainModule(self.method, model, scorer).to(self.acc.device)
         self.collator = scorer.make_collator(self.tokenizer, cfg.max_length)
         if cfg.val_file is None:  # fit on train less the seeded val slice, select on the slice
