@@ -81,3 +81,32 @@ def test_protocols_belong_to_a_model_kind(lm):
     assert make_scorer("causal", model, "labels").protocol == "labels"
     with pytest.raises(ValueError, match="does not apply to causal"):
         make_scorer("causal", model, "pairs")
+
+
+def test_zero_shot_evaluation_of_a_base_model_needs_no_run(tmp_path, monkeypatch):
+    import json
+
+    from test_pipeline import write_task
+    from tiny_models import save_tiny_encoder
+
+    from bayeslora import cli
+    from bayeslora.data import causal_prompt, load_task
+
+    data = write_task(tmp_path / "rows.jsonl", n=12, kind="causal")
+    rows = load_task("jsonl", "train", file=data)
+    texts = [render(c) + t for ex in rows for c, t in loglik_pair_segments(ex)] + [causal_prompt(ex) for ex in rows]
+    model = save_tiny_causal(tmp_path / "lm", texts)
+    out = tmp_path / "zs" / "metrics.json"
+    args = ["evaluate", "--model", model, "--task", "jsonl", "--split", "train", "--data-file", str(data)]
+    assert cli.main(args + ["--output", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert (record["method"], record["scoring"], record["n"], record["run"]) == ("zero-shot", "loglik", 12, None)
+    assert out.with_name("predictions.jsonl").exists() and 0 <= record["acc"] <= 1
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(args + ["--scoring", "labels"]) == 0
+    default = tmp_path / "zero-shot" / "lm" / "metrics-jsonl-train-zero-shot-mean-S1.json"
+    assert json.loads(default.read_text())["scoring"] == "labels"
+    encoder = save_tiny_encoder(tmp_path / "enc")
+    assert cli.main(["evaluate", "--model", encoder, "--task", "jsonl", "--split", "train", "--data-file",
+                     str(data)]) == 2
+    assert cli.main(["evaluate", "--task", "jsonl", "--split", "train"]) == 2  # neither --run nor --model

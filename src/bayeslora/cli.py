@@ -48,9 +48,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="score a run's selected adapter on a split",
-                       description="Accuracy and calibration (ACC, ECE, NLL, Brier) of a trained run.")
-    p.add_argument("--run", required=True)
+    p = sub.add_parser("evaluate", help="score a run's selected adapter (or a base model zero-shot) on a split",
+                       description="Accuracy and calibration (ACC, ECE, NLL, Brier) of a trained run, or with "
+                                   "--model and no --run, of a causal base model zero-shot.")
+    p.add_argument("--run", help="run folder (omit with --model for zero-shot)")
+    p.add_argument("--model", help="zero-shot: a causal LM (Hub id, folder, .gguf, smollm2); needs no --run")
+    p.add_argument("--scoring", choices=["loglik", "loglik-norm", "labels"],
+                   help="zero-shot scoring protocol (default loglik; a run uses its recorded one)")
+    p.add_argument("--max-length", type=int, help="zero-shot: truncate prompts to this many tokens")
     p.add_argument("--task", required=True)
     p.add_argument("--split", required=True, help="train, dev, test (MMLU: dev, test, fewshot; synthetic: ood)")
     p.add_argument("--data-dir")
@@ -66,12 +71,21 @@ def _evaluate_parser(sub) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .runs import evaluate_run
+    from .runs import evaluate_base, evaluate_run
 
-    record = evaluate_run(args.run, args.task, args.split, data_dir=args.data_dir, data_file=args.data_file,
-                          samples=args.samples, mode=args.mode, output=args.output, batch_size=args.batch_size,
-                          seed=args.seed, batched=not args.sequential, max_examples=args.max_examples,
-                          device=args.device)
+    if (args.run is None) == (args.model is None):
+        raise ValueError("evaluate: give --run RUN_DIR (a trained run) or --model MODEL (zero-shot), not both")
+    if args.run is None:
+        record = evaluate_base(args.model, args.task, args.split, scoring=args.scoring, data_dir=args.data_dir,
+                               data_file=args.data_file, output=args.output, batch_size=args.batch_size,
+                               max_examples=args.max_examples, max_length=args.max_length, device=args.device)
+    else:
+        if args.scoring or args.max_length:
+            raise ValueError("evaluate --run: the run's recorded --scoring and --max-length apply")
+        record = evaluate_run(args.run, args.task, args.split, data_dir=args.data_dir, data_file=args.data_file,
+                              samples=args.samples, mode=args.mode, output=args.output, batch_size=args.batch_size,
+                              seed=args.seed, batched=not args.sequential, max_examples=args.max_examples,
+                              device=args.device)
     print(f"{record['task']}/{record['split']} {record['method']} {record['mode']} S={record['samples']} "
           f"n={record['n']}: acc {100 * record['acc']:.2f} ece {100 * record['ece']:.2f} "
           f"nll {record['nll']:.4f} brier {record['brier']:.4f}")

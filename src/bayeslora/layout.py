@@ -10,6 +10,7 @@ lives here only::
     RUN/checkpoint/              the resumable training state (see bayeslora.training.checkpoint)
     RUN/eval/metrics-STEM.json   one evaluation: task, split, mode, draws, ACC/ECE/NLL/Brier, ...
     RUN/eval/predictions-STEM.jsonl, RUN/eval/reliability-STEM.png   beside it
+    zero-shot/MODEL/metrics-STEM.json (and its two files)   evaluate --model without a run
 
 This module imports nothing of the model stack, so the report reads runs without loading torch.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EvalFiles", "RunFolder", "METRICS_GLOB", "eval_stem", "previous_version"]
+__all__ = ["EvalFiles", "RunFolder", "METRICS_GLOB", "eval_stem", "previous_version", "zero_shot_files"]
 
 METRICS_GLOB = "metrics*.json"
 
@@ -34,6 +35,11 @@ def previous_version(target: Path) -> Path:
 def eval_stem(task: str, split: str, method: str, mode: str, samples: int) -> str:
     """The name shared by one evaluation's metrics, predictions and reliability files."""
     return f"{task}-{split}-{method}-{mode}-S{samples}"
+
+
+def zero_shot_files(model: str, stem: str) -> "EvalFiles":
+    """Where ``bayeslora evaluate --model M`` (no run folder) writes: ``zero-shot/<M's name>/``."""
+    return EvalFiles(Path("zero-shot") / Path(model).name / f"metrics-{stem}.json")
 
 
 @dataclass(frozen=True)

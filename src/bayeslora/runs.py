@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -19,12 +19,12 @@ from .evaluation import compute_metrics, reliability_bins, save_reliability_diag
 from .evaluation.predict import predict_examples
 from .evaluation.report import atomic_write, write_json_atomic
 from .methods import get_method
-from .layout import EvalFiles, RunFolder, eval_stem
+from .layout import EvalFiles, RunFolder, eval_stem, zero_shot_files
 from .models import load_base_model
 from .scoring import make_scorer
 from .training.config import TrainConfig
 
-__all__ = ["evaluate_run", "load_run_model"]
+__all__ = ["evaluate_base", "evaluate_run", "load_run_model"]
 
 
 def _legacy_protocol(kind: str) -> str:
@@ -53,10 +53,46 @@ def evaluate_run(run_dir: str | Path, task: str, split: str, *, data_dir: Option
     method, model, scorer, tokenizer, cfg, selection = load_run_model(run_dir, device)
     mode = mode or method.default_mode
     model = method.prepare_eval(model, mode)
+    facts = {"method": cfg.method, "recipe": cfg.recipe, "selection_rule": selection["rule"],
+             "selected_epoch": selection["epoch"], "run": str(run_dir), "model": cfg.model}
+    return _score(method, model, scorer, tokenizer, task, split, facts, data_dir=data_dir, data_file=data_file,
+                  samples=samples, mode=mode, batch_size=batch_size, seed=seed, batched=batched,
+                  max_examples=max_examples, device=device, max_length=cfg.max_length,
+                  output=output, default_files=RunFolder(run_dir).eval_files)
+
+
+def evaluate_base(model_name: str, task: str, split: str, *, scoring: Optional[str] = None,
+                  data_dir: Optional[str] = None, data_file: Optional[str] = None,
+                  output: Optional[str | Path] = None, batch_size: int = 32, max_examples: Optional[int] = None,
+                  max_length: Optional[int] = None, dtype: str = "float32", device: Optional[str] = None
+                  ) -> dict[str, Any]:
+    """Zero-shot: score the base model itself (no adapter), so users see where fine-tuning starts.
+
+    Only causal LMs can: an encoder scores choices with a head that fine-tuning trains.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loaded = load_base_model(model_name, dtype=dtype)
+    if loaded.kind != "causal":
+        raise ValueError(f"--model {model_name}: zero-shot evaluation needs a causal LM; an {loaded.kind} "
+                         "scores choices with a head that training fits (train a run, then --run)")
+    model = loaded.model.to(device).eval()
+    scorer = make_scorer(loaded.kind, model, scoring).to(device)
+    facts = {"method": "zero-shot", "recipe": None, "selection_rule": None, "selected_epoch": None, "run": None,
+             "model": model_name}
+    return _score(get_method("lora"), model, scorer, loaded.tokenizer, task, split, facts, data_dir=data_dir,
+                  data_file=data_file, samples=1, mode="mean", batch_size=batch_size, seed=0, batched=True,
+                  max_examples=max_examples, device=device, max_length=max_length, output=output,
+                  default_files=lambda stem: zero_shot_files(model_name, stem))
+
+
+def _score(method, model, scorer, tokenizer, task: str, split: str, facts: dict[str, Any], *,
+           data_dir, data_file, samples: int, mode: str, batch_size: int, seed: int, batched: bool,
+           max_examples, device, max_length, output, default_files: Callable[[str], EvalFiles]) -> dict[str, Any]:
+    """Predict, compute the metrics, and write the metrics, predictions and reliability files."""
     examples = load_task(task, split, data_dir, data_file)
     if max_examples is not None:
         examples = examples[:max_examples]
-    collator = scorer.make_collator(tokenizer, cfg.max_length)
+    collator = scorer.make_collator(tokenizer, max_length)
     result = predict_examples(method, model, scorer, examples, collator, mode=mode, samples=samples,
                               batch_size=batch_size, seed=seed, batched=batched, device=device)
     summary = summarise_samples(result.log_probs.transpose(0, 1), result.mask)
@@ -64,21 +100,23 @@ def evaluate_run(run_dir: str | Path, task: str, split: str, *, data_dir: Option
     metrics = compute_metrics(log_p_bar, result.labels, result.mask, kind="log_probs")
     draws = result.log_probs.shape[1]
     record = {
-        "task": task, "split": split, "method": cfg.method, "mode": mode, "samples": draws,
-        **metrics, "scoring": scorer.protocol, "recipe": cfg.recipe, "selection_rule": selection["rule"], "selected_epoch": selection["epoch"],
+        "task": task, "split": split, "method": facts["method"], "mode": mode, "samples": draws,
+        **metrics, "scoring": scorer.protocol, "recipe": facts["recipe"], "selection_rule": facts["selection_rule"],
+        "selected_epoch": facts["selected_epoch"],
         "truncated": result.truncated, "eval_seconds": result.seconds,
         "examples_per_second": len(examples) / max(result.seconds, 1e-9),
-        "peak_memory_bytes": result.peak_memory_bytes, "batched": batched, "seed": seed, "run": str(run_dir),
-        "data_file": data_file, "model": cfg.model,
+        "peak_memory_bytes": result.peak_memory_bytes, "batched": batched, "seed": seed, "run": facts["run"],
+        "data_file": data_file, "model": facts["model"],
     }
-    files = EvalFiles(Path(output)) if output else RunFolder(run_dir).eval_files(
-        eval_stem(task, split, cfg.method, mode, draws))
+    stem = eval_stem(task, split, facts["method"], mode, draws)
+    files = EvalFiles(Path(output)) if output else default_files(stem)
     out = files.metrics
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, record)
     _write_predictions(files.predictions, result, summary)
     bins = reliability_bins(log_p_bar, result.labels, result.mask, kind="log_probs")
-    save_reliability_diagram(bins, files.reliability, metrics, label=f"{cfg.method} {mode} S={draws} on {task}/{split}")
+    save_reliability_diagram(bins, files.reliability, metrics,
+                             label=f"{facts['method']} {mode} S={draws} on {task}/{split}")
     record["reliability_png"] = str(files.reliability)
     record["metrics_file"] = str(out)
     return record
