@@ -152,6 +152,9 @@ def test_bad_inputs_fail_with_clear_messages(workspace, tmp_path, capsys):
     assert "bad.jsonl:2" in err
     assert cli.main(["evaluate", "--run", str(tmp_path / "nothing"), "--task", "jsonl", "--split", "dev"]) == 2
     assert "config.json" in capsys.readouterr().err
+    plain = train_args(workspace, "causal", "lora", tmp_path / "run2", "--max-steps", "1", "--mean-lr-factor", "5")
+    assert cli.main(plain) == 2  # a Bayesian-LoRA flag is refused for --method lora, never silently ignored
+    assert "--mean-lr-factor is an option of --method bayeslora" in capsys.readouterr().err
 
 
 def _history(run: Path) -> list:

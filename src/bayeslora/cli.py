@@ -22,8 +22,13 @@ def _train_parser(sub, full: bool = True) -> None:
     add_train_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    owners: dict[str, tuple[str, str, object]] = {}  # dest -> (method, flag, default)
     for cls in METHODS.values():
+        before = len(p._actions)
         cls.add_arguments(p)
+        for action in p._actions[before:]:
+            owners[action.dest] = (cls.name, action.option_strings[0], action.default)
+    p.set_defaults(_method_flags=owners)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -41,6 +46,9 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"the following arguments are required: {', '.join(missing)}")
         if args.method not in METHODS:
             raise ValueError(f"--method: unknown method {args.method!r}; available: {', '.join(sorted(METHODS))}")
+        for dest, (owner, flag, default) in getattr(args, "_method_flags", {}).items():
+            if owner != args.method and getattr(args, dest) != default:
+                raise ValueError(f"{flag} is an option of --method {owner}, not of --method {args.method}")
         cfg = config_from_args(args, METHODS[args.method].options_from_args(args))
     train(cfg, resume=args.resume)
     print(f"run folder: {cfg.output}")
