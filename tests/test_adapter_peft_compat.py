@@ -235,12 +235,16 @@ def test_set_mode_reaches_layers_created_later(family):
 
 
 # ------------------------------------------------------------------------------ 5. init_lora_weights
+def base_and_outputs(family, batch):
+    base = tiny(family)
+    with torch.no_grad():
+        return base, outputs(base, batch)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_init_lora_weights_true_starts_exactly_at_the_base_model(family):
     batch = inputs()
-    base = tiny(family)
-    with torch.no_grad():
-        expected = outputs(base, batch)
+    base, expected = base_and_outputs(family, batch)
     defaults = BayesLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[family])  # init_lora_weights=True
     model = bayeslora.get_model(base, defaults)
     torch.testing.assert_close(mean_outputs(model, batch), expected, rtol=0, atol=0)
@@ -255,9 +259,7 @@ def test_init_lora_weights_true_starts_exactly_at_the_base_model(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_init_lora_weights_false_is_a_visible_random_adapter(family):
     batch = inputs()
-    base = tiny(family)
-    with torch.no_grad():
-        expected = outputs(base, batch)
+    base, expected = base_and_outputs(family, batch)
     model = bayeslora.get_model(base, config(family, init_lora_weights=False))
     assert (mean_outputs(model, batch) - expected).abs().max() > 1e-3
 

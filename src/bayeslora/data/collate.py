@@ -62,6 +62,28 @@ def _default_max_length(tokenizer: Any, cap: int) -> int:
     return int(value) if isinstance(value, int) and 0 < value < cap else cap
 
 
+def _left_padded(rows: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask``, ``position_ids`` (N, L) of token rows padded on the left."""
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, width - len(ids):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+def _item_fields(examples: Sequence[MCExample], truncated: int) -> dict[str, Any]:
+    """The per-item fields of a batch scored as one row per choice: ``n_choices``, ``choice_mask``,
+    ``labels``, ``truncated``, ``uids``."""
+    n_choices = torch.tensor([ex.n_choices for ex in examples], dtype=torch.long)
+    return {"n_choices": n_choices,
+            "choice_mask": torch.arange(int(n_choices.max()))[None, :] < n_choices[:, None],
+            "labels": torch.tensor([ex.answer for ex in examples], dtype=torch.long),
+            "truncated": truncated, "uids": [ex.uid for ex in examples]}
+
+
 class CausalCollator:
     """Collate :class:`MCExample` rows into a left-padded causal-LM batch.
 
@@ -101,22 +123,15 @@ class CausalCollator:
         if not examples:
             raise ValueError("cannot collate an empty batch")
         encoded = [self.encode(ex) for ex in examples]
-        width = max(len(ids) for ids, _ in encoded)
         n_max = max(ex.n_choices for ex in examples)
         batch = len(examples)
-        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, width), dtype=torch.long)
         label_ids = torch.zeros((batch, n_max), dtype=torch.long)
         label_mask = torch.zeros((batch, n_max), dtype=torch.bool)
-        for row, (ex, (ids, _)) in enumerate(zip(examples, encoded)):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids) :] = 1
+        for row, ex in enumerate(examples):
             label_ids[row, : ex.n_choices] = torch.tensor(self.label_ids(ex), dtype=torch.long)
             label_mask[row, : ex.n_choices] = True
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+            **_left_padded([ids for ids, _ in encoded], self.pad_id),
             "label_token_ids": label_ids,
             "label_mask": label_mask,
             "labels": torch.tensor([ex.answer for ex in examples], dtype=torch.long),
@@ -164,14 +179,7 @@ class EncoderCollator:
             if key in enc:
                 rows = [ids + [fill] * (width - len(ids)) for ids in enc[key]]
                 out[key] = torch.tensor(rows, dtype=torch.long)
-        n_choices = torch.tensor([ex.n_choices for ex in examples], dtype=torch.long)
-        out.update(
-            n_choices=n_choices,
-            choice_mask=torch.arange(int(n_choices.max()))[None, :] < n_choices[:, None],
-            labels=torch.tensor([ex.answer for ex in examples], dtype=torch.long),
-            truncated=truncated,
-            uids=[ex.uid for ex in examples],
-        )
+        out.update(_item_fields(examples, truncated))
         return out
 
 
@@ -200,9 +208,14 @@ class CausalChoiceCollator:
         cont_alone = self.tokenizer(continuation, add_special_tokens=False, verbose=False)["input_ids"]
         if not cont_alone:
             raise ValueError(f"a choice continuation tokenizes to nothing: {continuation!r}")
-        budget = self.max_length - len(cont_alone)
-        text, cut = fit_segments(context, lambda t: len(self._ids(t)), budget, self.tokenizer)
-        ctx, whole = self._ids(text), self._ids(text + continuation)
+        seen: dict[str, list[int]] = {}
+
+        def count(text: str) -> int:
+            seen[text] = self._ids(text)
+            return len(seen[text])
+
+        text, cut = fit_segments(context, count, self.max_length - len(cont_alone), self.tokenizer)
+        ctx, whole = seen[text], self._ids(text + continuation)
         if len(whole) > len(ctx) and whole[: len(ctx)] == ctx and len(whole) <= self.max_length:
             return whole, len(whole) - len(ctx), cut
         return ctx + cont_alone, len(cont_alone), cut
@@ -219,26 +232,12 @@ class CausalChoiceCollator:
                 lengths.append(k)
                 any_cut |= cut
             truncated += any_cut
-        width, k_max = max(len(r) for r in rows), max(lengths)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        k_max = max(lengths)
         continuation_mask = torch.zeros((len(rows), k_max), dtype=torch.bool)
-        for i, (ids, k) in enumerate(zip(rows, lengths)):
-            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, width - len(ids):] = 1
+        for i, k in enumerate(lengths):
             continuation_mask[i, k_max - k:] = True
-        n_choices = torch.tensor([ex.n_choices for ex in examples], dtype=torch.long)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
-            "continuation_mask": continuation_mask,
-            "n_choices": n_choices,
-            "choice_mask": torch.arange(int(n_choices.max()))[None, :] < n_choices[:, None],
-            "labels": torch.tensor([ex.answer for ex in examples], dtype=torch.long),
-            "truncated": truncated,
-            "uids": [ex.uid for ex in examples],
-        }
+        return {**_left_padded(rows, self.pad_id), "continuation_mask": continuation_mask,
+                **_item_fields(examples, truncated)}
 
 
 def regroup_pair_scores(scores: torch.Tensor, n_choices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

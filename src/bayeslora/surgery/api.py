@@ -49,9 +49,7 @@ def attach(model: nn.Module) -> nn.Module:
     """Attach the model-level sampler (idempotent), untie tied adapter targets, and give the LoraModel
     an ``add_weighted_adapter`` that combines posterior means (:mod:`.combine`); returns ``model``."""
     inner = _inner_model(model)
-    tuner = model.base_model if isinstance(model, peft.PeftModel) else model
-    if isinstance(tuner, peft.tuners.lora.LoraModel):
-        install_combination(tuner)
+    install_combination(model.base_model if isinstance(model, peft.PeftModel) else model)
     if inner.__dict__.get(_SAMPLER_ATTR) is None:
         inner.__dict__[_SAMPLER_ATTR] = PosteriorSampler(inner)
     untie_targets(inner)

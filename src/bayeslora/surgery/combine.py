@@ -78,8 +78,7 @@ class BayesLoraModel(LoraModel):
 
 
 def install(tuner: nn.Module) -> None:
-    """Make a PeftModel's ``LoraModel`` a :class:`BayesLoraModel` (same state, one more capability)."""
-    if not isinstance(tuner, LoraModel):
-        raise TypeError(f"expected PEFT's LoraModel under the PeftModel, got {type(tuner).__name__}")
+    """Make a PeftModel's ``LoraModel`` a :class:`BayesLoraModel` (same state, one more capability);
+    anything else (a model with injected layers, another LoraModel subclass) is left as it is."""
     if type(tuner) is LoraModel:
         tuner.__class__ = BayesLoraModel

@@ -104,9 +104,6 @@ def paper_lr_factor(epoch: int) -> float:
 def paper_loss(log_probs: Tensor, labels: Tensor, mask: Tensor, kl_flow: Optional[Tensor],
                kl_cond: Optional[Tensor], kl_weight: float, label_smoothing: float = PAPER.label_smoothing,
                entropy_bonus: float = PAPER.entropy_bonus) -> LossParts:
-    """Label-smoothed CE over each item's own choices, minus an entropy bonus, plus w·KL."""
-    loss, nll = data_term(log_probs, labels, mask, label_smoothing, entropy_bonus)
-    for term in (kl_flow, kl_cond):
-        if term is not None:
-            loss = loss + kl_weight * term
-    return LossParts(loss, nll.detach(), kl_flow, kl_cond, kl_weight)
+    """Label-smoothed CE over each item's own choices, minus an entropy bonus, plus w·KL: the
+    :func:`elbo_loss` with the paper's regularisers and its KL weight w in place of β."""
+    return elbo_loss(log_probs, labels, kl_flow, kl_cond, kl_weight, mask, label_smoothing, entropy_bonus)

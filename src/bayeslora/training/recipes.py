@@ -20,6 +20,11 @@ from .objective import PAPER, LossParts, beta_at, elbo_loss, paper_kl_weight, pa
 __all__ = ["RECIPES", "Recipe", "StepContext"]
 
 
+def _choice_mask(batch: dict[str, Any]):
+    """Which choices each item has: ``label_mask`` (label-token scoring) or ``choice_mask`` (pairs)."""
+    return batch.get("label_mask", batch.get("choice_mask"))
+
+
 class StepContext:
     """Where training stands when a loss is computed."""
 
@@ -46,7 +51,7 @@ class ElboRecipe(Recipe):
 
     def loss(self, out, batch, ctx, cfg) -> LossParts:
         beta = cfg.kl_scale * beta_at(ctx.step, ctx.n_train, cfg.kl_warmup_steps)
-        mask = batch.get("label_mask", batch.get("choice_mask"))
+        mask = _choice_mask(batch)
         return elbo_loss(out["log_probs"], batch["labels"], out["kl_flow"], out["kl_cond"], beta, mask,
                          cfg.label_smoothing, cfg.entropy_bonus)
 
@@ -68,7 +73,7 @@ class PaperRecipe(Recipe):
     decays_variational = True
 
     def loss(self, out, batch, ctx, cfg) -> LossParts:
-        mask = batch.get("label_mask", batch.get("choice_mask"))
+        mask = _choice_mask(batch)
         weight = cfg.kl_scale * paper_kl_weight(ctx.epoch, ctx.steps_per_epoch)
         return paper_loss(out["log_probs"], batch["labels"], mask, out["kl_flow"], out["kl_cond"], weight,
                           cfg.label_smoothing, cfg.entropy_bonus)
