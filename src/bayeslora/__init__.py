@@ -1,7 +1,7 @@
 """bayeslora: Bayesian-LoRA fine-tuning of Hugging Face models with calibrated uncertainty.
 
 Public API (see README): ``BayesLoraConfig``, ``get_model``, ``load``, ``load_adapter``, ``attach``,
-``set_mode``, ``using_mode``, ``fixed_sample``, ``set_draw_seed(s)``, ``kl_divergence``, ``kl_breakdown``,
+``set_mode``, ``using_mode``, ``set_posterior_scale``, ``fixed_sample``, ``set_draw_seed(s)``, ``kl_divergence``, ``kl_breakdown``,
 ``posterior_stats``, ``count_parameters``. They are imported on first use, so ``bayeslora.data``,
 ``bayeslora.evaluation`` and ``bayeslora report`` do not pay for importing transformers and PEFT.
 """
@@ -18,7 +18,7 @@ _EXPORTS = {
     **{name: "bayeslora.surgery" for name in (
         "BayesLoraLinear", "attach", "count_parameters", "fixed_sample", "get_model", "get_sampler",
         "kl_breakdown", "kl_divergence", "load", "load_adapter", "posterior_stats", "set_draw_seed",
-        "set_draw_seeds", "set_mode", "using_mode",
+        "set_draw_seeds", "set_mode", "set_posterior_scale", "using_mode",
     )},
 }
 

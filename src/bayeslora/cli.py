@@ -1,4 +1,5 @@
-"""The ``bayeslora`` command line: train, evaluate, report, quickstart. Parsing and wiring only."""
+"""The ``bayeslora`` command line: train, evaluate, calibrate, compare, report, quickstart. Parsing and
+wiring only."""
 
 from __future__ import annotations
 
@@ -76,14 +77,65 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--sequential", action="store_true", help="S sequential passes instead of one S×B pass")
     p.add_argument("--max-examples", type=int)
     p.add_argument("--device")
+    p.add_argument("--calibration", help="apply this post-hoc calibration of the run (fitted by bayeslora "
+                                         "calibrate), in the mode it was fitted in")
+
+
+def _calibration_names() -> list[str]:
+    from .calibration import CALIBRATIONS
+
+    return sorted(CALIBRATIONS)
+
+
+def _calibration_help(name: str) -> str:
+    from .calibration import CALIBRATIONS
+
+    return CALIBRATIONS[name].help
+
+
+def _calibrate_parser(sub, full: bool) -> None:
+    names = _calibration_names() if full else []
+    what = " ".join(f"{name}: {_calibration_help(name)}." for name in names)
+    p = sub.add_parser("calibrate", help="fit a post-hoc calibration of a trained run on its val slice",
+                       description="Fit a post-hoc calibration on the run's val slice (the rows its checkpoint "
+                                   "was selected on; never the split it is reported on) and write "
+                                   "RUN/calibration/NAME.json; then: bayeslora evaluate --run RUN --calibration "
+                                   f"NAME. {what}")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--calibration", required=True, choices=names or None,
+                   help="which calibration to fit")
+    p.add_argument("--mode", choices=["sample", "mean", "merged"], help="the mode it calibrates (default: the "
+                   "method's default); evaluate applies it in this mode")
+    p.add_argument("--samples", type=int, default=4, help="predictive draws in sample mode (default 4)")
+    p.add_argument("--data-dir", help="where the run's task data is now (default: as recorded)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (the same for every setting tried)")
+    p.add_argument("--device")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .runs import calibrate_run
+
+    record = calibrate_run(args.run, args.calibration, mode=args.mode, samples=args.samples,
+                           batch_size=args.batch_size, seed=args.seed, data_dir=args.data_dir, device=args.device)
+    before, after = record["val_before"], record["val_after"]
+    params = ", ".join(f"{k} {v:.4g}" for k, v in record["params"].items())
+    print(f"{args.calibration} on val (n={record['fitted_on']['n']}, {record['mode']} mode): {params}; "
+          f"nll {before['nll']:.4f} -> {after['nll']:.4f}, ece {100 * before['ece']:.2f} -> {100 * after['ece']:.2f}, "
+          f"acc {100 * before['acc']:.2f} -> {100 * after['acc']:.2f}")
+    print(f"calibration: {record['file']}")
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from .layout import method_label
     from .runs import evaluate_base, evaluate_run
 
     if (args.run is None) == (args.model is None):
         raise ValueError("evaluate: give --run RUN_DIR (a trained run) or --model MODEL (zero-shot), not both")
     if args.run is None:
+        if args.calibration:
+            raise ValueError("evaluate --calibration calibrates a trained run: give --run")
         record = evaluate_base(args.model, args.task, args.split, scoring=args.scoring, data_dir=args.data_dir,
                                data_file=args.data_file, output=args.output, batch_size=args.batch_size,
                                max_examples=args.max_examples, max_length=args.max_length, device=args.device)
@@ -93,8 +145,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         record = evaluate_run(args.run, args.task, args.split, data_dir=args.data_dir, data_file=args.data_file,
                               samples=args.samples, mode=args.mode, output=args.output, batch_size=args.batch_size,
                               seed=args.seed, batched=not args.sequential, max_examples=args.max_examples,
-                              device=args.device)
-    print(f"{record['task']}/{record['split']} {record['method']} {record['mode']} S={record['samples']} "
+                              device=args.device, calibration=args.calibration)
+    print(f"{record['task']}/{record['split']} {method_label(record['method'], record['calibration'])} {record['mode']} S={record['samples']} "
           f"n={record['n']}: acc {100 * record['acc']:.2f} ece {100 * record['ece']:.2f} "
           f"nll {record['nll']:.4f} brier {record['brier']:.4f}")
     print(f"metrics: {record['metrics_file']}\nreliability diagram: {record['reliability_png']}")
@@ -138,6 +190,9 @@ def _compare_parser(sub) -> None:
     p.add_argument("--samples", type=int, default=4, help="predictive draws in sample mode (default 4)")
     p.add_argument("--max-length", type=int, default=128, help="default 128")
     p.add_argument("--reference", default="lora", help="the cell others are paired with (default lora)")
+    p.add_argument("--calibrations", nargs="*", default=[],
+                   help="also fit these post-hoc calibrations on each run's val slice and report them as cells "
+                        "LABEL+NAME (temperature, posterior-scale; default none)")
     p.add_argument("--summary-only", action="store_true", help="only re-read what exists and write the tables")
 
 
@@ -148,7 +203,7 @@ def _compare(args: argparse.Namespace) -> int:
                 seeds=args.seeds, budgets=[BUDGETS[b] for b in args.budgets],
                 ood_train=None if args.ood_train == "none" else args.ood_train, ood_eval=args.ood_eval,
                 model=args.model, data_dir=args.data_dir, split=args.split, samples=args.samples,
-                max_length=args.max_length, reference=args.reference)
+                max_length=args.max_length, reference=args.reference, calibrations=args.calibrations)
     if not args.summary_only:
         run_plan(plan)
     json_path, md_path = write_summary(plan)
@@ -162,6 +217,7 @@ def build_parser(command: Optional[str] = "train") -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub, full=command == "train")
     _evaluate_parser(sub)
+    _calibrate_parser(sub, full=command == "calibrate")
     _compare_parser(sub)
     p = sub.add_parser("report", help="compare metrics of runs in one table")
     p.add_argument("runs", nargs="+", help="run folders or metrics json files")
@@ -176,8 +232,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
-    handler = {"train": _train, "evaluate": _evaluate, "report": _report, "quickstart": _quickstart,
-               "compare": _compare}[args.command]
+    handler = {"train": _train, "evaluate": _evaluate, "calibrate": _calibrate, "report": _report,
+               "quickstart": _quickstart, "compare": _compare}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as exc:

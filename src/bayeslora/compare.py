@@ -8,7 +8,9 @@ scores them on ARC-Easy, ARC-Challenge and MMLU STEM.
 
 Runs and evaluations are files in the output folder (one run folder each, see :mod:`bayeslora.layout`),
 so an interrupted comparison resumes where it stopped: trained runs and existing metrics are skipped, a
-half-trained run resumes from its checkpoint. ``summarise`` reads everything back and writes
+half-trained run resumes from its checkpoint. With ``--calibrations``, each run is also calibrated post hoc
+on its val slice (``temperature``, ``posterior-scale`` where the method has a posterior) and evaluated
+through it, as the extra cells ``LABEL+CALIBRATION`` (e.g. ``lora+temperature``). ``summarise`` reads everything back and writes
 ``compare.json`` and ``compare.md`` (means ± std over seeds, paired bootstrap intervals against the
 reference cell, the ECE noise floor beside every ECE, posterior statistics, and the issue's targets).
 """
@@ -24,7 +26,7 @@ from typing import Any, Optional
 
 import torch
 
-from .layout import RunFolder, eval_stem
+from .layout import RunFolder, eval_stem, method_label
 
 __all__ = ["Budget", "Cell", "Plan", "run_plan", "summarise"]
 
@@ -80,10 +82,27 @@ class Plan:
     samples: int = 4
     max_length: Optional[int] = 128
     reference: str = "lora"
+    calibrations: list[str] = field(default_factory=list)
+
+    def variants(self, cell: Cell) -> list[tuple[str, Optional[str]]]:
+        """(table label, calibration) of a cell: itself, then each calibration that applies to its method."""
+        from .calibration import get_calibration
+        from .methods import get_method
+
+        method = get_method(cell.method)
+        return [(cell.label, None)] + [(method_label(cell.label, c), c) for c in self.calibrations
+                                       if get_calibration(c).applies_to(method)]
+
+    def method_of(self, label: str) -> str:
+        return next(c.method for c in self.cells for name, _ in self.variants(c) if name == label)
 
     def validate(self) -> None:
+        from .calibration import CALIBRATIONS
         from .methods import METHODS
 
+        unknown = sorted(set(self.calibrations) - set(CALIBRATIONS))
+        if unknown:
+            raise ValueError(f"--calibrations: unknown {unknown}; available: {', '.join(sorted(CALIBRATIONS))}")
         labels = [c.label for c in self.cells]
         if len(set(labels)) != len(labels):
             raise ValueError(f"--cells: labels must be unique, got {labels}")
@@ -180,8 +199,30 @@ def run_plan(plan: Plan, log=print) -> None:
                                  mode=mode, seed=seed)
                 log(f"{label}: {eval_task}/{plan.split} {mode}: acc {100 * r['acc']:.1f} ece {100 * r['ece']:.1f} "
                     f"nll {r['nll']:.4f}")
+        for _, calibration in plan.variants(cell)[1:]:
+            _calibrated_evals(plan, folder, cfg.method, calibration, task, seed, label, log)
         elapsed = time.perf_counter() - start
         log(f"{label}: done; elapsed {elapsed / 60:.1f} min")
+
+
+def _calibrated_evals(plan: Plan, folder: RunFolder, method: str, calibration: str, task: str, seed: int,
+                      label: str, log) -> None:
+    """Fit ``calibration`` on the run's val slice once, then score every set of the run through it."""
+    from .runs import calibrate_run, evaluate_run
+
+    mode = _modes(method)[0]
+    samples = plan.samples if mode == "sample" else 1
+    if not folder.calibration_file(calibration).exists():
+        r = calibrate_run(folder.root, calibration, mode=mode, samples=plan.samples, seed=seed, data_dir=plan.data_dir)
+        log(f"{label}: {calibration} fitted on val: {r['params']}, nll {r['val_before']['nll']:.4f} -> "
+            f"{r['val_after']['nll']:.4f}")
+    for eval_task, _ in plan.evals_of(task):
+        if folder.eval_files(eval_stem(eval_task, plan.split, method, mode, samples, calibration)).metrics.exists():
+            continue
+        r = evaluate_run(folder.root, eval_task, plan.split, data_dir=plan.data_dir, samples=samples, seed=seed,
+                         calibration=calibration)
+        log(f"{label}: {eval_task}/{plan.split} +{calibration}: acc {100 * r['acc']:.1f} ece {100 * r['ece']:.1f} "
+            f"nll {r['nll']:.4f}")
 
 
 # ------------------------------------------------------------------------------ summary
@@ -225,21 +266,23 @@ def summarise(plan: Plan) -> dict[str, Any]:
         if not folder.config.exists():
             continue
         method = folder.read_config()["train"]["method"]
-        for eval_task, kind in plan.evals_of(task):
-            for mode in _modes(method, kind):
-                samples = plan.samples if mode == "sample" else 1
-                files = folder.eval_files(eval_stem(eval_task, plan.split, method, mode, samples))
-                if not files.metrics.exists():
-                    continue
-                m = load_metrics(files.metrics)
-                ex = _per_example(_predictions(files.predictions))
-                per_example.setdefault((budget.name, task, eval_task, cell.label, mode), {})[seed] = ex
-                rows.append({"budget": budget.name, "train_task": task, "eval_task": eval_task, "kind": kind,
-                             "cell": cell.label, "mode": mode, "seed": seed, "n": m["n"], "acc": m["acc"],
-                             "ece": m["ece"], "nll": m["nll"], "brier": m["brier"],
-                             "ece_floor": ece_noise_floor(ex["confidence"]), "mi": float(ex["mi"].mean()),
-                             "mi_share": float(ex["mi"].sum() / ex["entropy"].sum().clamp_min(1e-12)),
-                             "posterior": _posterior(folder)})
+        cases = [(eval_task, kind, name, calibration, mode)
+                 for eval_task, kind in plan.evals_of(task) for name, calibration in plan.variants(cell)
+                 for mode in (_modes(method, kind) if calibration is None else _modes(method)[:1])]
+        for eval_task, kind, name, calibration, mode in cases:
+            samples = plan.samples if mode == "sample" else 1
+            files = folder.eval_files(eval_stem(eval_task, plan.split, method, mode, samples, calibration))
+            if not files.metrics.exists():
+                continue
+            m = load_metrics(files.metrics)
+            ex = _per_example(_predictions(files.predictions))
+            per_example.setdefault((budget.name, task, eval_task, name, mode), {})[seed] = ex
+            rows.append({"budget": budget.name, "train_task": task, "eval_task": eval_task, "kind": kind,
+                         "cell": name, "mode": mode, "seed": seed, "n": m["n"], "acc": m["acc"],
+                         "ece": m["ece"], "nll": m["nll"], "brier": m["brier"],
+                         "ece_floor": ece_noise_floor(ex["confidence"]), "mi": float(ex["mi"].mean()),
+                         "mi_share": float(ex["mi"].sum() / ex["entropy"].sum().clamp_min(1e-12)),
+                         "posterior": _posterior(folder)})
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["budget"], r["train_task"], r["eval_task"], r["kind"], r["cell"], r["mode"]), []).append(r)
@@ -273,7 +316,7 @@ def summarise(plan: Plan) -> dict[str, Any]:
     return {"plan": {"tasks": plan.tasks, "ood_train": plan.ood_train, "ood_eval": plan.ood_eval,
                      "cells": [c.__dict__ for c in plan.cells], "seeds": plan.seeds, "split": plan.split,
                      "budgets": [b.__dict__ for b in plan.budgets], "model": plan.model, "samples": plan.samples,
-                     "reference": plan.reference},
+                     "reference": plan.reference, "calibrations": plan.calibrations},
             "rows": rows, "table": table, "targets": targets(table, plan)}
 
 
@@ -282,7 +325,7 @@ def targets(table: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
     out = []
     index = {(e["budget"], e["train_task"], e["eval_task"], e["cell"], e["mode"]): e for e in table}
     for e in table:
-        if e["cell"] == plan.reference or e["mode"] != _modes(_method_of(plan, e["cell"]))[0]:
+        if e["cell"] == plan.reference or e["mode"] != _modes(plan.method_of(e["cell"]))[0]:
             continue
         ref = next((index[(e["budget"], e["train_task"], e["eval_task"], plan.reference, m)]
                     for m in ("mean", "sample")
@@ -296,10 +339,6 @@ def targets(table: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
                     "brier_lower": bool(vs.get("brier") and vs["brier"]["high"] < 0),
                     "ece_ratio": e["ece"] / max(ref["ece"], 1e-12)})
     return out
-
-
-def _method_of(plan: Plan, label: str) -> str:
-    return next(c.method for c in plan.cells if c.label == label)
 
 
 def markdown(summary: dict[str, Any]) -> str:

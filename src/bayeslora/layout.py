@@ -8,6 +8,7 @@ lives here only::
     RUN/selection.json           which epoch's adapter the run stands for, and by which rule
     RUN/adapters/epoch-N/        the adapter (PEFT folder) and the scorer head of epoch N
     RUN/checkpoint/              the resumable training state (see bayeslora.training.checkpoint)
+    RUN/calibration/NAME.json    a post-hoc calibration fitted on the val slice (bayeslora calibrate)
     RUN/eval/metrics-STEM.json   one evaluation: task, split, mode, draws, ACC/ECE/NLL/Brier, ...
     RUN/eval/predictions-STEM.jsonl, RUN/eval/reliability-STEM.png   beside it
     zero-shot/MODEL/metrics-STEM.json (and its two files)   evaluate --model without a run
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EvalFiles", "RunFolder", "METRICS_GLOB", "eval_stem", "previous_version", "zero_shot_files"]
+__all__ = ["EvalFiles", "RunFolder", "METRICS_GLOB", "eval_stem", "method_label", "previous_version", "zero_shot_files"]
 
 METRICS_GLOB = "metrics*.json"
 
@@ -32,9 +33,14 @@ def previous_version(target: Path) -> Path:
     return target.with_name(f".{target.name}.old")
 
 
-def eval_stem(task: str, split: str, method: str, mode: str, samples: int) -> str:
+def method_label(method: str, calibration: str | None = None) -> str:
+    """How a method, post-hoc calibrated or not, is named in file names and tables: ``lora+temperature``."""
+    return method if not calibration else f"{method}+{calibration}"
+
+
+def eval_stem(task: str, split: str, method: str, mode: str, samples: int, calibration: str | None = None) -> str:
     """The name shared by one evaluation's metrics, predictions and reliability files."""
-    return f"{task}-{split}-{method}-{mode}-S{samples}"
+    return f"{task}-{split}-{method_label(method, calibration)}-{mode}-S{samples}"
 
 
 def zero_shot_files(model: str, stem: str) -> "EvalFiles":
@@ -82,6 +88,13 @@ class RunFolder:
         return self.root / "checkpoint"
 
     @property
+    def calibration_dir(self) -> Path:
+        return self.root / "calibration"
+
+    def calibration_file(self, name: str) -> Path:
+        return self.calibration_dir / f"{name}.json"
+
+    @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
 
@@ -115,6 +128,10 @@ class RunFolder:
 
     def read_selection(self) -> dict[str, Any]:
         return self._read(self.selection, "the run has no selected adapter yet (did training finish an epoch?)")
+
+    def read_calibration(self, name: str) -> dict[str, Any]:
+        return self._read(self.calibration_file(name), f"the run has no {name!r} calibration "
+                          f"(run: bayeslora calibrate --run {self.root} --calibration {name})")
 
     def selected_adapter(self) -> tuple[Path, dict[str, Any]]:
         selection = self.read_selection()

@@ -1,4 +1,5 @@
-"""Evaluating a trained run folder: reload its selected adapter and score a split.
+"""Evaluating a trained run folder: reload its selected adapter and score a split; fit post-hoc
+calibrations on its val slice.
 
 Writes, next to each other: ``metrics-*.json`` (the numbers, in the schema ``bayeslora report``
 reads), ``predictions-*.jsonl`` (per example: probabilities per choice and per sample, the averaged
@@ -14,17 +15,19 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .calibration import Fitting, get_calibration
 from .data import load_task
 from .evaluation import compute_metrics, reliability_bins, save_reliability_diagram, summarise_samples
 from .evaluation.predict import predict_examples
 from .evaluation.report import atomic_write, write_json_atomic
 from .methods import get_method
-from .layout import EvalFiles, RunFolder, eval_stem, zero_shot_files
+from .layout import EvalFiles, RunFolder, eval_stem, method_label, zero_shot_files
 from .models import load_base_model
 from .scoring import make_scorer
+from .training import fit_and_val_sets
 from .training.config import TrainConfig
 
-__all__ = ["evaluate_base", "evaluate_run", "load_run_model"]
+__all__ = ["calibrate_run", "evaluate_base", "evaluate_run", "load_run_model"]
 
 
 def _legacy_protocol(kind: str) -> str:
@@ -47,18 +50,83 @@ def evaluate_run(run_dir: str | Path, task: str, split: str, *, data_dir: Option
                  data_file: Optional[str] = None, samples: int = 4, mode: Optional[str] = None,
                  output: Optional[str | Path] = None, batch_size: int = 32, seed: int = 0,
                  batched: bool = True, max_examples: Optional[int] = None,
-                 device: Optional[str] = None) -> dict[str, Any]:
+                 device: Optional[str] = None, calibration: Optional[str] = None) -> dict[str, Any]:
+    """Score a split with the run's selected adapter, optionally through a fitted calibration (in the
+    mode it was fitted in)."""
     run_dir = Path(run_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     method, model, scorer, tokenizer, cfg, selection = load_run_model(run_dir, device)
+    calibrator, fitted = None, None
+    if calibration is not None:
+        calibrator, fitted = _fitted_calibration(RunFolder(run_dir), calibration, selection)
+        if mode is not None and mode != fitted["mode"]:
+            raise ValueError(f"--calibration {calibration} was fitted in {fitted['mode']} mode; evaluate it "
+                             f"in that mode (or refit it with calibrate --mode {mode})")
+        mode = fitted["mode"]
     mode = mode or method.default_mode
     model = method.prepare_eval(model, mode)
+    transform = None
+    if calibrator is not None:
+        calibrator.prepare(method, model, fitted["params"])
+        transform = lambda lp, mask: calibrator.transform(lp, mask, fitted["params"])  # noqa: E731
     facts = {"method": cfg.method, "recipe": cfg.recipe, "selection_rule": selection["rule"],
-             "selected_epoch": selection["epoch"], "run": str(run_dir), "model": cfg.model}
+             "selected_epoch": selection["epoch"], "run": str(run_dir), "model": cfg.model,
+             "calibration": calibration, "calibration_params": None if fitted is None else fitted["params"]}
     return _score(method, model, scorer, tokenizer, task, split, facts, data_dir=data_dir, data_file=data_file,
                   samples=samples, mode=mode, batch_size=batch_size, seed=seed, batched=batched,
                   max_examples=max_examples, device=device, max_length=cfg.max_length,
-                  output=output, default_files=RunFolder(run_dir).eval_files)
+                  output=output, default_files=RunFolder(run_dir).eval_files, transform=transform)
+
+
+def _fitted_calibration(folder: RunFolder, name: str, selection: dict[str, Any]):
+    """The calibration object and its validated record; refuses one fitted on another adapter."""
+    calibrator = get_calibration(name)
+    record = folder.read_calibration(name)
+    where = str(folder.calibration_file(name))
+    if record.get("adapter") != selection["adapter"]:
+        raise ValueError(f"{where}: fitted on {record.get('adapter')!r}, but the run now stands for "
+                         f"{selection['adapter']!r}; refit it with bayeslora calibrate")
+    if not isinstance(record.get("params"), dict):
+        raise ValueError(f"{where}: field 'params' must be an object")
+    if record.get("mode") not in ("sample", "mean", "merged"):
+        raise ValueError(f"{where}: field 'mode' must be sample, mean or merged, got {record.get('mode')!r}")
+    return calibrator, {**record, "params": calibrator.check_params(record["params"], where)}
+
+
+def calibrate_run(run_dir: str | Path, calibration: str, *, mode: Optional[str] = None, samples: int = 4,
+                  batch_size: int = 32, seed: int = 0, batched: bool = True, data_dir: Optional[str] = None,
+                  device: Optional[str] = None) -> dict[str, Any]:
+    """Fit ``calibration`` on the run's val slice (the rows its checkpoint was selected on) and write
+    ``RUN/calibration/NAME.json`` atomically; returns the record."""
+    import time
+
+    run_dir = Path(run_dir)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    method, model, scorer, tokenizer, cfg, selection = load_run_model(run_dir, device)
+    calibrator = get_calibration(calibration)
+    if not calibrator.applies_to(method):
+        raise ValueError(f"--calibration {calibration} does not apply to a {cfg.method} run")
+    mode = mode or method.default_mode
+    model = method.prepare_eval(model, mode)
+    _, val = fit_and_val_sets(cfg, data_dir)
+    collator = scorer.make_collator(tokenizer, cfg.max_length)
+
+    def predictor():
+        return predict_examples(method, model, scorer, val, collator, mode=mode, samples=samples,
+                                batch_size=batch_size, seed=seed, batched=batched, device=device)
+
+    start = time.perf_counter()
+    fitted = calibrator.fit(Fitting(method, model, val, mode, samples, seed, predictor))
+    record = {"calibration": calibration, **fitted, "mode": mode, "samples": samples, "seed": seed,
+              "adapter": selection["adapter"], "selected_epoch": selection["epoch"],
+              "fitted_on": {"task": cfg.task, "split": "val", "n": len(val), "val_file": cfg.val_file,
+                            "train_file": cfg.train_file},
+              "fit_seconds": time.perf_counter() - start}
+    folder = RunFolder(run_dir)
+    folder.calibration_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder.calibration_file(calibration), record)
+    record["file"] = str(folder.calibration_file(calibration))
+    return record
 
 
 def evaluate_base(model_name: str, task: str, split: str, *, scoring: Optional[str] = None,
@@ -78,7 +146,7 @@ def evaluate_base(model_name: str, task: str, split: str, *, scoring: Optional[s
     model = loaded.model.to(device).eval()
     scorer = make_scorer(loaded.kind, model, scoring).to(device)
     facts = {"method": "zero-shot", "recipe": None, "selection_rule": None, "selected_epoch": None, "run": None,
-             "model": model_name}
+             "model": model_name, "calibration": None, "calibration_params": None}
     return _score(get_method("lora"), model, scorer, loaded.tokenizer, task, split, facts, data_dir=data_dir,
                   data_file=data_file, samples=1, mode="mean", batch_size=batch_size, seed=0, batched=True,
                   max_examples=max_examples, device=device, max_length=max_length, output=output,
@@ -87,14 +155,19 @@ def evaluate_base(model_name: str, task: str, split: str, *, scoring: Optional[s
 
 def _score(method, model, scorer, tokenizer, task: str, split: str, facts: dict[str, Any], *,
            data_dir, data_file, samples: int, mode: str, batch_size: int, seed: int, batched: bool,
-           max_examples, device, max_length, output, default_files: Callable[[str], EvalFiles]) -> dict[str, Any]:
-    """Predict, compute the metrics, and write the metrics, predictions and reliability files."""
+           max_examples, device, max_length, output, default_files: Callable[[str], EvalFiles],
+           transform: Optional[Callable] = None) -> dict[str, Any]:
+    """Predict, compute the metrics, and write the metrics, predictions and reliability files.
+
+    ``transform`` (a calibration's) maps the per-draw log-probabilities (N, S, C) before averaging."""
     examples = load_task(task, split, data_dir, data_file)
     if max_examples is not None:
         examples = examples[:max_examples]
     collator = scorer.make_collator(tokenizer, max_length)
     result = predict_examples(method, model, scorer, examples, collator, mode=mode, samples=samples,
                               batch_size=batch_size, seed=seed, batched=batched, device=device)
+    if transform is not None:
+        result.log_probs = transform(result.log_probs, result.mask)
     summary = summarise_samples(result.log_probs.transpose(0, 1), result.mask)
     log_p_bar = summary.log_probs
     metrics = compute_metrics(log_p_bar, result.labels, result.mask, kind="log_probs")
@@ -106,9 +179,10 @@ def _score(method, model, scorer, tokenizer, task: str, split: str, facts: dict[
         "truncated": result.truncated, "eval_seconds": result.seconds,
         "examples_per_second": len(examples) / max(result.seconds, 1e-9),
         "peak_memory_bytes": result.peak_memory_bytes, "batched": batched, "seed": seed, "run": facts["run"],
-        "data_file": data_file, "model": facts["model"],
+        "data_file": data_file, "model": facts["model"], "calibration": facts["calibration"],
+        "calibration_params": facts["calibration_params"],
     }
-    stem = eval_stem(task, split, facts["method"], mode, draws)
+    stem = eval_stem(task, split, facts["method"], mode, draws, facts["calibration"])
     files = EvalFiles(Path(output)) if output else default_files(stem)
     out = files.metrics
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +190,7 @@ def _score(method, model, scorer, tokenizer, task: str, split: str, facts: dict[
     _write_predictions(files.predictions, result, summary)
     bins = reliability_bins(log_p_bar, result.labels, result.mask, kind="log_probs")
     save_reliability_diagram(bins, files.reliability, metrics,
-                             label=f"{facts['method']} {mode} S={draws} on {task}/{split}")
+                             label=f"{method_label(facts['method'], facts['calibration'])} {mode} S={draws} on {task}/{split}")
     record["reliability_png"] = str(files.reliability)
     record["metrics_file"] = str(out)
     return record

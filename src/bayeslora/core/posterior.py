@@ -12,6 +12,8 @@ L = chol(K), T_r = Z_rᵀ K_r⁻¹ (d_o×R), T_c = K_c⁻¹ Z_c (C×d_i).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +58,20 @@ class StackedFactors:
             d_cols=softplus(stack("delta_cols")),
             lam=softplus(stack("lambda_raw")).clamp(max=shape.lambda_max),
         )
+
+    def widened(self, scale: float) -> "StackedFactors":
+        """The same posterior with its spread multiplied by ``scale``: σ_U → τσ_U and λ → τλ.
+
+        The means, the geometry and the flow stay as trained, so τ = 1 is the trained posterior and
+        τ → 0 collapses every draw onto the flow's image of m. Used post hoc (``bayeslora calibrate
+        --calibration posterior-scale``), with τ chosen on held-back data, like Laplace-LoRA's prior
+        precision; the training clamps apply before the scale, so a widened posterior may pass them.
+        """
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"posterior scale must be a positive finite number, got {scale!r}")
+        if scale == 1:
+            return self
+        return dataclasses.replace(self, sigma=self.sigma * scale, lam=self.lam * scale)
 
 
 @dataclass

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ..layout import METRICS_GLOB, RunFolder
+from ..layout import METRICS_GLOB, RunFolder, method_label
 
 REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
     "task": (str,), "split": (str,), "method": (str,), "mode": (str,), "samples": (int,), "n": (int,),
     "acc": (int, float), "ece": (int, float), "nll": (int, float), "brier": (int, float),
 }
 OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
-    "recipe": (str,), "selection_rule": (str,), "eval_seconds": (int, float),
+    "recipe": (str,), "selection_rule": (str,), "eval_seconds": (int, float), "calibration": (str,),
 }
 
 
@@ -125,7 +125,12 @@ class ReportRow:
     @property
     def sort_key(self) -> tuple[str, str, str, str, int]:
         r = self.record
-        return (r["task"], r["split"], r["method"], r["mode"], r["samples"])
+        return (r["task"], r["split"], self.method, r["mode"], r["samples"])
+
+    @property
+    def method(self) -> str:
+        """The method, with its post-hoc calibration if it has one (``lora+temperature``)."""
+        return method_label(self.record["method"], self.record.get("calibration"))
 
 
 def _run_label(arg: Path) -> str:
@@ -158,7 +163,7 @@ _COLUMNS: list[tuple[str, Callable[[ReportRow], str], bool]] = [  # header, cell
     ("run", lambda r: r.run, False),
     ("task", lambda r: r.record["task"], False),
     ("split", lambda r: r.record["split"], False),
-    ("method", lambda r: r.record["method"], False),
+    ("method", lambda r: r.method, False),
     ("mode", lambda r: r.record["mode"], False),
     ("S", lambda r: str(r.record["samples"]), True),
     ("n", lambda r: str(r.record["n"]), True),

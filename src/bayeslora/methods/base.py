@@ -61,6 +61,7 @@ class Method:
     modes: ClassVar[tuple[str, ...]] = ("mean",)
     default_mode: ClassVar[str] = "mean"
     stochastic: ClassVar[bool] = False  # whether several predictive samples differ
+    has_posterior_scale: ClassVar[bool] = False  # whether set_posterior_scale can widen its draws
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = dict(options)
@@ -120,6 +121,10 @@ class Method:
             raise ValueError(f"--mode {mode!r} is not available for method {self.name!r} "
                              f"(available: {', '.join(self.modes)})")
         return model
+
+    def set_posterior_scale(self, model: nn.Module, scale: float) -> None:
+        """Multiply the spread of every posterior draw by ``scale`` (post-hoc calibration)."""
+        raise ValueError(f"method {self.name!r} has no posterior whose spread can be scaled")
 
     def predict(self, model: nn.Module, scorer: ChoiceScorer, batch: dict[str, Any], mode: str,
                 samples: int, seeds: list[int], batched: bool) -> Tensor:

@@ -87,6 +87,7 @@ class BayesLoraMethod(Method):
     modes = ("sample", "mean", "merged")
     default_mode = "sample"
     stochastic = True
+    has_posterior_scale = True
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -194,6 +195,9 @@ class BayesLoraMethod(Method):
             return model.merge_and_unload()
         surgery.set_mode(model, mode)
         return model
+
+    def set_posterior_scale(self, model: nn.Module, scale: float) -> None:
+        surgery.set_posterior_scale(model, scale)
 
     def predict(self, model: nn.Module, scorer: ChoiceScorer, batch: dict[str, Any], mode: str,
                 samples: int, seeds: list[int], batched: bool) -> Tensor:

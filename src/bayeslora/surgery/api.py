@@ -20,7 +20,7 @@ from .sampler import PosteriorSampler, full_precision
 __all__ = [
     "attach", "count_parameters", "fixed_sample", "get_model", "get_sampler", "kl_breakdown",
     "kl_divergence", "load", "load_adapter", "posterior_stats", "set_draw_seed", "set_draw_seeds",
-    "set_mode", "using_mode",
+    "set_mode", "set_posterior_scale", "using_mode",
 ]
 
 _SAMPLER_ATTR = "_bayeslora_sampler"
@@ -152,6 +152,15 @@ def set_draw_seed(model: nn.Module, seed: Optional[int]) -> None:
 def set_draw_seeds(model: nn.Module, seeds: Optional[list[int]]) -> None:
     """One explicit seed per draw of each forward (batched S draws == S single draws with these seeds)."""
     get_sampler(model).set_draw_seeds(seeds)
+
+
+def set_posterior_scale(model: nn.Module, scale: float) -> None:
+    """Widen (τ > 1) or narrow (τ < 1) every draw's spread, σ_U → τσ_U and λ → τλ; 1 = as trained.
+
+    A post-hoc calibration knob (``bayeslora calibrate --calibration posterior-scale`` picks τ on the
+    val slice); mean mode and merged weights do not change.
+    """
+    get_sampler(model).set_posterior_scale(scale)
 
 
 # ------------------------------------------------------------------------------------- KL

@@ -88,6 +88,7 @@ class PosteriorSampler:
         self.fixed = False
         self.draw_seed: Optional[int] = None
         self.draw_seeds: Optional[list[int]] = None
+        self.posterior_scale = 1.0  # τ of StackedFactors.widened, applied to every draw
         # KL terms of the factors drawn by the last forward, keyed by (layer id, adapter, "A"|"B")
         self.last_kl: dict[tuple[int, str, str], tuple[Tensor, Tensor]] = {}
         self._handle = root.register_forward_pre_hook(self._before_forward)
@@ -180,6 +181,14 @@ class PosteriorSampler:
         self.draw_seed = seed
         self.draw_seeds = None
 
+    def set_posterior_scale(self, scale: float) -> None:
+        """Multiply the spread (σ_U and λ) of every draw by ``scale``; 1 restores the trained posterior.
+        Mean mode and merging are unaffected: they use the trained posterior mean."""
+        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < float("inf")):
+            raise ValueError(f"posterior scale must be a positive finite number, got {scale!r}")
+        self.posterior_scale = float(scale)
+        self.clear()
+
     def _generators(self, key: tuple) -> Optional[list[torch.Generator]]:
         if self.draw_seeds is not None:
             seeds = self.draw_seeds
@@ -220,7 +229,7 @@ class PosteriorSampler:
 
     def _draw_groups(self, groups: dict[tuple, list[FactorRef]], generator: Optional[torch.Generator]) -> None:
         for key, refs in groups.items():
-            stacked = StackedFactors.of([r.factor for r in refs], key[1])
+            stacked = StackedFactors.of([r.factor for r in refs], key[1]).widened(self.posterior_scale)
             gen = generator if generator is not None else self._generators(key)
             drawn = draw_group(stacked, self.num_samples, gen)
             kl_cond = conditional_kl_group(stacked)

@@ -96,6 +96,24 @@ def _scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, total_steps: i
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def fit_and_val_sets(cfg: TrainConfig, data_dir: Optional[str] = None) -> tuple[list, list]:
+    """The rows a run fits on and its ``val`` rows (checkpoint selection, post-hoc calibration).
+
+    The seeded val slice carved from train, or ``--val-file``; both cut by ``--max-*-examples``.
+    ``data_dir`` overrides the run's recorded one (the data moved).
+    """
+    data_dir = data_dir or cfg.data_dir
+    if cfg.val_file is None:  # fit on train less the seeded val slice, select on the slice
+        fit, val = fit_and_val(cfg.task, data_dir, cfg.train_file)
+    else:
+        fit = load_task(cfg.task, "train", data_dir, cfg.train_file)
+        val = load_task(cfg.task, "train", data_dir, cfg.val_file)
+    fit, val = _limit(fit, cfg.max_train_examples), _limit(val, cfg.max_val_examples)
+    if not val:
+        raise ValueError(f"task {cfg.task!r}: the val slice is empty (too few training rows); pass --val-file")
+    return fit, val
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         from accelerate import Accelerator
@@ -114,15 +132,7 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(cfg, scoring=scorer.protocol)  # recorded as resolved
         self.module = TrainModule(self.method, model, scorer).to(self.acc.device)
         self.collator = scorer.make_collator(self.tokenizer, cfg.max_length)
-        if cfg.val_file is None:  # fit on train less the seeded val slice, select on the slice
-            fit, val = fit_and_val(cfg.task, cfg.data_dir, cfg.train_file)
-        else:
-            fit = load_task(cfg.task, "train", cfg.data_dir, cfg.train_file)
-            val = load_task(cfg.task, "train", cfg.data_dir, cfg.val_file)
-        self.train_set = _limit(fit, cfg.max_train_examples)
-        self.val_set = _limit(val, cfg.max_val_examples)
-        if not self.val_set:
-            raise ValueError(f"task {cfg.task!r}: the val slice is empty (too few training rows); pass --val-file")
+        self.train_set, self.val_set = fit_and_val_sets(cfg)
         self.global_batch = cfg.batch_size * self.acc.num_processes
         n = len(self.train_set)
         per_epoch = n // self.global_batch if self.acc.num_processes > 1 else math.ceil(n / self.global_batch)

@@ -1,0 +1,175 @@
+"""Post-hoc calibrations: temperature scaling and the posterior scale, in isolation and through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from test_pipeline import train_args, write_task
+from tiny_models import inputs, save_tiny_causal, tiny
+
+import bayeslora
+from bayeslora import BayesLoraConfig, cli
+from bayeslora.calibration import fit_temperature, search_scale, tempered
+from bayeslora.calibration.posterior_scale import TAU_MAX
+from bayeslora.data import causal_prompt, load_task
+
+
+def choice_log_probs(n=400, choices=4, scale=3.0, signal=1.0, seed=0, pad=True):
+    """(N, S=1, C) log-probs whose confidence is set by ``scale``, and a mask padding every 3rd item."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, choices - 1, (n,), generator=gen)
+    logits = torch.randn(n, 1, choices, generator=gen, dtype=torch.float64)
+    logits[torch.arange(n), 0, labels] += signal
+    mask = torch.ones(n, choices, dtype=torch.bool)
+    if pad:
+        mask[::3, -1] = False
+    lp = bayeslora.evaluation.log_softmax_over_choices(scale * logits, mask[:, None, :].expand_as(logits))
+    return lp, mask, labels
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 4.0])  # under-confident, about right, over-confident
+def test_temperature_never_raises_the_fitting_nll_and_finds_the_right_direction(scale):
+    lp, mask, labels = choice_log_probs(scale=scale)
+    t, before, after = fit_temperature(lp, mask, labels)
+    assert after <= before + 1e-12 and math.isfinite(after)
+    if scale == 4.0:
+        assert t > 1.5 and after < before - 0.1
+    if scale == 0.3:
+        assert t < 0.7
+
+
+def test_temperature_one_is_the_identity_and_padding_stays_impossible():
+    lp, mask, _ = choice_log_probs()
+    assert torch.allclose(tempered(lp, mask, 1.0), lp, atol=1e-12, rtol=0)
+    hot = tempered(lp, mask, 3.0)
+    assert torch.isneginf(hot[::3, :, -1]).all() and torch.isfinite(hot[1::3]).all()
+    assert torch.allclose(hot.exp().sum(-1), torch.ones(hot.shape[:2], dtype=hot.dtype))
+
+
+def test_temperature_of_several_draws_fits_the_averaged_predictive():
+    lp, mask, labels = choice_log_probs(n=300)
+    draws = torch.cat([lp, choice_log_probs(n=300, seed=1)[0]], 1)  # (N, 2, C), same labels and mask
+    t, before, after = fit_temperature(draws, mask, labels)
+    assert after < before and t != 1.0
+
+
+@pytest.mark.parametrize("best", [1 / 4, 1.0, 8.0, 100.0])
+def test_the_scale_search_finds_the_minimum_of_a_unimodal_nll(best):
+    calls = []
+
+    def nll(tau):
+        calls.append(tau)
+        return (math.log(tau) - math.log(best)) ** 2
+
+    found, tried = search_scale(nll)
+    assert abs(math.log(found / best)) <= math.log(math.sqrt(2)) / 2 + 1e-9
+    assert len(calls) == len(set(calls)) == len(tried) and len(calls) <= 12
+    assert dict(tried)[found] == min(v for _, v in tried)
+
+
+def test_the_scale_search_stays_in_range_when_wider_always_helps():
+    found, _ = search_scale(lambda tau: -tau)
+    assert found <= TAU_MAX
+
+
+def bayes_model(flow_depth):
+    cfg = BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], sigma_u_init=0.05,
+                          lambda_init=0.02, init_lora_weights=False, flow_depth=flow_depth)
+    return bayeslora.get_model(tiny("llama", 0), cfg)
+
+
+def drawn(model, seed):
+    """Every drawn factor of one seeded forward, in a fixed order."""
+    bayeslora.set_mode(model, "sample", 1)
+    bayeslora.set_draw_seeds(model, [seed])
+    with torch.no_grad():
+        model(**inputs())
+    layers = [m for m in model.modules() if isinstance(m, bayeslora.BayesLoraLinear)]
+    return [layer._bayes_draws["default"][w][0].clone() for layer in layers for w in ("A", "B")]
+
+
+def test_the_posterior_scale_multiplies_every_deviation_from_the_mean():
+    model = bayes_model(flow_depth=0)  # without a flow a draw is affine in (σ_U, λ): exact check
+    layers = [m for m in model.modules() if isinstance(m, bayeslora.BayesLoraLinear)]
+    with torch.no_grad():
+        means = [layer.mean_weights("default")[w].clone() for layer in layers for w in ("A", "B")]
+    base = drawn(model, seed=5)
+    bayeslora.set_posterior_scale(model, 3.0)
+    wide = drawn(model, seed=5)
+    for m, b, w in zip(means, base, wide):
+        assert torch.allclose(w - m, 3.0 * (b - m), atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(w, b)
+    bayeslora.set_posterior_scale(model, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(base, drawn(model, seed=5)))
+
+
+def test_the_posterior_scale_leaves_mean_mode_alone_and_refuses_bad_values():
+    model = bayes_model(flow_depth=1)
+    with torch.no_grad(), bayeslora.using_mode(model, "mean"):
+        before = model(**inputs()).logits
+        bayeslora.set_posterior_scale(model, 5.0)
+        assert torch.equal(before, model(**inputs()).logits)
+    for bad in (0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="posterior scale"):
+            bayeslora.set_posterior_scale(model, bad)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibration")
+    data = write_task(root / "causal.jsonl")
+    prompts = [causal_prompt(e) for e in load_task("jsonl", "train", file=data)]
+    ws = {"root": root, "data": {"causal": data}, "causal": save_tiny_causal(root / "causal", prompts)}
+    out = {}
+    for method in ("lora", "bayeslora"):
+        out[method] = root / method
+        assert cli.main(train_args(ws, "causal", method, out[method], "--max-steps", "4")) == 0
+    out["data"] = data
+    return out
+
+
+def evaluate(run, data, *extra):
+    return cli.main(["evaluate", "--run", str(run), "--task", "jsonl", "--data-file", str(data), "--split", "train",
+                     "--samples", "2", *extra])
+
+
+@pytest.mark.parametrize("method,calibration", [("lora", "temperature"), ("bayeslora", "temperature"),
+                                                ("bayeslora", "posterior-scale")])
+def test_calibrate_then_evaluate_through_the_cli(runs, method, calibration, capsys):
+    run = runs[method]
+    assert cli.main(["calibrate", "--run", str(run), "--calibration", calibration, "--samples", "2"]) == 0
+    record = json.loads((run / "calibration" / f"{calibration}.json").read_text())
+    assert record["val_after"]["nll"] <= record["val_before"]["nll"] + 1e-12
+    assert record["fitted_on"]["split"] == "val" and record["fitted_on"]["n"] == 32
+    assert record["mode"] == ("sample" if method == "bayeslora" else "mean")
+    assert evaluate(run, runs["data"], "--calibration", calibration) == 0
+    out = capsys.readouterr().out
+    assert f"{method}+{calibration}" in out
+    metrics_file = next((run / "eval").glob(f"metrics-*{method}+{calibration}*.json"))
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["calibration"] == calibration and metrics["calibration_params"] == record["params"]
+    assert cli.main(["report", str(run)]) == 0
+    assert f"{method}+{calibration}" in capsys.readouterr().out
+
+
+def test_calibration_refusals_name_the_problem(runs, capsys):
+    assert cli.main(["calibrate", "--run", str(runs["lora"]), "--calibration", "posterior-scale"]) == 2
+    assert "does not apply to a lora run" in capsys.readouterr().err
+    run = runs["bayeslora"]
+    assert cli.main(["calibrate", "--run", str(run), "--calibration", "temperature", "--mode", "mean"]) == 0
+    assert evaluate(run, runs["data"], "--calibration", "temperature", "--mode", "sample") == 2
+    assert "fitted in mean mode" in capsys.readouterr().err
+    file = run / "calibration" / "temperature.json"
+    record = json.loads(file.read_text())
+    file.write_text(json.dumps({**record, "adapter": "adapters/epoch-99"}))
+    assert evaluate(run, runs["data"], "--calibration", "temperature") == 2
+    assert "refit it" in capsys.readouterr().err
+    file.write_text(json.dumps({**record, "params": {"temperature": -1}}))
+    assert evaluate(run, runs["data"], "--calibration", "temperature") == 2
+    assert "params.temperature must be a positive" in capsys.readouterr().err
+    file.unlink()
+    assert evaluate(run, runs["data"], "--calibration", "temperature") == 2
+    assert "bayeslora calibrate --run" in capsys.readouterr().err
