@@ -65,12 +65,14 @@ def train_args(ws, kind, method, out, *extra):
 # 32 examples in 8 epochs are few for the per-example ELBO: the test tempers the KL and raises the LoRA
 # scaling so the pipeline is seen learning. Bayesian-LoRA's means step at 10x the run's lr by default,
 # so its lr here is a tenth of LoRA's (the same weight-space step).
-LEARN = {"lora": ["--lr", "5e-2", "--epochs", "4"],
+LEARN = {"lora": ["--lr", "5e-2", "--epochs", "4"], "map": ["--lr", "5e-2", "--epochs", "4"],
+         "mcdropout": ["--lr", "5e-2", "--epochs", "4"],
          "bayeslora": ["--lr", "5e-3", "--epochs", "8", "--kl-scale", "0.01", "--lora-alpha", "64"]}
+STOCHASTIC = ("bayeslora", "mcdropout")
 
 
 @pytest.mark.parametrize("kind", ["causal", "encoder"])
-@pytest.mark.parametrize("method", ["lora", "bayeslora"])
+@pytest.mark.parametrize("method", ["lora", "map", "mcdropout", "bayeslora"])
 def test_train_evaluate_report(workspace, kind, method, capsys):
     run = workspace["root"] / f"run-{kind}-{method}"
     assert cli.main(train_args(workspace, kind, method, run, *LEARN[method])) == 0
@@ -87,7 +89,7 @@ def test_train_evaluate_report(workspace, kind, method, capsys):
     assert len(metrics_files) == 1
     metrics = json.loads(metrics_files[0].read_text())
     assert metrics["n"] == 32 and metrics["acc"] >= 0.9, metrics
-    assert metrics["samples"] == (3 if method == "bayeslora" else 1)
+    assert metrics["samples"] == (3 if method in STOCHASTIC else 1)
     for key in ("ece", "nll", "brier", "eval_seconds", "examples_per_second", "truncated", "recipe",
                 "selection_rule"):
         assert key in metrics

@@ -2,6 +2,8 @@
 
 from . import bayes as _bayes  # noqa: F401  (registers "bayeslora")
 from . import lora as _lora  # noqa: F401  (registers "lora")
+from . import map as _map  # noqa: F401  (registers "map")
+from . import mcdropout as _mcdropout  # noqa: F401  (registers "mcdropout")
 from .base import METHODS, Method, TrainOutputs, get_method, register_method
 
 __all__ = ["METHODS", "Method", "TrainOutputs", "get_method", "register_method"]

@@ -49,7 +49,8 @@ class TrainConfig:
                                     choices=["loglik", "loglik-norm", "labels", "pairs"])
     r: int = option(8, "LoRA rank")
     lora_alpha: int = option(16, "LoRA alpha (scaling = alpha / r)")
-    lora_dropout: float = option(0.0, "dropout on the LoRA input")
+    lora_dropout: Optional[float] = option(None, "dropout on the LoRA input (default: the method's; 0, "
+                                           "mcdropout 0.1)")
     target_modules: Optional[list[str]] = option(
         None, "default: per-architecture (q_proj,v_proj / query,value ...)", nargs="+")
     recipe: Optional[str] = option(None, "training recipe (default: the method's)")
@@ -110,11 +111,11 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be one of {choices}, got {value!r}")
-        if not 0 <= self.lora_dropout < 1:
+        if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
 
     def lora(self) -> dict[str, Any]:
-        return {"r": self.r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
+        return {"r": self.r, "alpha": self.lora_alpha, "dropout": self.lora_dropout or 0.0,
                 "target_modules": self.target_modules}
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,6 +164,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         if values[name] is None:
             values[name] = next((layer[name] for layer in layers if name in layer), None)
     values["epochs"] = values["epochs"] or 3
+    values["lora_dropout"] = values["lora_dropout"] or 0.0
     values["method_options"] = method.resolved_options()
     return TrainConfig(**values)
 

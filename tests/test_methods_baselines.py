@@ -1,0 +1,72 @@
+"""The LoRA-based baselines: MAP's prior and MC-dropout's seeded test-time samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny
+
+from bayeslora.methods import get_method
+from bayeslora.methods.map import MAP_WEIGHT_DECAY
+from bayeslora.methods.mcdropout import MCDROPOUT_RATE, lora_dropouts
+from bayeslora.scoring import make_scorer
+from bayeslora.training import TrainConfig, resolve
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.3, "target_modules": ["q_proj", "v_proj"]}
+
+
+def resolved(method, **given):
+    return resolve(TrainConfig(model="m", task="jsonl", method=method, output="o", **given))
+
+
+def test_map_is_lora_with_weight_decay_and_mcdropout_brings_its_dropout():
+    assert resolved("map").weight_decay == MAP_WEIGHT_DECAY > 0
+    assert resolved("map", weight_decay=0.0).weight_decay == 0.0
+    assert resolved("lora").weight_decay == 0.0 and resolved("lora").lora_dropout == 0.0
+    assert resolved("mcdropout").lora_dropout == MCDROPOUT_RATE
+    assert resolved("mcdropout", lora_dropout=0.2).lora_dropout == 0.2
+    with pytest.raises(ValueError, match="lora-dropout > 0"):
+        get_method("mcdropout").build(tiny("llama"), {**LORA, "dropout": 0.0})
+
+
+def label_batch(b=3, length=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 90, (b, length), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "label_token_ids": torch.tensor([[5, 6, 7]] * b), "label_mask": torch.ones(b, 3, dtype=torch.bool),
+            "labels": torch.zeros(b, dtype=torch.long)}
+
+
+@pytest.fixture
+def mcdropout_model():
+    torch.manual_seed(0)
+    method = get_method("mcdropout")
+    model = method.build(tiny("llama"), LORA)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a trained-looking adapter: B = 0 would hide the dropout
+            torch.nn.init.normal_(p, std=0.5)
+    model.eval()
+    return method, model, make_scorer("causal", model, "labels")
+
+
+def test_mcdropout_samples_differ_and_the_same_seeds_reproduce_them(mcdropout_model):
+    method, model, scorer = mcdropout_model
+    assert lora_dropouts(model)
+    batch = label_batch()
+    with torch.no_grad():
+        state = torch.get_rng_state()
+        a = method.predict(model, scorer, batch, "sample", 3, [1, 2, 3], batched=True)
+        assert torch.equal(state, torch.get_rng_state())  # the global RNG is not consumed
+        b = method.predict(model, scorer, batch, "sample", 3, [1, 2, 3], batched=True)
+        c = method.predict(model, scorer, batch, "sample", 3, [4, 5, 6], batched=True)
+        seq = method.predict(model, scorer, batch, "sample", 3, [1, 2, 3], batched=False)
+        seq2 = method.predict(model, scorer, batch, "sample", 3, [1, 2, 3], batched=False)
+        mean = method.predict(model, scorer, batch, "mean", 1, [0], batched=True)
+    assert a.shape == (3, 3, 3) and torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.allclose(a[0], a[1])  # draws within a pass differ
+    assert torch.equal(seq, seq2) and not torch.allclose(seq[0], seq[1])
+    assert all(not m.training for m in lora_dropouts(model))  # dropout is off again afterwards
+    with torch.no_grad():
+        assert torch.equal(mean, method.predict(model, scorer, batch, "mean", 1, [0], batched=True))
+        merged = method.prepare_eval(model, "merged")
+        assert torch.allclose(mean, method.predict(merged, scorer, batch, "mean", 1, [0], batched=True), atol=1e-5)
