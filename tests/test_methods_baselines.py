@@ -70,3 +70,56 @@ def test_mcdropout_samples_differ_and_the_same_seeds_reproduce_them(mcdropout_mo
         assert torch.equal(mean, method.predict(model, scorer, batch, "mean", 1, [0], batched=True))
         merged = method.prepare_eval(model, "merged")
         assert torch.allclose(mean, method.predict(merged, scorer, batch, "mean", 1, [0], batched=True), atol=1e-5)
+
+
+def ensemble(size=3):
+    torch.manual_seed(0)
+    method = get_method("ensemble", {"size": size})
+    model = method.build(tiny("llama"), {**LORA, "dropout": 0.0})
+    return method, model, make_scorer("causal", model, "labels")
+
+
+def test_ensemble_members_start_different_and_all_train(tmp_path):
+    method, model, scorer = ensemble()
+    a = {n: p for n, p in model.named_parameters() if "q_proj.lora_A" in n and "layers.0." in n}
+    assert len(a) == 3 and all(p.requires_grad for p in a.values())
+    values = list(a.values())
+    assert not torch.equal(values[0], values[1]) and not torch.equal(values[1], values[2])
+    out = method.train_outputs(model, scorer, label_batch(), 1)
+    assert out.log_probs.shape == (3, 3, 3)
+    (-out.log_probs[:, :, 0].mean()).backward()
+    b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert len(b) == 3 * len([m for m in model.modules() if isinstance(getattr(m, "lora_B", None), torch.nn.ModuleDict)])
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in b)
+
+
+def test_ensemble_predicts_the_average_of_its_members_and_reloads(tmp_path):
+    from bayeslora.evaluation import summarise_samples
+    from bayeslora.methods.ensemble import active_member
+
+    method, model, scorer = ensemble()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    model.eval()
+    batch = label_batch()
+    with torch.no_grad():
+        lp = method.predict(model, scorer, batch, "sample", 4, [0] * 4, batched=True)
+        members = []
+        for name in method.members:
+            with active_member(model, name):
+                logits, mask = scorer.choice_logits(model, batch, 1)
+            members.append(torch.softmax(logits.double(), -1)[0])
+    assert method.draws("sample", 4) == 3 and lp.shape[0] == 3
+    assert torch.allclose(summarise_samples(lp).log_probs.exp(), torch.stack(members).mean(0), atol=1e-6)
+    assert not torch.allclose(members[0], members[1])
+    method.save(model, tmp_path)
+    again = method.load(tiny("llama"), tmp_path, LORA)
+    with torch.no_grad():
+        assert torch.allclose(method.predict(again.eval(), scorer, batch, "sample", 4, [0] * 4, True), lp, atol=1e-6)
+    import shutil
+    shutil.rmtree(tmp_path / "member-2")
+    with pytest.raises(FileNotFoundError, match="member-2"):
+        method.load(tiny("llama"), tmp_path, LORA)
+    with pytest.raises(ValueError, match="ensemble-size"):
+        get_method("ensemble", {"size": 1}).resolved_options()

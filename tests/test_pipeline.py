@@ -66,13 +66,13 @@ def train_args(ws, kind, method, out, *extra):
 # scaling so the pipeline is seen learning. Bayesian-LoRA's means step at 10x the run's lr by default,
 # so its lr here is a tenth of LoRA's (the same weight-space step).
 LEARN = {"lora": ["--lr", "5e-2", "--epochs", "4"], "map": ["--lr", "5e-2", "--epochs", "4"],
-         "mcdropout": ["--lr", "5e-2", "--epochs", "4"],
+         "mcdropout": ["--lr", "5e-2", "--epochs", "4"], "ensemble": ["--lr", "5e-2", "--epochs", "4"],
          "bayeslora": ["--lr", "5e-3", "--epochs", "8", "--kl-scale", "0.01", "--lora-alpha", "64"]}
-STOCHASTIC = ("bayeslora", "mcdropout")
+DRAWS = {"lora": 1, "map": 1, "mcdropout": 3, "bayeslora": 3, "ensemble": 3}  # evaluated with --samples 3
 
 
 @pytest.mark.parametrize("kind", ["causal", "encoder"])
-@pytest.mark.parametrize("method", ["lora", "map", "mcdropout", "bayeslora"])
+@pytest.mark.parametrize("method", ["lora", "map", "mcdropout", "ensemble", "bayeslora"])
 def test_train_evaluate_report(workspace, kind, method, capsys):
     run = workspace["root"] / f"run-{kind}-{method}"
     assert cli.main(train_args(workspace, kind, method, run, *LEARN[method])) == 0
@@ -89,7 +89,7 @@ def test_train_evaluate_report(workspace, kind, method, capsys):
     assert len(metrics_files) == 1
     metrics = json.loads(metrics_files[0].read_text())
     assert metrics["n"] == 32 and metrics["acc"] >= 0.9, metrics
-    assert metrics["samples"] == (3 if method in STOCHASTIC else 1)
+    assert metrics["samples"] == DRAWS[method]
     for key in ("ece", "nll", "brier", "eval_seconds", "examples_per_second", "truncated", "recipe",
                 "selection_rule"):
         assert key in metrics

@@ -155,6 +155,14 @@ def _modes(method_name: str, kind: str = "id") -> list[str]:
     return modes if kind == "id" else modes[:1]
 
 
+def _draws(folder: RunFolder, mode: str, samples: int) -> int:
+    """The draws an evaluation of this run makes in ``mode`` (an ensemble: its size), as its files are named."""
+    from .methods import get_method
+
+    train = folder.read_config()["train"]
+    return get_method(train["method"], train["method_options"]).draws(mode, samples)
+
+
 def run_plan(plan: Plan, log=print) -> None:
     """Train every run and evaluate it on its sets, skipping what the output folder already holds."""
     from .runs import evaluate_run
@@ -192,7 +200,7 @@ def run_plan(plan: Plan, log=print) -> None:
         cfg = TrainConfig.from_run(folder.root)
         for eval_task, kind in plan.evals_of(task):
             for mode in _modes(cell.method, kind):
-                samples = plan.samples if mode == "sample" else 1
+                samples = _draws(folder, mode, plan.samples)
                 if folder.eval_files(eval_stem(eval_task, plan.split, cfg.method, mode, samples)).metrics.exists():
                     continue
                 r = evaluate_run(folder.root, eval_task, plan.split, data_dir=plan.data_dir, samples=samples,
@@ -211,7 +219,7 @@ def _calibrated_evals(plan: Plan, folder: RunFolder, method: str, calibration: s
     from .runs import calibrate_run, evaluate_run
 
     mode = _modes(method)[0]
-    samples = plan.samples if mode == "sample" else 1
+    samples = _draws(folder, mode, plan.samples)
     if not folder.calibration_file(calibration).exists():
         r = calibrate_run(folder.root, calibration, mode=mode, samples=plan.samples, seed=seed, data_dir=plan.data_dir)
         log(f"{label}: {calibration} fitted on val: {r['params']}, nll {r['val_before']['nll']:.4f} -> "
@@ -270,7 +278,7 @@ def summarise(plan: Plan) -> dict[str, Any]:
                  for eval_task, kind in plan.evals_of(task) for name, calibration in plan.variants(cell)
                  for mode in (_modes(method, kind) if calibration is None else _modes(method)[:1])]
         for eval_task, kind, name, calibration, mode in cases:
-            samples = plan.samples if mode == "sample" else 1
+            samples = _draws(folder, mode, plan.samples)
             files = folder.eval_files(eval_stem(eval_task, plan.split, method, mode, samples, calibration))
             if not files.metrics.exists():
                 continue

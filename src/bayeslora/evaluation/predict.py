@@ -1,7 +1,7 @@
 """Predicting a list of examples with any method, in any mode, with S Monte Carlo samples.
 
 Used by ``bayeslora evaluate`` and by the trainer's per-epoch dev evaluation. The method object is
-duck-typed (``stochastic``, ``predict``): this module imports no model code. Sample s of batch b is
+duck-typed (``draws``, ``predict``): this module imports no model code. Sample s of batch b is
 drawn with seed ``mix_seed(seed, b, s)``, so batched Monte Carlo (S×B rows, one pass) and S sequential
 passes give the same draws; batched falls back to sequential when the accelerator runs out of memory.
 """
@@ -47,7 +47,7 @@ def predict_examples(method: Any, model: torch.nn.Module, scorer: torch.nn.Modul
     if not examples:
         raise ValueError("no examples to predict")
     device = torch.device(device)
-    draws = samples if (method.stochastic and mode == "sample") else 1
+    draws = method.draws(mode, samples)
     was_training = model.training
     model.eval()
     scorer.eval()

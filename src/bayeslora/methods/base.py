@@ -122,6 +122,10 @@ class Method:
                              f"(available: {', '.join(self.modes)})")
         return model
 
+    def draws(self, mode: str, samples: int) -> int:
+        """How many predictive draws one prediction makes: ``samples`` in sample mode if stochastic, else 1."""
+        return samples if (self.stochastic and mode == "sample") else 1
+
     def set_posterior_scale(self, model: nn.Module, scale: float) -> None:
         """Multiply the spread of every posterior draw by ``scale`` (post-hoc calibration)."""
         raise ValueError(f"method {self.name!r} has no posterior whose spread can be scaled")
