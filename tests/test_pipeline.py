@@ -189,6 +189,8 @@ def test_resume_after_sigkill_reaches_the_same_result(workspace, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-epoch"
     position = json.loads(state_file.read_text())["position"]
     assert position["epoch"] == 1 and position["batch"] > 0  # resuming from the middle of an epoch
+    stored = {p.name for p in (killed / "checkpoint").iterdir()}
+    assert {"rng.json", "rng.safetensors"} <= stored and "rng.pt" not in stored  # no pickled RNG state
 
     assert cli.main(["train", "--resume", "--output", str(killed), "--no-progress"]) == 0
     ours, theirs = _history(killed), _history(reference)

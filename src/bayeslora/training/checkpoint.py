@@ -4,7 +4,8 @@ A checkpoint is a folder written in full under a temporary name and swapped in w
 so a run killed at any instant (even SIGKILL mid-write) leaves the previous checkpoint intact.
 Only trainable tensors are stored (the frozen base model is reloaded from its source), as
 safetensors; optimizer and scheduler states are plain tensors and numbers loaded with
-``weights_only=True``.
+``weights_only=True``; the RNG states are JSON (Python's and NumPy's) and safetensors (torch's), so
+resuming a run folder someone handed you unpickles nothing.
 """
 
 from __future__ import annotations
@@ -55,6 +56,39 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _save_rng(folder: Path, states: list[dict[str, Any]]) -> None:
+    """Per rank: Python's and NumPy's states as JSON, torch's (CPU and CUDA) as uint8 safetensors."""
+    tensors, meta = {}, []
+    for rank, state in enumerate(states):
+        version, internal, gauss = state["python"]
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        meta.append({"python": [version, list(internal), gauss],
+                     "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+                     "cuda": len(state.get("cuda", []))})
+        tensors[f"{rank}.torch"] = state["torch"]
+        for i, t in enumerate(state.get("cuda", [])):
+            tensors[f"{rank}.cuda.{i}"] = t.cpu()
+    save_file(tensors, str(folder / "rng.safetensors"))
+    (folder / "rng.json").write_text(json.dumps(meta))
+
+
+def _load_rng(folder: Path, rank: int) -> dict[str, Any] | None:
+    if not (folder / "rng.json").exists():
+        return None  # an older checkpoint (pickled rng.pt): resume without replaying its RNG
+    meta = json.loads((folder / "rng.json").read_text())
+    tensors = load_file(str(folder / "rng.safetensors"))
+    rank = rank if rank < len(meta) else 0
+    m = meta[rank]
+    version, internal, gauss = m["python"]
+    name, keys, pos, has_gauss, cached = m["numpy"]
+    state = {"python": (version, tuple(internal), gauss),
+             "numpy": (name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached),
+             "torch": tensors[f"{rank}.torch"]}
+    if m["cuda"]:
+        state["cuda"] = [tensors[f"{rank}.cuda.{i}"] for i in range(m["cuda"])]
+    return state
+
+
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
@@ -66,7 +100,7 @@ def save_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, posi
         save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    tmp / "optimizer.pt")
-        torch.save(rng_states or [rng_state()], tmp / "rng.pt")
+        _save_rng(tmp, rng_states or [rng_state()])
         (tmp / "state.json").write_text(json.dumps(position, indent=2))
 
     atomic_dir(RunFolder(run_dir).checkpoint, write)
@@ -96,6 +130,12 @@ def load_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, rank
     states = torch.load(folder / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
-    states = torch.load(folder / "rng.pt", weights_only=False)
-    set_rng_state(states[rank] if rank < len(states) else states[0])
+    state = _load_rng(folder, rank)
+    if state is None:
+        import warnings
+
+        warnings.warn(f"{folder}: the checkpoint predates JSON RNG states; resuming without them (the data "
+                      "order is replayed, dropout and draws are not bit-identical)")
+    else:
+        set_rng_state(state)
     return json.loads((folder / "state.json").read_text())
