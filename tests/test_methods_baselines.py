@@ -123,3 +123,69 @@ def test_ensemble_predicts_the_average_of_its_members_and_reloads(tmp_path):
         method.load(tiny("llama"), tmp_path, LORA)
     with pytest.raises(ValueError, match="ensemble-size"):
         get_method("ensemble", {"size": 1}).resolved_options()
+
+
+def blob(flipout=True):
+    torch.manual_seed(0)
+    method = get_method("blob", {"flipout": flipout})
+    base = tiny("llama")
+    reference = tiny("llama")
+    model = method.build(base, {**LORA, "dropout": 0.0})
+    return method, model, make_scorer("causal", model, "labels"), reference
+
+
+def test_blob_starts_at_the_base_model_and_its_kl_is_the_gaussian_kl():
+    from bayeslora.methods.blob import BLOB_EPS, blob_kl
+
+    method, model, scorer, reference = blob()
+    batch = label_batch()
+    model.eval()
+    with torch.no_grad():
+        base_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        lp = method.predict(model, scorer, batch, "sample", 2, [1, 2], batched=True)
+        ours = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(ours, base_logits, atol=1e-6)  # B = 0: every draw is the base model
+    assert lp.shape == (2, 3, 3)
+    rhos = [p for n, p in model.named_parameters() if "blob_rho" in n]
+    assert rhos and all(BLOB_EPS / 2 ** 0.5 <= float(p.min()) and float(p.max()) <= BLOB_EPS for p in rhos)
+    expected = 0.0
+    for n, p in model.named_parameters():
+        if "blob_rho" in n:
+            layer_name, adapter = n.rsplit(".blob_rho.", 1)
+            mu = dict(model.named_parameters())[f"{layer_name}.lora_A.{adapter}.weight"].double()
+            q = torch.distributions.Normal(mu, p.double().square())
+            expected += torch.distributions.kl_divergence(q, torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64),
+                                                                          torch.tensor(0.2, dtype=torch.float64))).sum()
+    assert float(blob_kl(model)) == pytest.approx(float(expected), rel=1e-12)
+    assert blob_kl(model).dtype == torch.float64
+
+
+@pytest.mark.parametrize("flipout", [True, False])
+def test_blob_draws_are_seeded_batched_equals_sequential_and_mean_mode_is_the_posterior_mean(flipout, tmp_path):
+    import peft
+
+    method, model, scorer, reference = blob(flipout)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+        if "blob_rho" in name:
+            p.data.fill_(0.3)  # a visible posterior width
+    model.eval()
+    batch = label_batch()
+    with torch.no_grad():
+        a = method.predict(model, scorer, batch, "sample", 3, [1, 2, 3], batched=True)
+        b = method.predict(model, scorer, batch, "sample", 3, [1, 2, 3], batched=False)
+        c = method.predict(model, scorer, batch, "sample", 3, [4, 5, 6], batched=True)
+        mean = method.predict(model, scorer, batch, "mean", 1, [0], batched=True)
+    assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c) and not torch.allclose(a[0], a[1])
+    method.save(model, tmp_path)
+    plain = peft.PeftModel.from_pretrained(reference, str(tmp_path)).eval()  # PEFT alone: the posterior mean
+    again = method.load(tiny("llama"), tmp_path, LORA).eval()
+    with torch.no_grad():
+        assert torch.allclose(method.predict(plain, scorer, batch, "mean", 1, [0], True), mean, atol=1e-6)
+        assert torch.allclose(method.predict(again, scorer, batch, "sample", 3, [1, 2, 3], True), a, atol=1e-6)
+        merged = method.prepare_eval(again, "merged")
+        assert torch.allclose(method.predict(merged, scorer, batch, "mean", 1, [0], True), mean, atol=1e-5)
+    (tmp_path / "blob_rho.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="posterior scales"):
+        method.load(tiny("llama"), tmp_path, LORA)

@@ -63,16 +63,17 @@ def train_args(ws, kind, method, out, *extra):
 
 
 # 32 examples in 8 epochs are few for the per-example ELBO: the test tempers the KL and raises the LoRA
-# scaling so the pipeline is seen learning. Bayesian-LoRA's means step at 10x the run's lr by default,
+# scaling so the pipeline is seen learning (BLoB's KL/M, with M = 4 steps per epoch, is tempered too). Bayesian-LoRA's means step at 10x the run's lr by default,
 # so its lr here is a tenth of LoRA's (the same weight-space step).
 LEARN = {"lora": ["--lr", "5e-2", "--epochs", "4"], "map": ["--lr", "5e-2", "--epochs", "4"],
          "mcdropout": ["--lr", "5e-2", "--epochs", "4"], "ensemble": ["--lr", "5e-2", "--epochs", "4"],
+         "blob": ["--lr", "5e-2", "--epochs", "4", "--kl-scale", "0.01"],
          "bayeslora": ["--lr", "5e-3", "--epochs", "8", "--kl-scale", "0.01", "--lora-alpha", "64"]}
-DRAWS = {"lora": 1, "map": 1, "mcdropout": 3, "bayeslora": 3, "ensemble": 3}  # evaluated with --samples 3
+DRAWS = {"lora": 1, "map": 1, "mcdropout": 3, "bayeslora": 3, "ensemble": 3, "blob": 3}  # evaluated with --samples 3
 
 
 @pytest.mark.parametrize("kind", ["causal", "encoder"])
-@pytest.mark.parametrize("method", ["lora", "map", "mcdropout", "ensemble", "bayeslora"])
+@pytest.mark.parametrize("method", ["lora", "map", "mcdropout", "ensemble", "blob", "bayeslora"])
 def test_train_evaluate_report(workspace, kind, method, capsys):
     run = workspace["root"] / f"run-{kind}-{method}"
     assert cli.main(train_args(workspace, kind, method, run, *LEARN[method])) == 0

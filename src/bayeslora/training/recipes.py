@@ -4,6 +4,8 @@ rule and the option values it brings, so the loop has no per-recipe branches.
 * ``elbo``: the per-example ELBO (METHOD.md section 3), β = kl_scale/N_train with an optional linear
   warm-up, linear lr warm-up/decay, no weight decay on variational parameters, no regularisers unless
   asked (``--label-smoothing``, ``--entropy-bonus``).
+* ``blob``: BLoB's default (Wang et al. 2024): the NLL plus KL / M with M the steps per epoch (× kl_scale),
+  the lr schedule and regularisers of ``elbo``.
 * ``paper``: the authors' recipe (label smoothing 0.05, entropy bonus 0.05, KL weight 0.1/steps_per_epoch
   from epoch 2, lr ÷10 at epochs 2 and 4, weight decay 0.027 on everything, lr 7.39e-4, 6 epochs).
 
@@ -66,6 +68,15 @@ class ElboRecipe(Recipe):
         return factor
 
 
+class BlobRecipe(ElboRecipe):
+    name = "blob"
+
+    def loss(self, out, batch, ctx, cfg) -> LossParts:
+        weight = cfg.kl_scale / ctx.steps_per_epoch
+        return elbo_loss(out["log_probs"], batch["labels"], out["kl_flow"], out["kl_cond"], weight,
+                         _choice_mask(batch), cfg.label_smoothing, cfg.entropy_bonus)
+
+
 class PaperRecipe(Recipe):
     name = "paper"
     defaults = {"lr": PAPER.lr, "epochs": PAPER.epochs, "weight_decay": PAPER.weight_decay, "kl_scale": 1.0,
@@ -82,5 +93,5 @@ class PaperRecipe(Recipe):
         return lambda step: paper_lr_factor(step // steps_per_epoch)
 
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (ElboRecipe(), PaperRecipe())}
+RECIPES: dict[str, Recipe] = {r.name: r for r in (ElboRecipe(), BlobRecipe(), PaperRecipe())}
 
