@@ -12,7 +12,7 @@ from tiny_models import inputs, save_tiny_causal, tiny
 
 import bayeslora
 from bayeslora import BayesLoraConfig, cli
-from bayeslora.calibration import fit_temperature, search_scale, tempered
+from bayeslora.calibration import bisect_sigma, fit_temperature, search_scale, tempered
 from bayeslora.calibration.posterior_scale import TAU_MAX
 from bayeslora.data import causal_prompt, load_task
 
@@ -137,14 +137,15 @@ def evaluate(run, data, *extra):
 
 
 @pytest.mark.parametrize("method,calibration", [("lora", "temperature"), ("bayeslora", "temperature"),
-                                                ("bayeslora", "posterior-scale")])
+                                                ("bayeslora", "posterior-scale"), ("lora", "tfb")])
 def test_calibrate_then_evaluate_through_the_cli(runs, method, calibration, capsys):
     run = runs[method]
     assert cli.main(["calibrate", "--run", str(run), "--calibration", calibration, "--samples", "2"]) == 0
     record = json.loads((run / "calibration" / f"{calibration}.json").read_text())
-    assert record["val_after"]["nll"] <= record["val_before"]["nll"] + 1e-12
+    if calibration != "tfb":  # tfb bounds the NLL change on its anchor set instead
+        assert record["val_after"]["nll"] <= record["val_before"]["nll"] + 1e-12
     assert record["fitted_on"]["split"] == "val" and record["fitted_on"]["n"] == 32
-    assert record["mode"] == ("sample" if method == "bayeslora" else "mean")
+    assert record["mode"] == ("mean" if (method, calibration) == ("lora", "temperature") else "sample")
     assert evaluate(run, runs["data"], "--calibration", calibration) == 0
     out = capsys.readouterr().out
     assert f"{method}+{calibration}" in out
@@ -173,3 +174,44 @@ def test_calibration_refusals_name_the_problem(runs, capsys):
     file.unlink()
     assert evaluate(run, runs["data"], "--calibration", "temperature") == 2
     assert "bayeslora calibrate --run" in capsys.readouterr().err
+
+
+def test_bisection_finds_the_largest_sigma_within_the_threshold():
+    from bayeslora.calibration.tfb import SIGMA_MAX, TFB_THRESHOLD
+
+    edge = 0.02
+    sigma, tried = bisect_sigma(lambda s: TFB_THRESHOLD * (s / edge) ** 2)
+    assert sigma <= edge and sigma > edge * 0.99 and len(tried) <= 14
+    assert bisect_sigma(lambda s: 0.0)[0] == SIGMA_MAX and bisect_sigma(lambda s: 1.0)[0] == 0.0
+
+
+def test_tfb_noise_is_zero_at_sigma_zero_and_lies_in_the_column_space_of_b():
+    import peft
+
+    from bayeslora.calibration import TfbPredictor
+    from bayeslora.methods import get_method
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(tiny("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    model.eval()
+    layer = next(m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    seen = {}
+    batch = inputs()
+    with torch.no_grad():
+        clean = model(**batch).logits
+        tfb = TfbPredictor(get_method("lora"), model, sigma=0.0)
+        tfb.seeds = [3]  # the observer runs after the noise hook
+        layer.register_forward_hook(lambda mod, args, out: seen.__setitem__("out", out.detach().clone()))
+        model(**batch)
+        clean_q = seen["out"]
+        assert torch.equal(model(**batch).logits, clean)
+        tfb.sigma = 0.05
+        noisy = model(**batch).logits
+        delta = seen["out"] - clean_q
+    assert not torch.allclose(noisy, clean)
+    u, _, _ = torch.linalg.svd(layer.lora_B["default"].weight.double(), full_matrices=False)
+    outside = delta.double() - (delta.double() @ u) @ u.T
+    assert outside.abs().max() < 1e-5 * delta.abs().max()

@@ -73,17 +73,17 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
     assert {t["set"] for t in summary["targets"]} == {"arc_easy→arc_easy", "arc_easy→arc_challenge"}
     assert "ECE (floor)" in md_path.read_text()
 
-    plan.calibrations = ["temperature", "posterior-scale"]  # post-hoc cells on the same runs: no retraining
+    plan.calibrations = ["temperature", "posterior-scale", "tfb"]  # post-hoc cells on the same runs: no retraining
     calibrated: list[str] = []
     run_plan(plan, log=calibrated.append)
     assert not any(line.endswith(": training") for line in calibrated)
-    assert sum("fitted on val" in line for line in calibrated) == 6  # lora: temperature; bayeslora: both
+    assert sum("fitted on val" in line for line in calibrated) == 8  # lora: temperature, tfb; bayeslora: 2
     summary = json.loads(write_summary(plan)[0].read_text())
     extra = {(e["eval_task"], e["cell"], e["mode"]) for e in summary["table"]} - {(t, c, m) for t, _, c, m in keys}
     assert extra == {(t, c, m) for t in ("arc_easy", "arc_challenge") for c, m in
-                     (("lora+temperature", "mean"), ("bayeslora+temperature", "sample"),
+                     (("lora+temperature", "mean"), ("lora+tfb", "sample"), ("bayeslora+temperature", "sample"),
                       ("bayeslora+posterior-scale", "sample"))}
-    assert "lora+temperature" in {t["cell"] for t in summary["targets"]}
+    assert {"lora+temperature", "lora+tfb"} <= {t["cell"] for t in summary["targets"]}
 
 
 def test_cell_parse_errors_name_the_cell():

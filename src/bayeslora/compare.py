@@ -96,6 +96,15 @@ class Plan:
     def method_of(self, label: str) -> str:
         return next(c.method for c in self.cells for name, _ in self.variants(c) if name == label)
 
+    def default_mode(self, label: str) -> str:
+        """The mode a cell's targets are judged in: its calibration's, else its method's default."""
+        from .calibration import get_calibration
+        from .methods import get_method
+
+        method = get_method(self.method_of(label))
+        calibration = next(c for cell in self.cells for name, c in self.variants(cell) if name == label)
+        return (calibration and get_calibration(calibration).mode_for(method)) or method.default_mode
+
     def validate(self) -> None:
         from .calibration import CALIBRATIONS
         from .methods import METHODS
@@ -153,6 +162,17 @@ def _modes(method_name: str, kind: str = "id") -> list[str]:
     cls = METHODS[method_name]
     modes = [cls.default_mode] + [m for m in ("mean",) if m in cls.modes and m != cls.default_mode]
     return modes if kind == "id" else modes[:1]
+
+
+def _calibrated_mode(folder: RunFolder, calibration: str, samples: int) -> tuple[str, int]:
+    """(mode, draws) of a run's evaluations through ``calibration``."""
+    from .calibration import get_calibration
+    from .methods import get_method
+
+    train = folder.read_config()["train"]
+    method, calibrator = get_method(train["method"], train["method_options"]), get_calibration(calibration)
+    mode = calibrator.mode_for(method) or method.default_mode
+    return mode, calibrator.draws(method, mode, samples)
 
 
 def _draws(folder: RunFolder, mode: str, samples: int) -> int:
@@ -218,8 +238,7 @@ def _calibrated_evals(plan: Plan, folder: RunFolder, method: str, calibration: s
     """Fit ``calibration`` on the run's val slice once, then score every set of the run through it."""
     from .runs import calibrate_run, evaluate_run
 
-    mode = _modes(method)[0]
-    samples = _draws(folder, mode, plan.samples)
+    mode, samples = _calibrated_mode(folder, calibration, plan.samples)
     if not folder.calibration_file(calibration).exists():
         r = calibrate_run(folder.root, calibration, mode=mode, samples=plan.samples, seed=seed, data_dir=plan.data_dir)
         log(f"{label}: {calibration} fitted on val: {r['params']}, nll {r['val_before']['nll']:.4f} -> "
@@ -274,11 +293,12 @@ def summarise(plan: Plan) -> dict[str, Any]:
         if not folder.config.exists():
             continue
         method = folder.read_config()["train"]["method"]
-        cases = [(eval_task, kind, name, calibration, mode)
+        cases = [(eval_task, kind, name, calibration, mode, _draws(folder, mode, plan.samples))
                  for eval_task, kind in plan.evals_of(task) for name, calibration in plan.variants(cell)
-                 for mode in (_modes(method, kind) if calibration is None else _modes(method)[:1])]
-        for eval_task, kind, name, calibration, mode in cases:
-            samples = _draws(folder, mode, plan.samples)
+                 if calibration is None for mode in _modes(method, kind)]
+        cases += [(eval_task, kind, name, calibration, *_calibrated_mode(folder, calibration, plan.samples))
+                  for eval_task, kind in plan.evals_of(task) for name, calibration in plan.variants(cell)[1:]]
+        for eval_task, kind, name, calibration, mode, samples in cases:
             files = folder.eval_files(eval_stem(eval_task, plan.split, method, mode, samples, calibration))
             if not files.metrics.exists():
                 continue
@@ -333,7 +353,7 @@ def targets(table: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
     out = []
     index = {(e["budget"], e["train_task"], e["eval_task"], e["cell"], e["mode"]): e for e in table}
     for e in table:
-        if e["cell"] == plan.reference or e["mode"] != _modes(plan.method_of(e["cell"]))[0]:
+        if e["cell"] == plan.reference or e["mode"] != plan.default_mode(e["cell"]):
             continue
         ref = next((index[(e["budget"], e["train_task"], e["eval_task"], plan.reference, m)]
                     for m in ("mean", "sample")

@@ -64,15 +64,17 @@ def evaluate_run(run_dir: str | Path, task: str, split: str, *, data_dir: Option
                              f"in that mode (or refit it with calibrate --mode {mode})")
         mode = fitted["mode"]
     mode = mode or method.default_mode
-    model = method.prepare_eval(model, mode)
-    transform = None
-    if calibrator is not None:
-        calibrator.prepare(method, model, fitted["params"])
+    transform, predictor = None, method
+    if calibrator is None:
+        model = method.prepare_eval(model, mode)
+    else:
+        model = method.prepare_eval(model, calibrator.base_mode(method, mode))
+        predictor = calibrator.prepare(method, model, fitted["params"])
         transform = lambda lp, mask: calibrator.transform(lp, mask, fitted["params"])  # noqa: E731
     facts = {"method": cfg.method, "recipe": cfg.recipe, "selection_rule": selection["rule"],
              "selected_epoch": selection["epoch"], "run": str(run_dir), "model": cfg.model,
              "calibration": calibration, "calibration_params": None if fitted is None else fitted["params"]}
-    return _score(method, model, scorer, tokenizer, task, split, facts, data_dir=data_dir, data_file=data_file,
+    return _score(predictor, model, scorer, tokenizer, task, split, facts, data_dir=data_dir, data_file=data_file,
                   samples=samples, mode=mode, batch_size=batch_size, seed=seed, batched=batched,
                   max_examples=max_examples, device=device, max_length=cfg.max_length,
                   output=output, default_files=RunFolder(run_dir).eval_files, transform=transform)
@@ -106,17 +108,18 @@ def calibrate_run(run_dir: str | Path, calibration: str, *, mode: Optional[str] 
     calibrator = get_calibration(calibration)
     if not calibrator.applies_to(method):
         raise ValueError(f"--calibration {calibration} does not apply to a {cfg.method} run")
-    mode = mode or method.default_mode
-    model = method.prepare_eval(model, mode)
-    _, val = fit_and_val_sets(cfg, data_dir)
+    mode = mode or calibrator.mode_for(method) or method.default_mode
+    model = method.prepare_eval(model, calibrator.base_mode(method, mode))
+    fit, val = fit_and_val_sets(cfg, data_dir)
     collator = scorer.make_collator(tokenizer, cfg.max_length)
 
-    def predictor():
-        return predict_examples(method, model, scorer, val, collator, mode=mode, samples=samples,
-                                batch_size=batch_size, seed=seed, batched=batched, device=device)
+    def predictor(using=None, examples=None):
+        return predict_examples(using or method, model, scorer, val if examples is None else examples, collator,
+                                mode=mode, samples=samples, batch_size=batch_size, seed=seed, batched=batched,
+                                device=device)
 
     start = time.perf_counter()
-    fitted = calibrator.fit(Fitting(method, model, val, mode, samples, seed, predictor))
+    fitted = calibrator.fit(Fitting(method, model, val, mode, samples, seed, predictor, fit))
     record = {"calibration": calibration, **fitted, "mode": mode, "samples": samples, "seed": seed,
               "adapter": selection["adapter"], "selected_epoch": selection["epoch"],
               "fitted_on": {"task": cfg.task, "split": "val", "n": len(val), "val_file": cfg.val_file,

@@ -1,8 +1,9 @@
 """The interface of a post-hoc calibration: fitted on a trained run's ``val`` slice, applied at evaluation.
 
 A calibration changes a trained run's predictions without retraining it, in one or both of two places:
-``prepare`` acts on the model before it predicts (e.g. widening a posterior) and ``transform`` acts on
-the per-draw log-probabilities after (e.g. a temperature). ``fit`` chooses the parameters on held-back
+``prepare`` acts on the model before it predicts (e.g. widening a posterior, or adding noise to a
+deterministic adapter) and returns the predictor to use (the run's method, or one that wraps it), and
+``transform`` acts on the per-draw log-probabilities after (e.g. a temperature). ``fit`` chooses the parameters on held-back
 data through a :class:`Fitting`, which predicts with the run's own method, scorer and mode, so a
 calibration never sees the split it is reported on.
 """
@@ -58,10 +59,12 @@ class Fitting:
     mode: str
     samples: int
     seed: int
-    predictor: Callable[[], PredictionResult]
+    predictor: Callable[..., PredictionResult]
+    train_examples: Sequence[Any] = ()
 
-    def predict(self) -> PredictionResult:
-        return self.predictor()
+    def predict(self, predictor: Any = None, examples: Sequence[Any] | None = None) -> PredictionResult:
+        """Predict ``examples`` (default: the val slice) with ``predictor`` (default: the run's method)."""
+        return self.predictor(predictor, examples)
 
 
 class Calibration:
@@ -74,12 +77,25 @@ class Calibration:
         """Whether this calibration can act on a run of ``method`` (a :class:`~bayeslora.methods.Method`)."""
         return True
 
+    def mode_for(self, method: Any) -> str | None:
+        """The mode the calibrated predictor runs in (None: the method's default)."""
+        return None
+
+    def draws(self, method: Any, mode: str, samples: int) -> int:
+        """How many draws the calibrated predictor makes (as its files are named)."""
+        return method.draws(mode, samples)
+
+    def base_mode(self, method: Any, mode: str) -> str:
+        """The mode the run's own model is prepared in before ``prepare`` acts on it."""
+        return mode
+
     def fit(self, fitting: Fitting) -> dict[str, Any]:
         """Choose the parameters on ``fitting``'s data; returns ``{"params": {...}, ...diagnostics}``."""
         raise NotImplementedError
 
-    def prepare(self, method: Any, model: nn.Module, params: dict[str, Any]) -> None:
-        """Act on the model before it predicts."""
+    def prepare(self, method: Any, model: nn.Module, params: dict[str, Any]) -> Any:
+        """Act on the model before it predicts; returns the predictor (``draws``, ``predict``) to use."""
+        return method
 
     def transform(self, log_probs: Tensor, mask: Tensor, params: dict[str, Any]) -> Tensor:
         """Act on per-draw log-probabilities (N, S, C) (-inf on padded choices) after prediction."""

@@ -72,8 +72,9 @@ class PosteriorScale(Calibration):
                 "val_after": val_metrics(results[best]),
                 "search": [{"scale": tau, "nll": nll} for tau, nll in tried]}
 
-    def prepare(self, method: Any, model, params: dict[str, Any]) -> None:
+    def prepare(self, method: Any, model, params: dict[str, Any]) -> Any:
         method.set_posterior_scale(model, params["scale"])
+        return method
 
     def check_params(self, params: dict[str, Any], where: str) -> dict[str, Any]:
         return {"scale": positive_param(params, "scale", where)}
