@@ -159,6 +159,8 @@ def test_calibrate_then_evaluate_through_the_cli(runs, method, calibration, caps
 def test_calibration_refusals_name_the_problem(runs, capsys):
     assert cli.main(["calibrate", "--run", str(runs["lora"]), "--calibration", "posterior-scale"]) == 2
     assert "does not apply to a lora run" in capsys.readouterr().err
+    assert cli.main(["calibrate", "--run", str(runs["lora"]), "--calibration", "tfb", "--mode", "merged"]) == 2
+    assert "fit it in sample mode" in capsys.readouterr().err
     run = runs["bayeslora"]
     assert cli.main(["calibrate", "--run", str(run), "--calibration", "temperature", "--mode", "mean"]) == 0
     assert evaluate(run, runs["data"], "--calibration", "temperature", "--mode", "sample") == 2

@@ -105,7 +105,8 @@ def _calibrate_parser(sub, full: bool) -> None:
     p.add_argument("--calibration", required=True, choices=names or None,
                    help="which calibration to fit")
     p.add_argument("--mode", choices=["sample", "mean", "merged"], help="the mode it calibrates (default: the "
-                   "method's default); evaluate applies it in this mode")
+                   "calibration's, else the method's default; tfb and posterior-scale: sample); evaluate "
+                   "applies it in this mode")
     p.add_argument("--samples", type=int, default=4, help="predictive draws in sample mode (default 4)")
     p.add_argument("--data-dir", help="where the run's task data is now (default: as recorded)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -192,7 +193,7 @@ def _compare_parser(sub) -> None:
     p.add_argument("--reference", default="lora", help="the cell others are paired with (default lora)")
     p.add_argument("--calibrations", nargs="*", default=[],
                    help="also fit these post-hoc calibrations on each run's val slice and report them as cells "
-                        "LABEL+NAME (temperature, posterior-scale; default none)")
+                        "LABEL+NAME where they apply (temperature, posterior-scale, tfb; default none)")
     p.add_argument("--summary-only", action="store_true", help="only re-read what exists and write the tables")
 
 

@@ -3,8 +3,8 @@
 Every draw's spread is multiplied by τ (Bayesian-LoRA: σ_U → τσ_U and λ → τλ, see
 :meth:`bayeslora.core.StackedFactors.widened`); the posterior mean, and so mean mode and the merged
 weights, stay as trained. It is the Bayesian counterpart of temperature scaling, and of Laplace-LoRA's
-prior-precision tuning: the data chooses how wide the posterior should be, where the ELBO at this scale
-leaves it too narrow.
+prior-precision tuning: held-back data, not the ELBO, chooses how wide the posterior should be (narrower
+or wider than trained; on MiniLM ARC-Easy it picks τ < 1, see the README's training notes).
 
 Search (on the val NLL of sample mode, with the same draw seeds for every τ): factors of 2 from τ = 1,
 upwards while the NLL falls, else downwards, within [TAU_MIN, TAU_MAX]; then τ·√2^±1 around the best.

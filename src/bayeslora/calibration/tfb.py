@@ -103,6 +103,12 @@ class TfbPredictor:
 
         return hook
 
+    def close(self) -> None:
+        """Remove the noise hooks: the model predicts as the LoRA run again."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
     def draws(self, mode: str, samples: int) -> int:
         return samples
 
@@ -139,22 +145,27 @@ class Tfb(Calibration):
         return samples
 
     def fit(self, fitting: Fitting) -> dict[str, Any]:
+        if fitting.mode != "sample":
+            raise ValueError(f"tfb predicts by sampling: fit it in sample mode, not {fitting.mode!r}")
         rows = list(fitting.train_examples)
         if not rows:
             raise ValueError("tfb needs the run's training rows for its anchor set")
         anchor = random.Random(fitting.seed).sample(rows, min(TFB_ANCHOR, len(rows)))
         predictor = TfbPredictor(fitting.method, fitting.model)
-        base = val_metrics(fitting.predict(predictor, anchor))["nll"]
+        try:
+            base = val_metrics(fitting.predict(predictor, anchor))["nll"]
 
-        def relative_change(sigma: float) -> float:
+            def relative_change(sigma: float) -> float:
+                predictor.sigma = sigma
+                return abs(val_metrics(fitting.predict(predictor, anchor))["nll"] - base) / base
+
+            sigma, tried = bisect_sigma(relative_change)
+            predictor.sigma = 0.0
+            before = val_metrics(fitting.predict(predictor))
             predictor.sigma = sigma
-            return abs(val_metrics(fitting.predict(predictor, anchor))["nll"] - base) / base
-
-        sigma, tried = bisect_sigma(relative_change)
-        predictor.sigma = 0.0
-        before = val_metrics(fitting.predict(predictor))
-        predictor.sigma = sigma
-        after = val_metrics(fitting.predict(predictor))
+            after = val_metrics(fitting.predict(predictor))
+        finally:
+            predictor.close()
         return {"params": {"sigma": sigma}, "val_before": before, "val_after": after, "anchor_nll": base,
                 "anchor_size": len(anchor), "threshold": TFB_THRESHOLD,
                 "search": [{"sigma": s, "relative_nll_change": v} for s, v in tried]}

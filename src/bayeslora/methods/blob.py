@@ -11,8 +11,9 @@ LoRA with A = μ, and merges like it.
 
 The KL weight is the authors' default, 1/M per step with M steps per epoch (the ``blob`` recipe); their
 code takes the KL step with a separate SGD optimizer (lr 0.02), which this single-AdamW loop does not
-reproduce. The means are saved as a normal PEFT LoRA adapter (PEFT alone loads the posterior mean);
-ρ goes beside it in ``blob_rho.safetensors``.
+reproduce. The means are saved as a normal PEFT LoRA adapter (PEFT alone loads the posterior mean; its
+save also copies ρ into ``adapter_model.safetensors``, which its loader ignores), and ``load`` reads ρ
+from ``blob_rho.safetensors`` beside it. Neither μ nor ρ gets weight decay (they are variational).
 """
 
 from __future__ import annotations
@@ -145,8 +146,8 @@ class BlobMethod(LoraMethod):
                 init = torch.empty_like(lin.weight, dtype=torch.float32).uniform_(eps / math.sqrt(2), eps)
                 if rho is not None:
                     key = f"{name}.{adapter}"
-                    if key not in rho:
-                        raise ValueError(f"{RHO_FILE}: no ρ for layer {key}")
+                    if key not in rho or rho[key].shape != lin.weight.shape:
+                        raise ValueError(f"{RHO_FILE}: no ρ of shape {tuple(lin.weight.shape)} for layer {key}")
                     init = rho[key].float()
                 layer.blob_rho[adapter] = nn.Parameter(init.to(lin.weight.device))
         state = BlobState(layers, flipout=self.resolved_options()["flipout"])
@@ -166,14 +167,17 @@ class BlobMethod(LoraMethod):
         path = Path(directory) / RHO_FILE
         if not path.exists():
             raise FileNotFoundError(f"{path}: a blob adapter needs its posterior scales ρ")
-        return self._attach(super().load(base_model, directory, lora), load_file(str(path)))
+        try:
+            return self._attach(super().load(base_model, directory, lora), load_file(str(path)))
+        except ValueError as err:
+            raise ValueError(f"{directory}: {err}") from err
 
     @staticmethod
     def state(model: nn.Module) -> BlobState:
         return model._blob_state
 
     def no_decay_parameters(self, model: nn.Module) -> set[str]:
-        return {n for n, p in model.named_parameters() if "blob_rho" in n}
+        return {n for n, p in model.named_parameters() if "blob_rho" in n or ".lora_A." in n}
 
     def before_step(self, model: nn.Module, seed: int) -> None:
         state = self.state(model)

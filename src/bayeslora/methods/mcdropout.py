@@ -1,10 +1,10 @@
 """MC-dropout LoRA (Gal & Ghahramani 2016): LoRA trained with dropout on its input, kept on at test.
 
-Sample mode runs S forwards with only the LoRA dropout layers in training mode (the base model's own
-dropout stays off, as ``model.eval()`` leaves it), each draw seeded: batched, the S×B repeated batch is
-one pass whose per-row masks come from one generator seeded by the draws' seeds; sequential, draw s is a
-pass seeded by seed s. Either way the same seeds give the same predictions, and a draw never touches
-torch's global RNG. Mean mode (and merged) is plain LoRA with dropout off: the standard deterministic
+Sample mode swaps each LoRA dropout layer for a :class:`SeededDropout` for the duration of a prediction:
+the S×B repeated batch is cut into its S draws and draw s takes its masks from a generator seeded by
+(seed s, layer), so one batched pass equals S sequential ones, the same seeds give the same predictions,
+and no global RNG (CPU or CUDA) is consumed. The base model's own dropout stays off, as ``model.eval()``
+leaves it. Mean mode (and merged) is plain LoRA with dropout off: the standard deterministic
 approximation of the MC-dropout predictive.
 """
 
@@ -22,35 +22,54 @@ from ..seeding import mix_seed
 from .base import register_method
 from .lora import LoraMethod
 
-__all__ = ["MCDROPOUT_RATE", "McDropoutMethod"]
+__all__ = ["MCDROPOUT_RATE", "McDropoutMethod", "SeededDropout", "seeded_dropout"]
 
 MCDROPOUT_RATE = 0.1
 
 
-def lora_dropouts(model: nn.Module) -> list[nn.Dropout]:
-    """The dropout layers on the LoRA inputs of every adapted module (PEFT's ``lora_dropout`` dicts)."""
+class SeededDropout(nn.Module):
+    """Inverted dropout whose input holds ``len(seeds)`` draws stacked on dim 0, each masked from its own
+    generator seeded by (seed, ``index``)."""
+
+    def __init__(self, p: float, index: int, seeds: list[int]) -> None:
+        super().__init__()
+        self.p, self.index, self.seeds = p, index, seeds
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = []
+        for seed, chunk in zip(self.seeds, x.chunk(len(self.seeds), dim=0)):
+            gen = torch.Generator(device=x.device).manual_seed(mix_seed(seed, self.index))
+            keep = torch.rand(chunk.shape, generator=gen, device=x.device) >= self.p
+            out.append(chunk * keep.to(chunk.dtype) / (1 - self.p))
+        return torch.cat(out, 0)
+
+
+def _dropout_tables(model: nn.Module) -> list[tuple[nn.ModuleDict, str, nn.Dropout]]:
+    """(PEFT ``lora_dropout`` dict, adapter, layer) for every LoRA input dropout with p > 0."""
     out = []
     for module in model.modules():
         table = getattr(module, "lora_dropout", None)
         if isinstance(table, nn.ModuleDict):
-            out += [m for m in table.values() if isinstance(m, nn.Dropout)]
+            out += [(table, name, m) for name, m in table.items() if isinstance(m, nn.Dropout) and m.p > 0]
     return out
 
 
+def lora_dropouts(model: nn.Module) -> list[nn.Dropout]:
+    """The dropout layers on the LoRA inputs of every adapted module."""
+    return [m for _, _, m in _dropout_tables(model)]
+
+
 @contextlib.contextmanager
-def dropout_on(model: nn.Module, seed: int) -> Iterator[None]:
-    """LoRA dropout active, drawing from torch's RNG forked and seeded with ``seed`` (restored after)."""
-    layers = lora_dropouts(model)
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for layer in layers:
-            layer.train()
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.eval()
+def seeded_dropout(model: nn.Module, seeds: list[int]) -> Iterator[None]:
+    """LoRA dropout on, draw s of each forward masked from seed s; the original layers come back after."""
+    tables = _dropout_tables(model)
+    for index, (table, name, layer) in enumerate(tables):
+        table[name] = SeededDropout(layer.p, index, list(seeds))
+    try:
+        yield
+    finally:
+        for table, name, layer in tables:
+            table[name] = layer
 
 
 @register_method
@@ -75,12 +94,12 @@ class McDropoutMethod(LoraMethod):
         if not lora_dropouts(model):
             raise ValueError("this mcdropout run has no LoRA dropout layers (was it trained with --lora-dropout 0?)")
         if batched:
-            with dropout_on(model, mix_seed(*seeds)):
+            with seeded_dropout(model, seeds):
                 logits, mask = scorer.choice_logits(model, batch, samples)
             return log_softmax_over_choices(logits, mask)
         out = []
         for seed in seeds:
-            with dropout_on(model, seed):
+            with seeded_dropout(model, [seed]):
                 logits, mask = scorer.choice_logits(model, batch, 1)
             out.append(log_softmax_over_choices(logits, mask))
         return torch.cat(out, 0)

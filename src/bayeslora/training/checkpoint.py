@@ -3,9 +3,9 @@
 A checkpoint is a folder written in full under a temporary name and swapped in with ``os.replace``,
 so a run killed at any instant (even SIGKILL mid-write) leaves the previous checkpoint intact.
 Only trainable tensors are stored (the frozen base model is reloaded from its source), as
-safetensors; optimizer and scheduler states are plain tensors and numbers loaded with
-``weights_only=True``; the RNG states are JSON (Python's and NumPy's) and safetensors (torch's), so
-resuming a run folder someone handed you unpickles nothing.
+safetensors; optimizer and scheduler states are plain tensors and numbers loaded with torch's restricted
+``weights_only=True`` loader (no arbitrary objects); the RNG states are JSON (Python's and NumPy's) and
+safetensors (torch's).
 """
 
 from __future__ import annotations
