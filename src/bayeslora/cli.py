@@ -13,8 +13,9 @@ __all__ = ["main"]
 
 def _train_parser(sub, full: bool = True) -> None:
     p = sub.add_parser("train", help="fine-tune a model on a multiple-choice task",
-                       description="Fine-tune with LoRA or Bayesian-LoRA; writes a run folder. Options left "
-                                   "unset take the recipe's or the method's defaults (recorded in config.json).")
+                       description="Fine-tune with Bayesian-LoRA or a baseline (lora, map, mcdropout, ensemble, "
+                                   "blob); writes a run folder. Options left unset take the recipe's or the "
+                                   "method's defaults (recorded in config.json).")
     if not full:  # another command runs: skip importing the model stack just to list train's flags
         return
     from .methods import METHODS
