@@ -66,6 +66,7 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
                     | {("arc_challenge", "ood", c, m) for c, m in modes[:2]})
     for e in summary["table"]:
         assert e["seeds"] == [0, 1] and e["n"] == 12 and 0 <= e["ece_floor"] <= 1
+        assert e["step_seconds"] > 0 and e["eval_seconds"] > 0
         if e["cell"] == "bayeslora":
             vs = e["vs_reference"]["nll"]
             assert vs["low"] <= vs["diff"] <= vs["high"]

@@ -83,6 +83,7 @@ def test_train_evaluate_report(workspace, kind, method, capsys):
     history = json.loads((run / "history.json").read_text())
     epochs = int(LEARN[method][LEARN[method].index("--epochs") + 1])
     assert len(history) == epochs and all("nll" in h["val"] for h in history)
+    assert all(h["timed_steps"] == 4 and h["train_seconds"] > 0 for h in history)  # 32 rows, batch 8
     assert json.loads((run / "selection.json").read_text())["rule"] == "best-val-nll"
     assert cli.main(["evaluate", "--run", str(run), "--task", "jsonl", "--data-file",
                      str(workspace["data"][kind]), "--split", "train", "--samples", "3"]) == 0

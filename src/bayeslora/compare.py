@@ -281,6 +281,14 @@ def _posterior(folder: RunFolder) -> Optional[dict[str, float]]:
             "sigma_u_max": max(sig)}
 
 
+def _train_seconds(folder: RunFolder) -> Optional[float]:
+    """Seconds per optimizer step over the run's recorded epochs (None for runs that predate timing)."""
+    timed = [h for h in folder.read_history() if h.get("timed_steps")]
+    if not timed:
+        return None
+    return sum(h["train_seconds"] for h in timed) / sum(h["timed_steps"] for h in timed)
+
+
 def summarise(plan: Plan) -> dict[str, Any]:
     """Read every evaluation back; aggregate over seeds; pair each cell with the reference cell."""
     plan.validate()
@@ -311,7 +319,8 @@ def summarise(plan: Plan) -> dict[str, Any]:
                          "ece": m["ece"], "nll": m["nll"], "brier": m["brier"],
                          "ece_floor": ece_noise_floor(ex["confidence"]), "mi": float(ex["mi"].mean()),
                          "mi_share": float(ex["mi"].sum() / ex["entropy"].sum().clamp_min(1e-12)),
-                         "posterior": _posterior(folder)})
+                         "posterior": _posterior(folder), "step_seconds": _train_seconds(folder),
+                         "eval_seconds": m.get("eval_seconds")})
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["budget"], r["train_task"], r["eval_task"], r["kind"], r["cell"], r["mode"]), []).append(r)
@@ -324,6 +333,9 @@ def summarise(plan: Plan) -> dict[str, Any]:
             values = torch.tensor([r[metric] for r in members], dtype=torch.float64)
             entry[metric] = float(values.mean())
             entry[f"{metric}_std"] = float(values.std()) if len(values) > 1 else 0.0
+        for metric in ("step_seconds", "eval_seconds"):
+            values = [r[metric] for r in members if r.get(metric) is not None]
+            entry[metric] = sum(values) / len(values) if values else None
         posts = [r["posterior"] for r in members if r["posterior"]]
         entry["posterior"] = ({k: sum(p[k] for p in posts) / len(posts) for k in posts[0]} if posts else None)
         ref_key = (key[0], key[1], key[2], plan.reference)
@@ -378,7 +390,7 @@ def markdown(summary: dict[str, Any]) -> str:
                  f"of a perfectly calibrated predictor with the same confidences; Δ = paired difference to "
                  f"{plan['reference']} with a 95% bootstrap interval.")
     head = ("| budget | train → eval | cell | mode | n | ACC | ECE (floor) | NLL | Brier | ΔNLL [95%] | ΔBrier [95%] "
-            "| MI share | λ / σ_U |")
+            "| MI share | λ / σ_U | s/step | eval s |")
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
     for e in sorted(summary["table"], key=lambda e: (e["budget"], e["kind"], e["train_task"], e["eval_task"],
                                                       e["cell"], e["mode"])):
@@ -396,13 +408,18 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| {e['budget']} | {e['train_task']} → {e['eval_task']} | {e['cell']} | {e['mode']} | {e['n']} | "
             f"{100 * e['acc']:.1f} ± {100 * e['acc_std']:.1f} | {100 * e['ece']:.1f} ± {100 * e['ece_std']:.1f} "
             f"({100 * e['ece_floor']:.1f}) | {e['nll']:.3f} | {e['brier']:.3f} | {delta('nll')} | {delta('brier')} | "
-            f"{e['mi_share']:.2g} | {post_text} |")
+            f"{e['mi_share']:.2g} | {post_text} | {_seconds(e.get('step_seconds'), 2)} | "
+            f"{_seconds(e.get('eval_seconds'), 0)} |")
     lines += ["", "Targets (against the reference, default mode):", "",
               "| budget | cell | set | kind | ΔACC | NLL lower | Brier lower | ECE ratio |", "|---|---|---|---|---|---|---|---|"]
     for t in summary["targets"]:
         lines.append(f"| {t['budget']} | {t['cell']} | {t['set']} | {t['kind']} | {t['acc_diff']:+.1f} | "
                      f"{'yes' if t['nll_lower'] else 'no'} | {'yes' if t['brier_lower'] else 'no'} | {t['ece_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _seconds(value: Optional[float], digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 def write_summary(plan: Plan) -> tuple[Path, Path]:

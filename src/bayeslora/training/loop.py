@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import platform
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,6 +248,7 @@ class Trainer:
         self.module.train()
         while pos.step < self.total_steps and pos.epoch < self.epochs:
             batches = self._global_batches(pos.epoch)
+            started, first_step = time.perf_counter(), pos.step
             while pos.batch < len(batches) and pos.step < self.total_steps:
                 group = batches[pos.batch:pos.batch + cfg.grad_accum]
                 logs = self._optimizer_step(group, pos.epoch, pos.batch)
@@ -255,6 +257,7 @@ class Trainer:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
                 if cfg.save_steps and pos.step % cfg.save_steps == 0 and pos.batch < len(batches):
                     self._checkpoint()
+            self._timing = {"train_seconds": time.perf_counter() - started, "timed_steps": pos.step - first_step}
             self._end_epoch(pos.epoch)
             pos.epoch, pos.batch = pos.epoch + 1, 0
             self._checkpoint()
@@ -265,8 +268,9 @@ class Trainer:
         if self.acc.is_main_process:
             val = self.evaluate_val()
             adapter = self._save_adapter(epoch)
+            # timing: this epoch's optimizer steps in this process (after a resume, only the steps it ran)
             entry = {"epoch": epoch, "step": self.position.step, "val": val, "adapter": adapter,
-                     "posterior": self.method.epoch_stats(self.module.model)}
+                     "posterior": self.method.epoch_stats(self.module.model), **getattr(self, "_timing", {})}
             self.history.append(entry)
             write_json_atomic(self.folder.history, self.history)
             self._select()
