@@ -12,6 +12,7 @@ in sample mode with S draws on the run's mean-mode model; σ = 0 is the LoRA run
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from ..evaluation import log_softmax_over_choices
+from ..methods.base import predict_draws
 from ..seeding import mix_seed
 from .base import Calibration, Fitting, register_calibration, val_metrics
 
@@ -112,18 +113,14 @@ class TfbPredictor:
     def draws(self, mode: str, samples: int) -> int:
         return samples
 
+    def seeded(self, seeds: list[int]) -> contextlib.AbstractContextManager:
+        """Draw chunk s of the next forwards from ``seeds[s]`` (for :func:`predict_draws`)."""
+        self.seeds = seeds
+        return contextlib.nullcontext()
+
     def predict(self, model: nn.Module, scorer, batch: dict[str, Any], mode: str, samples: int,
                 seeds: list[int], batched: bool) -> Tensor:
-        if batched:
-            self.seeds = list(seeds)
-            logits, mask = scorer.choice_logits(model, batch, samples)
-            return log_softmax_over_choices(logits, mask)
-        out = []
-        for seed in seeds:
-            self.seeds = [seed]
-            logits, mask = scorer.choice_logits(model, batch, 1)
-            out.append(log_softmax_over_choices(logits, mask))
-        return torch.cat(out, 0)
+        return predict_draws(model, scorer, batch, seeds, batched, self.seeded)
 
 
 @register_calibration

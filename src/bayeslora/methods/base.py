@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, ContextManager, Optional
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..evaluation import log_softmax_over_choices
 from ..scoring import ChoiceScorer
 
-__all__ = ["METHODS", "Method", "TrainOutputs", "get_method", "register_method"]
+__all__ = ["METHODS", "Method", "TrainOutputs", "get_method", "predict_draws", "register_method"]
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -38,6 +38,22 @@ class TrainOutputs:
         if self.kl_flow is None and self.kl_cond is None:
             return None
         return sum(t for t in (self.kl_flow, self.kl_cond) if t is not None)
+
+
+def predict_draws(model: nn.Module, scorer: ChoiceScorer, batch: dict[str, Any], seeds: list[int], batched: bool,
+                  seeded: Callable[[list[int]], ContextManager]) -> Tensor:
+    """Per-draw log-probs (S, B, C) in float64: one S×B pass under ``seeded(seeds)``, or S passes under
+    ``seeded([seed])``; the same draws either way when ``seeded`` draws chunk s from ``seeds[s]``."""
+    if batched:
+        with seeded(list(seeds)):
+            logits, mask = scorer.choice_logits(model, batch, len(seeds))
+        return log_softmax_over_choices(logits, mask)
+    out = []
+    for seed in seeds:
+        with seeded([seed]):
+            logits, mask = scorer.choice_logits(model, batch, 1)
+        out.append(log_softmax_over_choices(logits, mask))
+    return torch.cat(out, 0)
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:

@@ -19,6 +19,7 @@ from ``blob_rho.safetensors`` beside it. Neither μ nor ρ gets weight decay (th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from ..evaluation import log_softmax_over_choices
 from ..scoring import ChoiceScorer
 from ..seeding import mix_seed
-from .base import TrainOutputs, register_method
+from .base import TrainOutputs, predict_draws, register_method
 from .lora import LoraMethod
 
 __all__ = ["BLOB_EPS", "BLOB_PRIOR_STD", "BlobMethod", "blob_kl"]
@@ -51,6 +52,11 @@ class BlobState:
     sampling: bool = True
     seeds: Optional[list[int]] = None  # one per draw; None: torch's global RNG
     handles: list = field(default_factory=list)
+
+    def seeded(self, seeds: list[int]) -> contextlib.AbstractContextManager:
+        """Draw chunk s of the next forwards from ``seeds[s]`` (for :func:`predict_draws`)."""
+        self.seeds = seeds
+        return contextlib.nullcontext()
 
 
 def _sigma(layer: LoraLayer, adapter: str) -> Tensor:
@@ -207,13 +213,4 @@ class BlobMethod(LoraMethod):
             return super().predict(model, scorer, batch, mode, samples, seeds, batched)
         state = self.state(model)
         state.sampling = True
-        if batched:
-            state.seeds = list(seeds)
-            logits, mask = scorer.choice_logits(model, batch, samples)
-            return log_softmax_over_choices(logits, mask)
-        out = []
-        for seed in seeds:
-            state.seeds = [seed]
-            logits, mask = scorer.choice_logits(model, batch, 1)
-            out.append(log_softmax_over_choices(logits, mask))
-        return torch.cat(out, 0)
+        return predict_draws(model, scorer, batch, seeds, batched, state.seeded)

@@ -16,10 +16,9 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..evaluation import log_softmax_over_choices
 from ..scoring import ChoiceScorer
 from ..seeding import mix_seed
-from .base import register_method
+from .base import predict_draws, register_method
 from .lora import LoraMethod
 
 __all__ = ["MCDROPOUT_RATE", "McDropoutMethod", "SeededDropout", "seeded_dropout"]
@@ -93,13 +92,4 @@ class McDropoutMethod(LoraMethod):
             return super().predict(model, scorer, batch, mode, samples, seeds, batched)
         if not lora_dropouts(model):
             raise ValueError("this mcdropout run has no LoRA dropout layers (was it trained with --lora-dropout 0?)")
-        if batched:
-            with seeded_dropout(model, seeds):
-                logits, mask = scorer.choice_logits(model, batch, samples)
-            return log_softmax_over_choices(logits, mask)
-        out = []
-        for seed in seeds:
-            with seeded_dropout(model, [seed]):
-                logits, mask = scorer.choice_logits(model, batch, 1)
-            out.append(log_softmax_over_choices(logits, mask))
-        return torch.cat(out, 0)
+        return predict_draws(model, scorer, batch, seeds, batched, lambda s: seeded_dropout(model, s))
