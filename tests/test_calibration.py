@@ -137,15 +137,17 @@ def evaluate(run, data, *extra):
 
 
 @pytest.mark.parametrize("method,calibration", [("lora", "temperature"), ("bayeslora", "temperature"),
-                                                ("bayeslora", "posterior-scale"), ("lora", "tfb")])
+                                                ("bayeslora", "posterior-scale"), ("lora", "tfb"),
+                                                ("lora", "laplace")])
 def test_calibrate_then_evaluate_through_the_cli(runs, method, calibration, capsys):
     run = runs[method]
     assert cli.main(["calibrate", "--run", str(run), "--calibration", calibration, "--samples", "2"]) == 0
     record = json.loads((run / "calibration" / f"{calibration}.json").read_text())
-    if calibration != "tfb":  # tfb bounds the NLL change on its anchor set instead
+    if calibration not in ("tfb", "laplace"):  # tfb bounds the NLL change on its anchor set; laplace is not fitted on val
         assert record["val_after"]["nll"] <= record["val_before"]["nll"] + 1e-12
     assert record["fitted_on"]["split"] == "val" and record["fitted_on"]["n"] == 32
-    assert record["mode"] == ("mean" if (method, calibration) == ("lora", "temperature") else "sample")
+    deterministic = (method, calibration) in (("lora", "temperature"), ("lora", "laplace"))
+    assert record["mode"] == ("mean" if deterministic else "sample")
     assert evaluate(run, runs["data"], "--calibration", calibration) == 0
     out = capsys.readouterr().out
     assert f"{method}+{calibration}" in out
@@ -156,11 +158,44 @@ def test_calibrate_then_evaluate_through_the_cli(runs, method, calibration, caps
     assert f"{method}+{calibration}" in capsys.readouterr().out
 
 
+def test_laplace_on_an_encoder_run_in_sample_mode_and_its_factors_file(tmp_path, capsys):
+    from tiny_models import save_tiny_encoder
+
+    data = write_task(tmp_path / "encoder.jsonl", kind="encoder")
+    ws = {"data": {"encoder": data}, "encoder": save_tiny_encoder(tmp_path / "encoder")}
+    run = tmp_path / "run"
+    assert cli.main(train_args(ws, "encoder", "lora", run, "--max-steps", "4")) == 0
+    assert cli.main(["calibrate", "--run", str(run), "--calibration", "laplace", "--mode", "sample",
+                     "--samples", "3"]) == 0
+    record = json.loads((run / "calibration" / "laplace.json").read_text())
+    assert record["mode"] == "sample" and "scorer.head" in record["covered"] and not record["not_covered"]
+    values = [e["log_evidence"] for e in record["evidence"]]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert evaluate(run, data, "--calibration", "laplace", "--samples", "3") == 0
+    metrics = json.loads(next((run / "eval").glob("metrics-*lora+laplace-sample-S3.json")).read_text())
+    predictions = [json.loads(line) for line in
+                   next((run / "eval").glob("predictions-*lora+laplace-sample-S3.jsonl")).read_text().splitlines()]
+    assert metrics["samples"] == 3 and all(p["mutual_information"] > 0 for p in predictions)
+    factors = run / "calibration" / "laplace.safetensors"
+    data_bytes = factors.read_bytes()
+    factors.write_bytes(data_bytes[:-8] + bytes(8))
+    capsys.readouterr()
+    assert evaluate(run, data, "--calibration", "laplace", "--samples", "3") == 2
+    assert "laplace.safetensors: does not match the sha256" in capsys.readouterr().err
+    factors.unlink()
+    assert evaluate(run, data, "--calibration", "laplace", "--samples", "3") == 2
+    assert "tensors are missing" in capsys.readouterr().err
+
+
 def test_calibration_refusals_name_the_problem(runs, capsys):
     assert cli.main(["calibrate", "--run", str(runs["lora"]), "--calibration", "posterior-scale"]) == 2
     assert "does not apply to a lora run" in capsys.readouterr().err
     assert cli.main(["calibrate", "--run", str(runs["lora"]), "--calibration", "tfb", "--mode", "merged"]) == 2
     assert "fit it in sample mode" in capsys.readouterr().err
+    assert cli.main(["calibrate", "--run", str(runs["lora"]), "--calibration", "laplace", "--mode", "merged"]) == 2
+    assert "unmerged LoRA layers" in capsys.readouterr().err
+    assert cli.main(["calibrate", "--run", str(runs["bayeslora"]), "--calibration", "laplace"]) == 2
+    assert "does not apply to a bayeslora run" in capsys.readouterr().err
     run = runs["bayeslora"]
     assert cli.main(["calibrate", "--run", str(run), "--calibration", "temperature", "--mode", "mean"]) == 0
     assert evaluate(run, runs["data"], "--calibration", "temperature", "--mode", "sample") == 2

@@ -106,7 +106,8 @@ def _calibrate_parser(sub, full: bool) -> None:
     p.add_argument("--calibration", required=True, choices=names or None,
                    help="which calibration to fit")
     p.add_argument("--mode", choices=["sample", "mean", "merged"], help="the mode it calibrates (default: the "
-                   "calibration's, else the method's default; tfb and posterior-scale: sample); evaluate "
+                   "calibration's, else the method's default; tfb and posterior-scale: sample; laplace: mean, "
+                   "its probit predictive); evaluate "
                    "applies it in this mode")
     p.add_argument("--samples", type=int, default=4, help="predictive draws in sample mode (default 4)")
     p.add_argument("--data-dir", help="where the run's task data is now (default: as recorded)")

@@ -9,6 +9,7 @@ lives here only::
     RUN/adapters/epoch-N/        the adapter (PEFT folder) and the scorer head of epoch N
     RUN/checkpoint/              the resumable training state (see bayeslora.training.checkpoint)
     RUN/calibration/NAME.json    a post-hoc calibration fitted on the val slice (bayeslora calibrate)
+    RUN/calibration/NAME.safetensors   its fitted tensors, if it has any (Laplace's factors)
     RUN/eval/metrics-STEM.json   one evaluation: task, split, mode, draws, ACC/ECE/NLL/Brier, ...
     RUN/eval/predictions-STEM.jsonl, RUN/eval/reliability-STEM.png   beside it
     zero-shot/MODEL/metrics-STEM.json (and its two files)   evaluate --model without a run
@@ -93,6 +94,9 @@ class RunFolder:
 
     def calibration_file(self, name: str) -> Path:
         return self.calibration_dir / f"{name}.json"
+
+    def calibration_tensors_file(self, name: str) -> Path:
+        return self.calibration_dir / f"{name}.safetensors"
 
     @property
     def eval_dir(self) -> Path:

@@ -8,12 +8,15 @@ predictive, its entropy and the mutual information) and ``reliability-*.png``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import safetensors.torch
 import torch
+from tqdm.auto import tqdm
 
 from .calibration import Fitting, get_calibration
 from .data import load_task
@@ -69,7 +72,7 @@ def evaluate_run(run_dir: str | Path, task: str, split: str, *, data_dir: Option
         model = method.prepare_eval(model, mode)
     else:
         model = method.prepare_eval(model, calibrator.base_mode(method, mode))
-        predictor = calibrator.prepare(method, model, fitted["params"])
+        predictor = calibrator.prepare(method, model, fitted["params"], tensors=fitted.get("tensors"))
         transform = lambda lp, mask: calibrator.transform(lp, mask, fitted["params"])  # noqa: E731
     facts = {"method": cfg.method, "recipe": cfg.recipe, "selection_rule": selection["rule"],
              "selected_epoch": selection["epoch"], "run": str(run_dir), "model": cfg.model,
@@ -92,7 +95,23 @@ def _fitted_calibration(folder: RunFolder, name: str, selection: dict[str, Any])
         raise ValueError(f"{where}: field 'params' must be an object")
     if record.get("mode") not in ("sample", "mean", "merged"):
         raise ValueError(f"{where}: field 'mode' must be sample, mean or merged, got {record.get('mode')!r}")
-    return calibrator, {**record, "params": calibrator.check_params(record["params"], where)}
+    params = calibrator.check_params(record["params"], where)
+    checked = {**record, "params": params}
+    if record.get("tensors_sha256") is not None:
+        file = folder.calibration_tensors_file(name)
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: the {name} calibration's tensors are missing; refit it with "
+                                    "bayeslora calibrate")
+        data = file.read_bytes()
+        if hashlib.sha256(data).hexdigest() != record["tensors_sha256"]:
+            raise ValueError(f"{file}: does not match the sha256 that {where} records; refit it with "
+                             "bayeslora calibrate")
+        try:
+            tensors = safetensors.torch.load(data)
+        except Exception as err:
+            raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
+        checked["tensors"] = calibrator.check_tensors(tensors, params, str(file))
+    return calibrator, checked
 
 
 def calibrate_run(run_dir: str | Path, calibration: str, *, mode: Optional[str] = None, samples: int = 4,
@@ -113,20 +132,31 @@ def calibrate_run(run_dir: str | Path, calibration: str, *, mode: Optional[str] 
     fit, val = fit_and_val_sets(cfg, data_dir)
     collator = scorer.make_collator(tokenizer, cfg.max_length)
 
-    def predictor(using=None, examples=None):
-        return predict_examples(using or method, model, scorer, val if examples is None else examples, collator,
-                                mode=mode, samples=samples, batch_size=batch_size, seed=seed, batched=batched,
-                                device=device)
+    def predictor(using=None, examples=None, desc=None):
+        rows = val if examples is None else examples
+        bar = None if desc is None else tqdm(total=len(rows), desc=desc, unit="ex", leave=False)
+        try:
+            return predict_examples(using or method, model, scorer, rows, collator, mode=mode, samples=samples,
+                                    batch_size=batch_size, seed=seed, batched=batched, device=device,
+                                    progress=None if bar is None else bar.update)
+        finally:
+            if bar is not None:
+                bar.close()
 
     start = time.perf_counter()
     fitted = calibrator.fit(Fitting(method, model, val, mode, samples, seed, predictor, fit))
+    folder = RunFolder(run_dir)
+    folder.calibration_dir.mkdir(parents=True, exist_ok=True)
+    tensors = fitted.pop("tensors", None)
+    if tensors is not None:  # written first: the record that names its sha256 lands after it
+        data = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        atomic_write(folder.calibration_tensors_file(calibration), lambda f: f.write(data))
+        fitted["tensors_sha256"] = hashlib.sha256(data).hexdigest()
     record = {"calibration": calibration, **fitted, "mode": mode, "samples": samples, "seed": seed,
               "adapter": selection["adapter"], "selected_epoch": selection["epoch"],
               "fitted_on": {"task": cfg.task, "split": "val", "n": len(val), "val_file": cfg.val_file,
                             "train_file": cfg.train_file},
               "fit_seconds": time.perf_counter() - start}
-    folder = RunFolder(run_dir)
-    folder.calibration_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder.calibration_file(calibration), record)
     record["file"] = str(folder.calibration_file(calibration))
     return record

@@ -3,7 +3,9 @@
 A calibration changes a trained run's predictions without retraining it, in one or both of two places:
 ``prepare`` acts on the model before it predicts (e.g. widening a posterior, or adding noise to a
 deterministic adapter) and returns the predictor to use (the run's method, or one that wraps it), and
-``transform`` acts on the per-draw log-probabilities after (e.g. a temperature). ``fit`` chooses the parameters on held-back
+``transform`` acts on the per-draw log-probabilities after (e.g. a temperature). ``fit`` chooses the
+parameters (JSON numbers; large fitted state, such as Laplace's factors, goes under ``"tensors"`` and is
+saved as safetensors beside the record) on held-back
 data through a :class:`Fitting`, which predicts with the run's own method, scorer and mode, so a
 calibration never sees the split it is reported on.
 """
@@ -11,7 +13,7 @@ calibration never sees the split it is reported on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -62,9 +64,11 @@ class Fitting:
     predictor: Callable[..., PredictionResult]
     train_examples: Sequence[Any] = ()
 
-    def predict(self, predictor: Any = None, examples: Sequence[Any] | None = None) -> PredictionResult:
-        """Predict ``examples`` (default: the val slice) with ``predictor`` (default: the run's method)."""
-        return self.predictor(predictor, examples)
+    def predict(self, predictor: Any = None, examples: Sequence[Any] | None = None,
+                desc: str | None = None) -> PredictionResult:
+        """Predict ``examples`` (default: the val slice) with ``predictor`` (default: the run's method);
+        ``desc`` shows a progress bar so named (for long passes)."""
+        return self.predictor(predictor, examples, desc)
 
 
 class Calibration:
@@ -93,8 +97,10 @@ class Calibration:
         """Choose the parameters on ``fitting``'s data; returns ``{"params": {...}, ...diagnostics}``."""
         raise NotImplementedError
 
-    def prepare(self, method: Any, model: nn.Module, params: dict[str, Any]) -> Any:
-        """Act on the model before it predicts; returns the predictor (``draws``, ``predict``) to use."""
+    def prepare(self, method: Any, model: nn.Module, params: dict[str, Any],
+                tensors: Optional[dict[str, Tensor]] = None) -> Any:
+        """Act on the model before it predicts; returns the predictor (``draws``, ``predict``) to use.
+        ``tensors`` are what ``fit`` returned under ``"tensors"`` (saved beside the record), if anything."""
         return method
 
     def transform(self, log_probs: Tensor, mask: Tensor, params: dict[str, Any]) -> Tensor:
@@ -104,6 +110,10 @@ class Calibration:
     def check_params(self, params: dict[str, Any], where: str) -> dict[str, Any]:
         """Validate parameters read back from a file (``where`` names it in errors)."""
         return params
+
+    def check_tensors(self, tensors: dict[str, Tensor], params: dict[str, Any], where: str) -> dict[str, Tensor]:
+        """Validate the tensors read back from the file ``where`` (a calibration without tensors has none)."""
+        raise ValueError(f"{where}: the {self.name} calibration saves no tensors")
 
 
 def positive_param(params: dict[str, Any], key: str, where: str) -> float:

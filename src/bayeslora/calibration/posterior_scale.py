@@ -72,7 +72,7 @@ class PosteriorScale(Calibration):
                 "val_after": val_metrics(results[best]),
                 "search": [{"scale": tau, "nll": nll} for tau, nll in tried]}
 
-    def prepare(self, method: Any, model, params: dict[str, Any]) -> Any:
+    def prepare(self, method: Any, model, params: dict[str, Any], tensors=None) -> Any:
         method.set_posterior_scale(model, params["scale"])
         return method
 

@@ -167,7 +167,7 @@ class Tfb(Calibration):
                 "anchor_size": len(anchor), "threshold": TFB_THRESHOLD,
                 "search": [{"sigma": s, "relative_nll_change": v} for s, v in tried]}
 
-    def prepare(self, method: Any, model: nn.Module, params: dict[str, Any]) -> Any:
+    def prepare(self, method: Any, model: nn.Module, params: dict[str, Any], tensors=None) -> Any:
         return TfbPredictor(method, model, params["sigma"])
 
     def check_params(self, params: dict[str, Any], where: str) -> dict[str, Any]:
