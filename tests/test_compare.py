@@ -74,16 +74,21 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
     assert {t["set"] for t in summary["targets"]} == {"arc_easy→arc_easy", "arc_easy→arc_challenge"}
     assert "ECE (floor)" in md_path.read_text()
 
-    plan.calibrations = ["temperature", "posterior-scale", "tfb"]  # post-hoc cells on the same runs: no retraining
+    plan.calibrations = ["temperature", "posterior-scale", "tfb", "laplace"]  # post-hoc cells: no retraining
     calibrated: list[str] = []
     run_plan(plan, log=calibrated.append)
     assert not any(line.endswith(": training") for line in calibrated)
-    assert sum("fitted on val" in line for line in calibrated) == 8  # lora: temperature, tfb; bayeslora: 2
+    assert sum("fitted on val" in line for line in calibrated) == 10  # lora: temperature, tfb, laplace; bayeslora: 2
     summary = json.loads(write_summary(plan)[0].read_text())
     extra = {(e["eval_task"], e["cell"], e["mode"]) for e in summary["table"]} - {(t, c, m) for t, _, c, m in keys}
     assert extra == {(t, c, m) for t in ("arc_easy", "arc_challenge") for c, m in
                      (("lora+temperature", "mean"), ("lora+tfb", "sample"), ("bayeslora+temperature", "sample"),
-                      ("bayeslora+posterior-scale", "sample"))}
+                      ("bayeslora+posterior-scale", "sample"), ("lora+laplace", "mean"))}
+    stored = {e["cell"]: e["parameters"] for e in summary["table"] if e["eval_task"] == "arc_easy"}
+    assert stored["lora+temperature"] == stored["lora"] + 1 and stored["lora+tfb"] == stored["lora"] + 1
+    assert stored["lora+laplace"] > 2 * stored["lora"] and stored["bayeslora"] > stored["lora"] > 0
+    laplace = next(e for e in summary["table"] if e["cell"] == "lora+laplace")
+    assert laplace["fit_seconds"] > 0 and "stored params (extra)" in md_path.read_text()
     assert {"lora+temperature", "lora+tfb"} <= {t["cell"] for t in summary["targets"]}
 
 

@@ -19,6 +19,7 @@ reference cell, the ECE noise floor beside every ECE, posterior statistics, and 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -281,6 +282,34 @@ def _posterior(folder: RunFolder) -> Optional[dict[str, float]]:
             "sigma_u_max": max(sig)}
 
 
+def _stored_parameters(folder: RunFolder, calibration: Optional[str]) -> Optional[int]:
+    """Numbers a prediction needs beyond the base model: the selected adapter's tensors (every member,
+    the scoring head, BLoB's ρ, a posterior's parameters) plus a calibration's fitted values and tensors."""
+    from safetensors import safe_open
+
+    def count(path: Path) -> int:
+        with safe_open(str(path), framework="pt") as handle:
+            return sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+
+    try:
+        adapter, _ = folder.selected_adapter()
+    except FileNotFoundError:
+        return None
+    total = sum(count(p) for p in sorted(adapter.rglob("*.safetensors")))
+    if calibration is not None and folder.calibration_file(calibration).exists():
+        total += len(folder.read_calibration(calibration).get("params", {}))
+        tensors = folder.calibration_tensors_file(calibration)
+        if tensors.exists():
+            total += count(tensors)
+    return total
+
+
+def _fit_seconds(folder: RunFolder, calibration: Optional[str]) -> Optional[float]:
+    if calibration is None or not folder.calibration_file(calibration).exists():
+        return None
+    return folder.read_calibration(calibration).get("fit_seconds")
+
+
 def _train_seconds(folder: RunFolder) -> Optional[float]:
     """Seconds per optimizer step over the run's recorded epochs (None for runs that predate timing)."""
     timed = [h for h in folder.read_history() if h.get("timed_steps")]
@@ -320,7 +349,8 @@ def summarise(plan: Plan) -> dict[str, Any]:
                          "ece_floor": ece_noise_floor(ex["confidence"]), "mi": float(ex["mi"].mean()),
                          "mi_share": float(ex["mi"].sum() / ex["entropy"].sum().clamp_min(1e-12)),
                          "posterior": _posterior(folder), "step_seconds": _train_seconds(folder),
-                         "eval_seconds": m.get("eval_seconds")})
+                         "eval_seconds": m.get("eval_seconds"), "parameters": _stored_parameters(folder, calibration),
+                         "fit_seconds": _fit_seconds(folder, calibration)})
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["budget"], r["train_task"], r["eval_task"], r["kind"], r["cell"], r["mode"]), []).append(r)
@@ -333,7 +363,7 @@ def summarise(plan: Plan) -> dict[str, Any]:
             values = torch.tensor([r[metric] for r in members], dtype=torch.float64)
             entry[metric] = float(values.mean())
             entry[f"{metric}_std"] = float(values.std()) if len(values) > 1 else 0.0
-        for metric in ("step_seconds", "eval_seconds"):
+        for metric in ("step_seconds", "eval_seconds", "parameters", "fit_seconds"):
             values = [r[metric] for r in members if r.get(metric) is not None]
             entry[metric] = sum(values) / len(values) if values else None
         posts = [r["posterior"] for r in members if r["posterior"]]
@@ -390,8 +420,10 @@ def markdown(summary: dict[str, Any]) -> str:
                  f"of a perfectly calibrated predictor with the same confidences; Δ = paired difference to "
                  f"{plan['reference']} with a 95% bootstrap interval.")
     head = ("| budget | train → eval | cell | mode | n | ACC | ECE (floor) | NLL | Brier | ΔNLL [95%] | ΔBrier [95%] "
-            "| MI share | λ / σ_U | s/step | eval s |")
+            "| MI share | λ / σ_U | s/step | post-hoc fit s | eval s | stored params (extra) |")
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
+    reference = {(e["budget"], e["train_task"], e["eval_task"]): e.get("parameters") for e in summary["table"]
+                 if e["cell"] == plan["reference"] and e.get("parameters") is not None}
     for e in sorted(summary["table"], key=lambda e: (e["budget"], e["kind"], e["train_task"], e["eval_task"],
                                                       e["cell"], e["mode"])):
         vs = e.get("vs_reference")
@@ -402,6 +434,11 @@ def markdown(summary: dict[str, Any]) -> str:
             d = vs[metric]
             return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
+        ref = reference.get((e["budget"], e["train_task"], e["eval_task"]))
+        params = e.get("parameters")
+        params_text = "" if params is None else (
+            f"{params / 1e6:.3f}M" + (f" ({(params - ref) / 1e6:+.3f}M)" if ref is not None and e["cell"] != plan["reference"]
+                                      else ""))
         post = e["posterior"]
         post_text = f"{post['lambda_mean']:.2g} / {post['sigma_u_mean']:.2g}" if post else ""
         lines.append(
@@ -409,7 +446,7 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{100 * e['acc']:.1f} ± {100 * e['acc_std']:.1f} | {100 * e['ece']:.1f} ± {100 * e['ece_std']:.1f} "
             f"({100 * e['ece_floor']:.1f}) | {e['nll']:.3f} | {e['brier']:.3f} | {delta('nll')} | {delta('brier')} | "
             f"{e['mi_share']:.2g} | {post_text} | {_seconds(e.get('step_seconds'), 2)} | "
-            f"{_seconds(e.get('eval_seconds'), 0)} |")
+            f"{_seconds(e.get('fit_seconds'), 0)} | {_seconds(e.get('eval_seconds'), 0)} | {params_text} |")
     lines += ["", "Targets (against the reference, default mode):", "",
               "| budget | cell | set | kind | ΔACC | NLL lower | Brier lower | ECE ratio |", "|---|---|---|---|---|---|---|---|"]
     for t in summary["targets"]:
