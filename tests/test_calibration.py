@@ -145,7 +145,8 @@ def test_calibrate_then_evaluate_through_the_cli(runs, method, calibration, caps
     record = json.loads((run / "calibration" / f"{calibration}.json").read_text())
     if calibration not in ("tfb", "laplace"):  # tfb bounds the NLL change on its anchor set; laplace is not fitted on val
         assert record["val_after"]["nll"] <= record["val_before"]["nll"] + 1e-12
-    assert record["fitted_on"]["split"] == "val" and record["fitted_on"]["n"] == 32
+    on_train = calibration in ("tfb", "laplace")  # tfb's anchors and laplace's curvature: training rows
+    assert record["fitted_on"]["split"] == ("train" if on_train else "val") and record["fitted_on"]["n"] == 32
     deterministic = (method, calibration) in (("lora", "temperature"), ("lora", "laplace"))
     assert record["mode"] == ("mean" if deterministic else "sample")
     assert evaluate(run, runs["data"], "--calibration", calibration) == 0
@@ -176,6 +177,9 @@ def test_laplace_on_an_encoder_run_in_sample_mode_and_its_factors_file(tmp_path,
     predictions = [json.loads(line) for line in
                    next((run / "eval").glob("predictions-*lora+laplace-sample-S3.jsonl")).read_text().splitlines()]
     assert metrics["samples"] == 3 and all(p["mutual_information"] > 0 for p in predictions)
+    # the val slice is this file (--val-file): the factors read back predict as they did when fitted
+    assert metrics["nll"] == pytest.approx(record["val_after"]["nll"], abs=1e-5)
+    assert set(record["kfac"]) == set(record["covered"]) and record["kfac"]["scorer.head"]["variant"] == "gradients"
     factors = run / "calibration" / "laplace.safetensors"
     data_bytes = factors.read_bytes()
     factors.write_bytes(data_bytes[:-8] + bytes(8))

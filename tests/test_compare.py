@@ -78,7 +78,7 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
     calibrated: list[str] = []
     run_plan(plan, log=calibrated.append)
     assert not any(line.endswith(": training") for line in calibrated)
-    assert sum("fitted on val" in line for line in calibrated) == 10  # lora: temperature, tfb, laplace; bayeslora: 2
+    assert sum(" fitted on " in line for line in calibrated) == 10  # lora: temperature, tfb, laplace; bayeslora: 2
     summary = json.loads(write_summary(plan)[0].read_text())
     extra = {(e["eval_task"], e["cell"], e["mode"]) for e in summary["table"]} - {(t, c, m) for t, _, c, m in keys}
     assert extra == {(t, c, m) for t in ("arc_easy", "arc_challenge") for c, m in

@@ -11,7 +11,7 @@ import torch
 from tiny_models import VOCAB, tiny
 from torch import nn
 
-from bayeslora.calibration.kfac import KfacFactors, LayerTape, choice_hessians
+from bayeslora.calibration.kfac import KfacFactors, LayerTape, choice_hessians, row_items
 from bayeslora.calibration.kron_laplace import KronLaplace, probit_logits, sample_logits
 from bayeslora.calibration.laplace import covered_layers
 from bayeslora.evaluation import log_softmax_over_choices
@@ -46,8 +46,8 @@ def toy_factors(x, mask):
         pieces = tape.per_item(logits, mask, batch)
     _, hessians = choice_hessians(logits.detach(), mask)
     factors = KfacFactors()
-    factors.add(pieces, hessians, torch.zeros(x.shape[0]))
-    return net, factors.factors(), hessians
+    factors.add(pieces, hessians, mask, torch.zeros(x.shape[0]))
+    return net, factors, hessians
 
 
 def brute_ggn(net, x, mask, layer):
@@ -82,23 +82,27 @@ def test_kfac_is_the_exact_ggn_for_one_item_with_one_position(layer):
     x = torch.randn(1, 3, generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[True, True, False]])  # a padded choice too
     net, factors, _ = toy_factors(x, mask)
-    a, g = factors[layer]
+    a, g = factors.factors()[layer]
     assert torch.allclose(torch.kron(g, a), brute_ggn(net, x, mask, layer), atol=1e-10, rtol=1e-8)
+    assert factors.choices[layer]["variant"] == "inputs"  # one row per item: the input is shared
+    assert factors.choices[layer]["trace_scale"] == pytest.approx(1.0, rel=1e-10)
 
 
-def test_kfac_factors_sum_the_output_ggn_and_average_the_inputs():
+def test_kfac_factors_sum_the_output_ggn_average_the_inputs_and_match_the_exact_trace():
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
     mask = torch.ones(5, 3, dtype=torch.bool)
     mask[1, 2] = False
     net, factors, hessians = toy_factors(x, mask)
-    a, g = factors["second"]
+    sums = factors.sums["second"]
     hidden = torch.tanh(net.first(x)).detach()
-    assert torch.allclose(a, hidden.T @ hidden / 5, atol=1e-12)
+    assert torch.allclose(sums["inputs_a"], hidden.T @ hidden, atol=1e-12)
     # the second layer's output is the logits: its output Jacobian is the identity
-    assert torch.allclose(g, hessians.sum(0), atol=1e-12)
-    a1, _ = factors["first"]
+    assert torch.allclose(sums["inputs_g"], hessians.sum(0), atol=1e-12)
     x1 = torch.cat([x, torch.ones(5, 1)], 1)
-    assert torch.allclose(a1, x1.T @ x1 / 5, atol=1e-12)
+    assert torch.allclose(factors.sums["first"]["inputs_a"], x1.T @ x1, atol=1e-12)
+    for layer, (a, g) in factors.factors().items():
+        exact = brute_ggn(net, x, mask, layer)
+        assert float(torch.trace(a) * torch.trace(g)) == pytest.approx(float(torch.trace(exact)), rel=1e-9)
 
 
 # ------------------------------------------------------------------ exact Jacobians through the scorers
@@ -148,7 +152,8 @@ def scored_batch(kind):
         ids, attention = left_padded(3, 6, gen)
         batch = {"input_ids": ids, "attention_mask": attention,
                  "label_token_ids": torch.tensor([[5, 6, 7], [5, 6, 7], [5, 6, 7]]),
-                 "label_mask": torch.tensor([[True, True, True], [True, True, False], [True, True, True]])}
+                 "label_mask": torch.tensor([[True, True, True], [True, True, False], [True, True, True]]),
+                 "n_choices": torch.tensor([3, 2, 3])}  # as CausalCollator gives it: still one row per item
         scorer = CausalScorer()
     return model, scorer, batch
 
@@ -176,11 +181,32 @@ def test_per_item_jacobians_are_exact_through_every_scorer(kind):
         assert torch.equal(pieces[name]["jac"][1, 2], torch.zeros_like(pieces[name]["jac"][1, 2]))  # padded
     name = checked[0][0]  # K-FAC-reduce's input: the mean over the item's real positions of all its rows
     a, weights = tape.records[name].inputs[0], batch["attention_mask"].double()
-    items = torch.repeat_interleave(torch.arange(3), batch["n_choices"]) if "n_choices" in batch else torch.arange(3)
+    items, _ = row_items(batch, 3, a.shape[0])
     for n in range(3):
         rows = items == n
         mean = (a[rows] * weights[rows, :, None]).sum((0, 1)) / weights[rows].sum()
         assert torch.allclose(pieces[name]["a"][n], mean, atol=1e-12)
+
+
+def test_the_encoder_head_gets_its_exact_ggn_and_every_layer_its_exact_trace():
+    """The head's output gradient is 1 for every choice: the shared-gradient variant is exact for it."""
+    model, scorer, batch = scored_batch("encoder-pairs")
+    layers, _ = covered_layers(model, scorer)
+    with LayerTape(layers) as tape:
+        logits, mask = scorer.choice_logits(model, batch, 1)
+        pieces = tape.per_item(logits[0], mask, batch)
+    _, hessians = choice_hessians(logits[0].detach(), mask)
+    factors = KfacFactors()
+    factors.add(pieces, hessians, mask, torch.zeros(3))
+    found = factors.factors()
+    jac = pieces["scorer.head"]["jac"][:, :, 0, :]
+    exact = torch.einsum("nci,ncd,ndj->ij", jac, hessians, jac)
+    a, g = found["scorer.head"]
+    assert factors.choices["scorer.head"]["variant"] == "gradients"
+    assert torch.allclose(torch.kron(g, a), exact, atol=1e-10, rtol=1e-8)
+    for name, (a, g) in found.items():
+        full = torch.einsum("ncoi,ncd,ndoi->", pieces[name]["jac"], hessians, pieces[name]["jac"])
+        assert float(torch.trace(a) * torch.trace(g)) == pytest.approx(float(full), rel=1e-9)
 
 
 def test_a_layer_wider_than_the_cap_is_left_at_its_value(monkeypatch):

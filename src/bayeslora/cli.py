@@ -123,7 +123,8 @@ def _calibrate(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, seed=args.seed, data_dir=args.data_dir, device=args.device)
     before, after = record["val_before"], record["val_after"]
     params = ", ".join(f"{k} {v:.4g}" for k, v in record["params"].items())
-    print(f"{args.calibration} on val (n={record['fitted_on']['n']}, {record['mode']} mode): {params}; "
+    print(f"{args.calibration} fitted on {record['fitted_on']['split']} (n={record['fitted_on']['n']}, "
+          f"{record['mode']} mode): {params}; val "
           f"nll {before['nll']:.4f} -> {after['nll']:.4f}, ece {100 * before['ece']:.2f} -> {100 * after['ece']:.2f}, "
           f"acc {100 * before['acc']:.2f} -> {100 * after['acc']:.2f}")
     print(f"calibration: {record['file']}")

@@ -243,7 +243,7 @@ def _calibrated_evals(plan: Plan, folder: RunFolder, method: str, calibration: s
     mode, samples = _calibrated_mode(folder, calibration, plan.samples)
     if not folder.calibration_file(calibration).exists():
         r = calibrate_run(folder.root, calibration, mode=mode, samples=plan.samples, seed=seed, data_dir=plan.data_dir)
-        log(f"{label}: {calibration} fitted on val: {r['params']}, nll {r['val_before']['nll']:.4f} -> "
+        log(f"{label}: {calibration} fitted on {r['fitted_on']['split']}: {r['params']}, val nll {r['val_before']['nll']:.4f} -> "
             f"{r['val_after']['nll']:.4f}")
     for eval_task, _ in plan.evals_of(task):
         if folder.eval_files(eval_stem(eval_task, plan.split, method, mode, samples, calibration)).metrics.exists():

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibration import Fitting, get_calibration
-from .data import load_task
+from .data import load_task, sha256_of
 from .evaluation import compute_metrics, reliability_bins, save_reliability_diagram, summarise_samples
 from .evaluation.predict import predict_examples
 from .evaluation.report import atomic_write, write_json_atomic
@@ -76,10 +76,14 @@ def evaluate_run(run_dir: str | Path, task: str, split: str, *, data_dir: Option
     facts = {"method": cfg.method, "recipe": cfg.recipe, "selection_rule": selection["rule"],
              "selected_epoch": selection["epoch"], "run": str(run_dir), "model": cfg.model,
              "calibration": calibration, "calibration_params": None if fitted is None else fitted["params"]}
-    return _score(predictor, model, scorer, tokenizer, task, split, facts, data_dir=data_dir, data_file=data_file,
-                  samples=samples, mode=mode, batch_size=batch_size, seed=seed, batched=batched,
-                  max_examples=max_examples, device=device, max_length=cfg.max_length,
-                  output=output, default_files=RunFolder(run_dir).eval_files, transform=transform)
+    try:
+        return _score(predictor, model, scorer, tokenizer, task, split, facts, data_dir=data_dir,
+                      data_file=data_file, samples=samples, mode=mode, batch_size=batch_size, seed=seed,
+                      batched=batched, max_examples=max_examples, device=device, max_length=cfg.max_length,
+                      output=output, default_files=RunFolder(run_dir).eval_files, transform=transform)
+    finally:
+        if hasattr(predictor, "close"):  # a calibration's hooks or gradient switches come off the model
+            predictor.close()
 
 
 def _fitted_calibration(folder: RunFolder, name: str, selection: dict[str, Any]):
@@ -101,12 +105,11 @@ def _fitted_calibration(folder: RunFolder, name: str, selection: dict[str, Any])
         if not file.exists():
             raise FileNotFoundError(f"{file}: the {name} calibration's tensors are missing; refit it with "
                                     "bayeslora calibrate")
-        data = file.read_bytes()
-        if hashlib.sha256(data).hexdigest() != record["tensors_sha256"]:
+        if sha256_of(file) != record["tensors_sha256"]:
             raise ValueError(f"{file}: does not match the sha256 that {where} records; refit it with "
                              "bayeslora calibrate")
         try:
-            tensors = safetensors.torch.load(data)
+            tensors = safetensors.torch.load_file(str(file))
         except Exception as err:
             raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
         checked["tensors"] = calibrator.check_tensors(tensors, params, str(file))
@@ -151,9 +154,10 @@ def calibrate_run(run_dir: str | Path, calibration: str, *, mode: Optional[str] 
         data = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
         atomic_write(folder.calibration_tensors_file(calibration), lambda f: f.write(data))
         fitted["tensors_sha256"] = hashlib.sha256(data).hexdigest()
+    split, n_fitted = fitted.pop("fitted_split", "val"), fitted.pop("fitted_rows", len(val))
     record = {"calibration": calibration, **fitted, "mode": mode, "samples": samples, "seed": seed,
               "adapter": selection["adapter"], "selected_epoch": selection["epoch"],
-              "fitted_on": {"task": cfg.task, "split": "val", "n": len(val), "val_file": cfg.val_file,
+              "fitted_on": {"task": cfg.task, "split": split, "n": n_fitted, "val_file": cfg.val_file,
                             "train_file": cfg.train_file},
               "fit_seconds": time.perf_counter() - start}
     write_json_atomic(folder.calibration_file(calibration), record)

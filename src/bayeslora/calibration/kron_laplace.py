@@ -60,7 +60,8 @@ class KronLaplace:
 
     def _curvatures(self) -> Tensor:
         """Every layer's GGN eigenvalue ``γ_j α_i``, concatenated (D,)."""
-        return torch.cat([torch.outer(self.eig_g[n], self.eig_a[n]).flatten() for n in self.eig_a])
+        return torch.cat([torch.outer(self.eig_g[n], self.eig_a[n].to(self.eig_g[n].device)).flatten().cpu()
+                          for n in self.eig_a])
 
     def log_marginal_likelihood(self, prior_precision: float | None = None) -> float:
         delta = self.prior_precision if prior_precision is None else prior_precision
@@ -105,20 +106,30 @@ class KronLaplace:
         delta = self.prior_precision if prior_precision is None else prior_precision
         total = None
         for name, jac in jacobians.items():
-            rotated = self.vec_g[name].T @ jac.double() @ self.vec_a[name]  # (B, C, out, in')
-            inverse = 1.0 / (torch.outer(self.eig_g[name], self.eig_a[name]) + delta)
+            vec_g, vec_a, eig_g, eig_a = self._on(name, jac.device)
+            rotated = vec_g.T @ jac.double() @ vec_a  # (B, C, out, in')
+            inverse = 1.0 / (torch.outer(eig_g, eig_a) + delta)
             part = torch.einsum("bcoi,bdoi->bcd", rotated * inverse, rotated)
             total = part if total is None else total + part
         if total is None:
             raise ValueError("no Jacobians of covered layers were given")
         return total
 
+    def _on(self, name: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The layer's eigendecompositions on ``device`` (moved there once, then kept)."""
+        parts = tuple(getattr(self, key)[name] for key in ("vec_g", "vec_a", "eig_g", "eig_a"))
+        if parts[0].device != device:
+            for key, value in zip(("vec_g", "vec_a", "eig_g", "eig_a"), parts):
+                getattr(self, key)[name] = value.to(device)
+            parts = tuple(getattr(self, key)[name] for key in ("vec_g", "vec_a", "eig_g", "eig_a"))
+        return parts
+
     def tensors(self) -> dict[str, Tensor]:
         """The eigendecompositions as a flat dict for a safetensors file (float32)."""
         out = {}
         for key in ("eig_a", "vec_a", "eig_g", "vec_g"):
             for name, value in getattr(self, key).items():
-                out[f"{name}::{key}"] = value.float().contiguous()
+                out[f"{name}::{key}"] = value.float().cpu().contiguous()
         return out
 
     @classmethod
@@ -159,13 +170,14 @@ def probit_logits(mu: Tensor, cov: Tensor, mask: Tensor) -> Tensor:
 
 
 def sample_logits(mu: Tensor, cov: Tensor, mask: Tensor, seeds: Sequence[int]) -> Tensor:
-    """S draws of the logits from N(μ, Σ) (S, B, C), draw s from its own generator seeded ``seeds[s]``."""
+    """S draws of the logits from N(μ, Σ) (S, B, C), draw s from its own CPU generator seeded ``seeds[s]``
+    (the same draws on every device)."""
     mu_c, cov_c = _centred(mu, cov, mask)
     values, vectors = torch.linalg.eigh(cov_c)
     root = vectors * values.clamp(min=0.0).sqrt()[:, None, :]  # (B, C, C), root rootᵀ = Σ
     draws = []
     for seed in seeds:
-        gen = torch.Generator(device=mu.device).manual_seed(int(seed))
-        eps = torch.randn(mu_c.shape, generator=gen, dtype=torch.float64, device=mu.device)
+        gen = torch.Generator().manual_seed(int(seed))
+        eps = torch.randn(mu_c.shape, generator=gen, dtype=torch.float64).to(mu.device)
         draws.append(mu_c + (root @ eps[..., None])[..., 0])
     return torch.stack(draws).masked_fill(~mask, float("-inf"))

@@ -117,11 +117,11 @@ class _CurvatureCollector:
 
     def predict(self, model: nn.Module, scorer: Any, batch: dict[str, Any], mode: str, samples: int,
                 seeds: list[int], batched: bool) -> Tensor:
-        logits, mask, pieces = _forward(self.found.find(model, scorer), model, scorer, batch, jacobians=False)
+        logits, mask, pieces = _forward(self.found.find(model, scorer), model, scorer, batch, jacobians=True)
         _, hessians = choice_hessians(logits, mask)
         lp = log_softmax_over_choices(logits[None], mask)
         labels = batch["labels"].to(lp.device)
-        self.factors.add(pieces, hessians, lp[0].gather(1, labels[:, None])[:, 0])
+        self.factors.add(pieces, hessians, mask, lp[0].gather(1, labels[:, None])[:, 0])
         return lp
 
     def theta_sq(self) -> float:
@@ -145,9 +145,10 @@ class LaplacePredictor:
     def predict(self, model: nn.Module, scorer: Any, batch: dict[str, Any], mode: str, samples: int,
                 seeds: list[int], batched: bool) -> Tensor:
         layers = self.found.find(model, scorer)
-        missing = sorted(set(layers) - set(self.posterior.eig_a))
-        if missing:
-            raise ValueError(f"the Laplace posterior has no factors for {missing[:3]}: refit it on this run")
+        if set(layers) != set(self.posterior.eig_a):
+            missing, extra = sorted(set(layers) - set(self.posterior.eig_a)), sorted(set(self.posterior.eig_a) - set(layers))
+            raise ValueError(f"the Laplace factors do not fit this model (no factors for {missing[:3]}; factors of "
+                             f"layers it lacks: {extra[:3]}): refit it with bayeslora calibrate")
         logits, mask, pieces = _forward(layers, model, scorer, batch, jacobians=True)
         cov = self.posterior.logit_covariance({n: p["jac"] for n, p in pieces.items()})
         if mode == "sample":
@@ -202,6 +203,7 @@ class Laplace(Calibration):
         params = {"prior_precision": posterior.prior_precision, "theta_sq": posterior.theta_sq,
                   "log_likelihood": posterior.log_likelihood, "n_items": factors.n_items}
         return {"params": params, "tensors": posterior.tensors(), "val_before": before, "val_after": after,
+                "fitted_split": "train", "fitted_rows": len(rows), "kfac": factors.choices,
                 "n_params": posterior.n_params, "covered": sorted(collector.found.layers or {}),
                 "not_covered": collector.found.skipped,
                 "evidence": [{"prior_precision": d, "log_evidence": v} for d, v in path]}
@@ -209,7 +211,8 @@ class Laplace(Calibration):
     def prepare(self, method: Any, model: nn.Module, params: dict[str, Any],
                 tensors: Optional[dict[str, Tensor]] = None) -> Any:
         if tensors is None:
-            raise ValueError("laplace needs its fitted factors (the .safetensors file beside its .json)")
+            raise ValueError("laplace needs its fitted factors (the .safetensors file beside its .json, named by "
+                             "its tensors_sha256): refit it with bayeslora calibrate")
         return LaplacePredictor(self._posterior(tensors, params, "the laplace factors"))
 
     @staticmethod

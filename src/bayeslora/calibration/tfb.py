@@ -164,6 +164,7 @@ class Tfb(Calibration):
         finally:
             predictor.close()
         return {"params": {"sigma": sigma}, "val_before": before, "val_after": after, "anchor_nll": base,
+                "fitted_split": "train", "fitted_rows": len(anchor),
                 "anchor_size": len(anchor), "threshold": TFB_THRESHOLD,
                 "search": [{"sigma": s, "relative_nll_change": v} for s, v in tried]}
 
