@@ -2,7 +2,7 @@
 
 Public API (see README): ``BayesLoraConfig``, ``get_model``, ``load``, ``load_adapter``, ``attach``,
 ``set_mode``, ``using_mode``, ``set_posterior_scale``, ``fixed_sample``, ``set_draw_seed(s)``, ``kl_divergence``, ``kl_breakdown``,
-``posterior_stats``, ``count_parameters``. They are imported on first use, so ``bayeslora.data``,
+``posterior_stats``, ``count_parameters``, ``answer_questions`` (what ``bayeslora predict`` runs). They are imported on first use, so ``bayeslora.data``,
 ``bayeslora.evaluation`` and ``bayeslora report`` do not pay for importing transformers and PEFT.
 """
 
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "BayesLoraConfig": "bayeslora.config",
+    "answer_questions": "bayeslora.answers",
     **{name: "bayeslora.surgery" for name in (
         "BayesLoraLinear", "attach", "count_parameters", "fixed_sample", "get_model", "get_sampler",
         "kl_breakdown", "kl_divergence", "load", "load_adapter", "posterior_stats", "set_draw_seed",

@@ -1,5 +1,5 @@
-"""The ``bayeslora`` command line: train, evaluate, calibrate, compare, report, quickstart. Parsing and
-wiring only."""
+"""The ``bayeslora`` command line: train, evaluate, calibrate, predict, compare, report, quickstart.
+Parsing and wiring only."""
 
 from __future__ import annotations
 
@@ -157,6 +157,50 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_parser(sub, full: bool) -> None:
+    p = sub.add_parser("predict", help="answer questions with a trained run, with uncertainty and abstention",
+                       description="Answer every row of a JSON-lines file ({\"question\", \"choices\"}, "
+                                   "optionally \"answer\", \"passage\", \"id\") with the run's chosen answer, "
+                                   "its probability, the predictive entropy, its aleatoric and epistemic parts, "
+                                   "and an abstain flag; JSON lines out.")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--data-file", required=True, help="the questions (generic JSONL; answer optional)")
+    p.add_argument("--output", help="write the JSON lines here (default: standard output)")
+    p.add_argument("--samples", type=int, default=4, help="predictive draws in sample mode (default 4)")
+    p.add_argument("--mode", choices=["sample", "mean", "merged"], help="default: the method's default")
+    p.add_argument("--calibration", help="through this post-hoc calibration of the run (bayeslora calibrate)")
+    names = []
+    if full:
+        from .answers import UNCERTAINTIES
+
+        names = list(UNCERTAINTIES)
+    p.add_argument("--uncertainty", default="entropy", choices=names or None,
+                   help="the score that --abstain-above thresholds (default entropy)")
+    p.add_argument("--abstain-above", type=float, help="flag abstain when the uncertainty exceeds this "
+                   "(default: never)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .answers import answer_questions
+
+    records = answer_questions(args.run, args.data_file, samples=args.samples, mode=args.mode,
+                               calibration=args.calibration, uncertainty=args.uncertainty,
+                               abstain_above=args.abstain_above, batch_size=args.batch_size, seed=args.seed,
+                               device=args.device, output=args.output)
+    if args.output is None:
+        for record in records:
+            print(json.dumps(record))
+    else:
+        abstained = sum(r["abstain"] for r in records)
+        print(f"{len(records)} answers ({abstained} abstain): {args.output}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .evaluation import report
 
@@ -196,7 +240,7 @@ def _compare_parser(sub) -> None:
     p.add_argument("--reference", default="lora", help="the cell others are paired with (default lora)")
     p.add_argument("--calibrations", nargs="*", default=[],
                    help="also fit these post-hoc calibrations on each run's val slice and report them as cells "
-                        "LABEL+NAME where they apply (temperature, posterior-scale, tfb; default none)")
+                        "LABEL+NAME where they apply (temperature, posterior-scale, tfb, laplace; default none)")
     p.add_argument("--summary-only", action="store_true", help="only re-read what exists and write the tables")
 
 
@@ -222,6 +266,7 @@ def build_parser(command: Optional[str] = "train") -> argparse.ArgumentParser:
     _train_parser(sub, full=command == "train")
     _evaluate_parser(sub)
     _calibrate_parser(sub, full=command == "calibrate")
+    _predict_parser(sub, full=command == "predict")
     _compare_parser(sub)
     p = sub.add_parser("report", help="compare metrics of runs in one table")
     p.add_argument("runs", nargs="+", help="run folders or metrics json files")
@@ -237,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     handler = {"train": _train, "evaluate": _evaluate, "calibrate": _calibrate, "report": _report,
-               "quickstart": _quickstart, "compare": _compare}[args.command]
+               "quickstart": _quickstart, "compare": _compare, "predict": _predict}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -29,7 +30,7 @@ from .scoring import make_scorer
 from .training import fit_and_val_sets
 from .training.config import TrainConfig
 
-__all__ = ["calibrate_run", "evaluate_base", "evaluate_run", "load_run_model"]
+__all__ = ["PreparedRun", "calibrate_run", "evaluate_base", "evaluate_run", "load_run_model", "prepare_run"]
 
 
 def _legacy_protocol(kind: str) -> str:
@@ -48,15 +49,29 @@ def load_run_model(run_dir: Path, device: torch.device | str = "cpu"):
     return method, model, scorer, loaded.tokenizer, cfg, selection
 
 
-def evaluate_run(run_dir: str | Path, task: str, split: str, *, data_dir: Optional[str] = None,
-                 data_file: Optional[str] = None, samples: int = 4, mode: Optional[str] = None,
-                 output: Optional[str | Path] = None, batch_size: int = 32, seed: int = 0,
-                 batched: bool = True, max_examples: Optional[int] = None,
-                 device: Optional[str] = None, calibration: Optional[str] = None) -> dict[str, Any]:
-    """Score a split with the run's selected adapter, optionally through a fitted calibration (in the
-    mode it was fitted in)."""
+@dataclass
+class PreparedRun:
+    """A run's selected adapter made ready to predict: in its mode, through a fitted calibration if any."""
+
+    predictor: Any  # the method, or the calibration's predictor
+    model: torch.nn.Module
+    scorer: torch.nn.Module
+    tokenizer: Any
+    cfg: TrainConfig
+    mode: str
+    facts: dict[str, Any]  # what every metrics or predictions file records about the run
+    transform: Optional[Callable] = None  # a calibration's map of per-draw log-probabilities
+
+    def close(self) -> None:
+        if hasattr(self.predictor, "close"):  # a calibration's hooks or gradient switches come off the model
+            self.predictor.close()
+
+
+def prepare_run(run_dir: str | Path, *, mode: Optional[str] = None, calibration: Optional[str] = None,
+                device: torch.device | str = "cpu") -> PreparedRun:
+    """Load the run's selected adapter and make it predict in ``mode`` (default: the method's, or the
+    mode ``calibration`` was fitted in, which must then agree)."""
     run_dir = Path(run_dir)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     method, model, scorer, tokenizer, cfg, selection = load_run_model(run_dir, device)
     calibrator, fitted = None, None
     if calibration is not None:
@@ -76,14 +91,26 @@ def evaluate_run(run_dir: str | Path, task: str, split: str, *, data_dir: Option
     facts = {"method": cfg.method, "recipe": cfg.recipe, "selection_rule": selection["rule"],
              "selected_epoch": selection["epoch"], "run": str(run_dir), "model": cfg.model,
              "calibration": calibration, "calibration_params": None if fitted is None else fitted["params"]}
+    return PreparedRun(predictor, model, scorer, tokenizer, cfg, mode, facts, transform)
+
+
+def evaluate_run(run_dir: str | Path, task: str, split: str, *, data_dir: Optional[str] = None,
+                 data_file: Optional[str] = None, samples: int = 4, mode: Optional[str] = None,
+                 output: Optional[str | Path] = None, batch_size: int = 32, seed: int = 0,
+                 batched: bool = True, max_examples: Optional[int] = None,
+                 device: Optional[str] = None, calibration: Optional[str] = None) -> dict[str, Any]:
+    """Score a split with the run's selected adapter, optionally through a fitted calibration (in the
+    mode it was fitted in)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run = prepare_run(run_dir, mode=mode, calibration=calibration, device=device)
     try:
-        return _score(predictor, model, scorer, tokenizer, task, split, facts, data_dir=data_dir,
-                      data_file=data_file, samples=samples, mode=mode, batch_size=batch_size, seed=seed,
-                      batched=batched, max_examples=max_examples, device=device, max_length=cfg.max_length,
-                      output=output, default_files=RunFolder(run_dir).eval_files, transform=transform)
+        return _score(run.predictor, run.model, run.scorer, run.tokenizer, task, split, run.facts,
+                      data_dir=data_dir, data_file=data_file, samples=samples, mode=run.mode,
+                      batch_size=batch_size, seed=seed, batched=batched, max_examples=max_examples, device=device,
+                      max_length=run.cfg.max_length, output=output, default_files=RunFolder(run_dir).eval_files,
+                      transform=run.transform)
     finally:
-        if hasattr(predictor, "close"):  # a calibration's hooks or gradient switches come off the model
-            predictor.close()
+        run.close()
 
 
 def _fitted_calibration(folder: RunFolder, name: str, selection: dict[str, Any]):

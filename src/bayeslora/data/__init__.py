@@ -30,6 +30,7 @@ from .example import (
     SplitUnavailableError,
 )
 from .files import DATA_DIR_ENV, default_data_dir, file_records, sha256_of
+from .formats import read_questions
 from .mmlu_subjects import SUBJECTS as MMLU_SUBJECTS
 from .mmlu_subjects import resolve_mmlu_subjects
 from .prompts import answer_cue, causal_prompt, encoder_pairs, label_strings
@@ -79,6 +80,7 @@ __all__ = [
     "label_token_ids",
     "load_hub_task",
     "load_task",
+    "read_questions",
     "regroup_pair_scores",
     "resolve_mmlu_subjects",
     "sha256_of",
