@@ -73,6 +73,11 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
             assert e["posterior"]["lambda_mean"] > 0
     assert {t["set"] for t in summary["targets"]} == {"arc_easy→arc_easy", "arc_easy→arc_challenge"}
     assert "ECE (floor)" in md_path.read_text()
+    for e in summary["table"]:
+        assert 0 <= e["aurc"] <= 1 and (e["aurc_mi"] is None) == (e["mode"] == "mean")
+        assert (e["auroc_entropy"] is not None) == (e["kind"] == "ood") and 0 <= (e["auroc_entropy"] or 0) <= 1
+        assert (e["auroc_mi"] is not None) == (e["kind"] == "ood" and e["mode"] == "sample")
+    assert "OOD detection" in md_path.read_text()
 
     plan.calibrations = ["temperature", "posterior-scale", "tfb", "laplace"]  # post-hoc cells: no retraining
     calibrated: list[str] = []

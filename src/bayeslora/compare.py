@@ -264,7 +264,9 @@ def _per_example(rows: list[dict[str, Any]]) -> dict[str, Any]:
     labels = [r["label"] for r in rows]
     brier = torch.tensor([float(((p - torch.nn.functional.one_hot(torch.tensor(y), p.numel())) ** 2).sum())
                           for p, y in zip(probs, labels)])
+    correct = torch.tensor([int(p.argmax()) == y for p, y in zip(probs, labels)])
     return {"uid": [r["uid"] for r in rows], "nll": torch.tensor([r["nll"] for r in rows], dtype=torch.float64),
+            "correct": correct,
             "brier": brier.to(torch.float64), "confidence": torch.stack([p.max() for p in probs]),
             "mi": torch.tensor([r["mutual_information"] for r in rows], dtype=torch.float64),
             "entropy": torch.tensor([r["entropy"] for r in rows], dtype=torch.float64)}
@@ -322,6 +324,7 @@ def summarise(plan: Plan) -> dict[str, Any]:
     """Read every evaluation back; aggregate over seeds; pair each cell with the reference cell."""
     plan.validate()
     from .evaluation import load_metrics
+    from .evaluation.selective import auroc, risk_coverage
     from .evaluation.significance import ece_noise_floor, paired_bootstrap
 
     rows: list[dict[str, Any]] = []
@@ -350,7 +353,16 @@ def summarise(plan: Plan) -> dict[str, Any]:
                          "mi_share": float(ex["mi"].sum() / ex["entropy"].sum().clamp_min(1e-12)),
                          "posterior": _posterior(folder), "step_seconds": _train_seconds(folder),
                          "eval_seconds": m.get("eval_seconds"), "parameters": _stored_parameters(folder, calibration),
-                         "fit_seconds": _fit_seconds(folder, calibration)})
+                         "fit_seconds": _fit_seconds(folder, calibration),
+                         "aurc": risk_coverage(ex["confidence"], ex["correct"]).aurc,
+                         "aurc_mi": (risk_coverage(-ex["mi"], ex["correct"]).aurc if bool((ex["mi"] > 0).any())
+                                     else None)})
+    for r in rows:  # OOD detection: this set against the cell's own in-distribution predictions
+        ex = per_example[(r["budget"], r["train_task"], r["eval_task"], r["cell"], r["mode"])][r["seed"]]
+        own = per_example.get((r["budget"], r["train_task"], r["train_task"], r["cell"], r["mode"]), {}).get(r["seed"])
+        ood = r["kind"] == "ood" and own is not None
+        r["auroc_entropy"] = auroc(own["entropy"], ex["entropy"]) if ood else None
+        r["auroc_mi"] = auroc(own["mi"], ex["mi"]) if ood and bool((ex["mi"] > 0).any()) else None
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["budget"], r["train_task"], r["eval_task"], r["kind"], r["cell"], r["mode"]), []).append(r)
@@ -363,7 +375,8 @@ def summarise(plan: Plan) -> dict[str, Any]:
             values = torch.tensor([r[metric] for r in members], dtype=torch.float64)
             entry[metric] = float(values.mean())
             entry[f"{metric}_std"] = float(values.std()) if len(values) > 1 else 0.0
-        for metric in ("step_seconds", "eval_seconds", "parameters", "fit_seconds"):
+        for metric in ("step_seconds", "eval_seconds", "parameters", "fit_seconds", "aurc", "aurc_mi",
+                       "auroc_entropy", "auroc_mi"):
             values = [r[metric] for r in members if r.get(metric) is not None]
             entry[metric] = sum(values) / len(values) if values else None
         posts = [r["posterior"] for r in members if r["posterior"]]
@@ -420,7 +433,7 @@ def markdown(summary: dict[str, Any]) -> str:
                  f"of a perfectly calibrated predictor with the same confidences; Δ = paired difference to "
                  f"{plan['reference']} with a 95% bootstrap interval.")
     head = ("| budget | train → eval | cell | mode | n | ACC | ECE (floor) | NLL | Brier | ΔNLL [95%] | ΔBrier [95%] "
-            "| MI share | λ / σ_U | s/step | post-hoc fit s | eval s | stored params (extra) |")
+            "| AURC conf / MI | MI share | λ / σ_U | s/step | post-hoc fit s | eval s | stored params (extra) |")
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
     reference = {(e["budget"], e["train_task"], e["eval_task"]): e.get("parameters") for e in summary["table"]
                  if e["cell"] == plan["reference"] and e.get("parameters") is not None}
@@ -445,14 +458,35 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| {e['budget']} | {e['train_task']} → {e['eval_task']} | {e['cell']} | {e['mode']} | {e['n']} | "
             f"{100 * e['acc']:.1f} ± {100 * e['acc_std']:.1f} | {100 * e['ece']:.1f} ± {100 * e['ece_std']:.1f} "
             f"({100 * e['ece_floor']:.1f}) | {e['nll']:.3f} | {e['brier']:.3f} | {delta('nll')} | {delta('brier')} | "
-            f"{e['mi_share']:.2g} | {post_text} | {_seconds(e.get('step_seconds'), 2)} | "
+            f"{_aurc(e)} | {e['mi_share']:.2g} | {post_text} | {_seconds(e.get('step_seconds'), 2)} | "
             f"{_seconds(e.get('fit_seconds'), 0)} | {_seconds(e.get('eval_seconds'), 0)} | {params_text} |")
+    lines += _ood_lines(summary["table"])
     lines += ["", "Targets (against the reference, default mode):", "",
               "| budget | cell | set | kind | ΔACC | NLL lower | Brier lower | ECE ratio |", "|---|---|---|---|---|---|---|---|"]
     for t in summary["targets"]:
         lines.append(f"| {t['budget']} | {t['cell']} | {t['set']} | {t['kind']} | {t['acc_diff']:+.1f} | "
                      f"{'yes' if t['nll_lower'] else 'no'} | {'yes' if t['brier_lower'] else 'no'} | {t['ece_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _aurc(e: dict[str, Any]) -> str:
+    conf = "" if e.get("aurc") is None else f"{100 * e['aurc']:.1f}"
+    return conf if e.get("aurc_mi") is None else f"{conf} / {100 * e['aurc_mi']:.1f}"
+
+
+def _ood_lines(table: list[dict[str, Any]]) -> list[str]:
+    """OOD detection: AUROC of telling each OOD set from the cell's in-distribution set."""
+    rows = [e for e in table if e.get("auroc_entropy") is not None]
+    if not rows:
+        return []
+    lines = ["", "OOD detection (AUROC ×100 of telling the OOD set from the training task's own eval set, by "
+             "predictive entropy / by mutual information; 50 = chance):", "",
+             "| budget | train → eval | cell | mode | by entropy | by MI |", "|---|---|---|---|---|---|"]
+    for e in sorted(rows, key=lambda e: (e["budget"], e["train_task"], e["eval_task"], e["cell"], e["mode"])):
+        mi = "" if e.get("auroc_mi") is None else f"{100 * e['auroc_mi']:.1f}"
+        lines.append(f"| {e['budget']} | {e['train_task']} → {e['eval_task']} | {e['cell']} | {e['mode']} | "
+                     f"{100 * e['auroc_entropy']:.1f} | {mi} |")
+    return lines
 
 
 def _seconds(value: Optional[float], digits: int) -> str:
