@@ -87,6 +87,12 @@ def test_predict_through_a_calibration_and_bad_input_names_the_problem(runs, tmp
     hot = answer_questions(run, data, calibration="temperature")
     assert [a["answer_index"] for a in plain] == [a["answer_index"] for a in hot]
     assert [a["probability"] for a in plain] != [a["probability"] for a in hot]
+    assert cli.main(["evaluate", "--run", str(run), "--task", "jsonl", "--data-file", str(data), "--split", "train",
+                     "--calibration", "temperature"]) == 0
+    evaluated = [json.loads(line) for line in
+                 next((run / "eval").glob("predictions-*lora+temperature-*.jsonl")).read_text().splitlines()]
+    assert [a["probs"] for a in hot] == [e["probs"] for e in evaluated]
+    assert [a["answer_index"] for a in hot] == [e["predicted"] for e in evaluated]
     bad = unlabelled(tmp_path / "bad.jsonl", [{"question": "q", "choices": ["a", "b"]}, {"question": "q"}])
     assert cli.main(["predict", "--run", str(run), "--data-file", str(bad)]) == 2
     assert "bad.jsonl:2: field 'choices'" in capsys.readouterr().err

@@ -78,6 +78,15 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
         assert (e["auroc_entropy"] is not None) == (e["kind"] == "ood") and 0 <= (e["auroc_entropy"] or 0) <= 1
         assert (e["auroc_mi"] is not None) == (e["kind"] == "ood" and e["mode"] == "sample")
     assert "OOD detection" in md_path.read_text()
+    from bayeslora.compare import _per_example, _predictions
+    from bayeslora.evaluation.selective import auroc
+
+    row = next(r for r in summary["rows"] if r["kind"] == "ood" and r["cell"] == "bayeslora")
+    folder = RunFolder(plan.run_dir(BUDGETS["short"], "arc_easy", cells[1], row["seed"]))
+    files = {t: _per_example(_predictions(next((folder.root / "eval").glob(f"predictions-{t}-dev-*-sample-*.jsonl"))))
+             for t in ("arc_easy", "arc_challenge")}
+    assert row["auroc_mi"] == pytest.approx(auroc(files["arc_easy"]["mi"], files["arc_challenge"]["mi"]))
+    assert row["auroc_entropy"] == pytest.approx(auroc(files["arc_easy"]["entropy"], files["arc_challenge"]["entropy"]))
 
     plan.calibrations = ["temperature", "posterior-scale", "tfb", "laplace"]  # post-hoc cells: no retraining
     calibrated: list[str] = []
@@ -122,6 +131,15 @@ def test_paired_bootstrap_sees_seeds_that_disagree():
     result = paired_bootstrap(a, torch.zeros_like(a))
     assert result.difference == pytest.approx(0.25)
     assert result.low < 0 < result.high and not result.excludes_zero
+
+
+def test_the_ood_source_is_always_scored_on_its_own_split(tmp_path):
+    """OOD detection compares each shifted set with the source's own eval set, even when the source is
+    not one of the in-distribution tasks."""
+    plan = Plan(output=tmp_path, tasks=["arc_easy"], cells=[Cell("lora", "lora", {})], seeds=[0],
+                budgets=[BUDGETS["short"]], ood_train="openbookqa", ood_eval=["arc_challenge"])
+    assert plan.evals_of("openbookqa") == [("openbookqa", "id"), ("arc_challenge", "ood")]
+    assert plan.evals_of("arc_easy") == [("arc_easy", "id")]
 
 
 def test_plan_refuses_unknown_methods_duplicate_labels_and_reserved_cell_keys(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,6 +53,12 @@ def answer_questions(run_dir: str | Path, data_file: str | Path, *, samples: int
                                   samples=samples, batch_size=batch_size, seed=seed, device=device)
     finally:
         run.close()
+    if result.uids != [example.uid for example in examples]:
+        raise RuntimeError("predictions came back out of order")
+    if result.truncated:
+        warnings.warn(f"{result.truncated} of {len(examples)} questions were longer than the run's max_length "
+                      f"({run.cfg.max_length} tokens) and were shortened (the passage or question, never the "
+                      "answer cue)", stacklevel=2)
     log_probs = result.log_probs if run.transform is None else run.transform(result.log_probs, result.mask)
     summary = summarise_samples(log_probs.transpose(0, 1), result.mask)
     records = []

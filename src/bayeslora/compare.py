@@ -129,8 +129,9 @@ class Plan:
         return self.tasks + extra
 
     def evals_of(self, task: str) -> list[tuple[str, str]]:
-        """(eval task, kind) for a training task: its own split (ID) and, for the OOD source, the shifts."""
-        out = [(task, "id")] if task in self.tasks else []
+        """(eval task, kind) for a training task: its own split (ID; the OOD source's too, which OOD
+        detection is measured against) and, for the OOD source, the shifts."""
+        out = [(task, "id")]
         if task == self.ood_train:
             out += [(t, "ood") for t in self.ood_eval]
         return out
@@ -155,6 +156,9 @@ def _train_config(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int):
                 progress=False)
     return TrainConfig(**{**base, **train_fields, "output": str(plan.run_dir(budget, task, cell, seed))},
                        method_options=options)
+
+
+MI_NOISE = 1e-12  # mutual information below this is float rounding: a deterministic predictor's
 
 
 def _modes(method_name: str, kind: str = "id") -> list[str]:
@@ -264,7 +268,7 @@ def _per_example(rows: list[dict[str, Any]]) -> dict[str, Any]:
     labels = [r["label"] for r in rows]
     brier = torch.tensor([float(((p - torch.nn.functional.one_hot(torch.tensor(y), p.numel())) ** 2).sum())
                           for p, y in zip(probs, labels)])
-    correct = torch.tensor([int(p.argmax()) == y for p, y in zip(probs, labels)])
+    correct = torch.tensor([r.get("predicted", int(p.argmax())) == y for r, p, y in zip(rows, probs, labels)])
     return {"uid": [r["uid"] for r in rows], "nll": torch.tensor([r["nll"] for r in rows], dtype=torch.float64),
             "correct": correct,
             "brier": brier.to(torch.float64), "confidence": torch.stack([p.max() for p in probs]),
@@ -286,8 +290,11 @@ def _posterior(folder: RunFolder) -> Optional[dict[str, float]]:
 
 def _stored_parameters(folder: RunFolder, calibration: Optional[str]) -> Optional[int]:
     """Numbers a prediction needs beyond the base model: the selected adapter's tensors (every member,
-    the scoring head, BLoB's ρ, a posterior's parameters) plus a calibration's fitted values and tensors."""
+    the scoring head, BLoB's ρ, a posterior's parameters) plus a calibration's fitted values and tensors.
+    None where the run's files do not say (no safetensors adapter, an unreadable calibration record)."""
     from safetensors import safe_open
+
+    from .calibration import get_calibration
 
     def count(path: Path) -> int:
         with safe_open(str(path), framework="pt") as handle:
@@ -295,14 +302,17 @@ def _stored_parameters(folder: RunFolder, calibration: Optional[str]) -> Optiona
 
     try:
         adapter, _ = folder.selected_adapter()
-    except FileNotFoundError:
+        files = sorted(adapter.rglob("*.safetensors"))
+        if not files:
+            return None
+        total = sum(count(p) for p in files)
+        if calibration is not None:
+            record = folder.read_calibration(calibration)
+            total += get_calibration(calibration).fitted_values(record["params"])
+            if record.get("tensors_sha256") is not None:
+                total += count(folder.calibration_tensors_file(calibration))
+    except (FileNotFoundError, ValueError, KeyError, TypeError, OSError):
         return None
-    total = sum(count(p) for p in sorted(adapter.rglob("*.safetensors")))
-    if calibration is not None and folder.calibration_file(calibration).exists():
-        total += len(folder.read_calibration(calibration).get("params", {}))
-        tensors = folder.calibration_tensors_file(calibration)
-        if tensors.exists():
-            total += count(tensors)
     return total
 
 
@@ -355,14 +365,14 @@ def summarise(plan: Plan) -> dict[str, Any]:
                          "eval_seconds": m.get("eval_seconds"), "parameters": _stored_parameters(folder, calibration),
                          "fit_seconds": _fit_seconds(folder, calibration),
                          "aurc": risk_coverage(ex["confidence"], ex["correct"]).aurc,
-                         "aurc_mi": (risk_coverage(-ex["mi"], ex["correct"]).aurc if bool((ex["mi"] > 0).any())
-                                     else None)})
+                         "aurc_mi": (risk_coverage(-ex["mi"], ex["correct"]).aurc
+                                     if bool((ex["mi"] > MI_NOISE).any()) else None)})
     for r in rows:  # OOD detection: this set against the cell's own in-distribution predictions
         ex = per_example[(r["budget"], r["train_task"], r["eval_task"], r["cell"], r["mode"])][r["seed"]]
         own = per_example.get((r["budget"], r["train_task"], r["train_task"], r["cell"], r["mode"]), {}).get(r["seed"])
         ood = r["kind"] == "ood" and own is not None
         r["auroc_entropy"] = auroc(own["entropy"], ex["entropy"]) if ood else None
-        r["auroc_mi"] = auroc(own["mi"], ex["mi"]) if ood and bool((ex["mi"] > 0).any()) else None
+        r["auroc_mi"] = auroc(own["mi"], ex["mi"]) if ood and bool((ex["mi"] > MI_NOISE).any()) else None
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["budget"], r["train_task"], r["eval_task"], r["kind"], r["cell"], r["mode"]), []).append(r)

@@ -265,7 +265,8 @@ def _write_predictions(path: Path, result, summary) -> None:
             n = int(result.mask[i].sum())
             per_sample = result.log_probs[i, :, :n].exp()
             label = int(result.labels[i])
-            row = {"uid": uid, "label": label, "nll": -float(summary.log_probs[i, label]),
+            row = {"uid": uid, "label": label, "predicted": int(summary.log_probs[i, :n].argmax()),
+                   "nll": -float(summary.log_probs[i, label]),
                    "probs": [round(float(p), 6) for p in summary.log_probs[i, :n].exp()],
                    "sample_probs": [[round(float(p), 6) for p in s] for s in per_sample],
                    "entropy": float(summary.entropy[i]), "mutual_information": float(summary.mutual_information[i])}

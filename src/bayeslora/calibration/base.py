@@ -111,6 +111,10 @@ class Calibration:
         """Validate parameters read back from a file (``where`` names it in errors)."""
         return params
 
+    def fitted_values(self, params: dict[str, Any]) -> int:
+        """How many of ``params`` are fitted values (the rest is bookkeeping), for cost tables."""
+        return len(params)
+
     def check_tensors(self, tensors: dict[str, Tensor], params: dict[str, Any], where: str) -> dict[str, Tensor]:
         """Validate the tensors read back from the file ``where`` (a calibration without tensors has none)."""
         raise ValueError(f"{where}: the {self.name} calibration saves no tensors")

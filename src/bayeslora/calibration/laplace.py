@@ -224,6 +224,9 @@ class Laplace(Calibration):
         self._posterior(tensors, params, where)
         return tensors
 
+    def fitted_values(self, params: dict[str, Any]) -> int:
+        return 1  # the prior precision; theta_sq, log_likelihood and n_items are bookkeeping (factors: tensors)
+
     def check_params(self, params: dict[str, Any], where: str) -> dict[str, Any]:
         checked = {"prior_precision": positive_param(params, "prior_precision", where)}
         for key in ("theta_sq", "log_likelihood"):

@@ -35,6 +35,7 @@ class RiskCoverage(NamedTuple):
 def risk_coverage(certainty: Tensor, correct: Tensor) -> RiskCoverage:
     """Risk-coverage curve of answering in order of decreasing ``certainty`` (N,), ties in random order."""
     certainty, errors = certainty.double().flatten(), (~correct.bool().flatten()).double()
+    _check_finite(certainty, "risk_coverage")
     n = certainty.numel()
     if n == 0 or errors.numel() != n:
         raise ValueError(f"risk_coverage needs as many certainties as outcomes, got {n} and {errors.numel()}")
@@ -56,10 +57,16 @@ def auroc(in_scores: Tensor, out_scores: Tensor) -> float:
     a, b = in_scores.double().flatten(), out_scores.double().flatten()
     if not a.numel() or not b.numel():
         raise ValueError("auroc needs in-distribution and out-of-distribution scores")
+    _check_finite(torch.cat([a, b]), "auroc")
     both = torch.cat([a, b])
     ranks = _average_ranks(both)
     u = float(ranks[a.numel():].sum()) - b.numel() * (b.numel() + 1) / 2
     return u / (a.numel() * b.numel())
+
+
+def _check_finite(x: Tensor, where: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{where}: scores must be finite (got {int((~torch.isfinite(x)).sum())} that are not)")
 
 
 def _average_ranks(x: Tensor) -> Tensor:
