@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..evaluation import compute_metrics, summarise_samples
 from ..evaluation.predict import PredictionResult
 
-__all__ = ["CALIBRATIONS", "Calibration", "Fitting", "get_calibration", "positive_param", "register_calibration",
+__all__ = ["CALIBRATIONS", "Calibration", "Fitting", "LoraPostHoc", "get_calibration", "positive_param", "register_calibration",
            "val_metrics"]
 
 CALIBRATIONS: dict[str, type["Calibration"]] = {}
@@ -118,6 +118,16 @@ class Calibration:
     def check_tensors(self, tensors: dict[str, Tensor], params: dict[str, Any], where: str) -> dict[str, Tensor]:
         """Validate the tensors read back from the file ``where`` (a calibration without tensors has none)."""
         raise ValueError(f"{where}: the {self.name} calibration saves no tensors")
+
+
+class LoraPostHoc(Calibration):
+    """A calibration that acts on a deterministic PEFT LoRA run (lora, map) through its unmerged layers."""
+
+    def applies_to(self, method: Any) -> bool:
+        return not method.stochastic and "merged" in method.modes
+
+    def base_mode(self, method: Any, mode: str) -> str:
+        return "mean"
 
 
 def positive_param(params: dict[str, Any], key: str, where: str) -> float:

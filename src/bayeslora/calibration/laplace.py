@@ -27,7 +27,7 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from ..evaluation import log_softmax_over_choices
-from .base import Calibration, Fitting, positive_param, register_calibration, val_metrics
+from .base import Fitting, LoraPostHoc, positive_param, register_calibration, val_metrics
 from .kfac import KfacFactors, LayerTape, choice_hessians
 from .kron_laplace import KronLaplace, probit_logits, sample_logits
 
@@ -131,13 +131,11 @@ class _CurvatureCollector:
 class LaplacePredictor:
     """The linearised Laplace predictive: probit in mean mode, S seeded logit draws in sample mode."""
 
+    stochastic = True
+
     def __init__(self, posterior: KronLaplace) -> None:
         self.posterior = posterior
         self.found = _Layers()
-
-    @property
-    def stochastic(self) -> bool:
-        return True
 
     def draws(self, mode: str, samples: int) -> int:
         return samples if mode == "sample" else 1
@@ -162,18 +160,12 @@ class LaplacePredictor:
 
 
 @register_calibration
-class Laplace(Calibration):
+class Laplace(LoraPostHoc):
     name = "laplace"
     help = ("Laplace-LoRA: K-FAC GGN posterior over the LoRA factors fitted on the training rows, prior "
             "precision by the Laplace evidence, linearised predictive (mean mode: probit; sample mode: S draws)")
 
-    def applies_to(self, method: Any) -> bool:
-        return not method.stochastic and "merged" in method.modes  # a deterministic PEFT LoRA adapter
-
     def mode_for(self, method: Any) -> str:
-        return "mean"
-
-    def base_mode(self, method: Any, mode: str) -> str:
         return "mean"
 
     def draws(self, method: Any, mode: str, samples: int) -> int:

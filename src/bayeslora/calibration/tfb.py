@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..methods.base import predict_draws
 from ..seeding import mix_seed
-from .base import Calibration, Fitting, register_calibration, val_metrics
+from .base import Fitting, LoraPostHoc, register_calibration, val_metrics
 
 __all__ = ["SIGMA_MAX", "SIGMA_MIN", "TFB_ANCHOR", "TFB_STEPS", "TFB_THRESHOLD", "Tfb", "TfbPredictor",
            "bisect_sigma"]
@@ -124,19 +124,13 @@ class TfbPredictor:
 
 
 @register_calibration
-class Tfb(Calibration):
+class Tfb(LoraPostHoc):
     name = "tfb"
     help = ("training-free Bayesianization of a LoRA run: ΔW-space noise in B's column space, its σ the largest "
             f"that keeps the relative NLL change on {TFB_ANCHOR} training rows within {TFB_THRESHOLD}")
 
-    def applies_to(self, method: Any) -> bool:
-        return not method.stochastic and "merged" in method.modes  # a deterministic PEFT LoRA adapter
-
     def mode_for(self, method: Any) -> str:
         return "sample"
-
-    def base_mode(self, method: Any, mode: str) -> str:
-        return "mean"
 
     def draws(self, method: Any, mode: str, samples: int) -> int:
         return samples

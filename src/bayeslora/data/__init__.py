@@ -30,12 +30,11 @@ from .example import (
     SplitUnavailableError,
 )
 from .files import DATA_DIR_ENV, default_data_dir, file_records, sha256_of
-from .formats import read_questions
 from .mmlu_subjects import SUBJECTS as MMLU_SUBJECTS
 from .mmlu_subjects import resolve_mmlu_subjects
 from .prompts import answer_cue, causal_prompt, encoder_pairs, label_strings
 from .synthetic import SyntheticConfig
-from .tasks import TASKS, fit_and_val, load_task, split_files
+from .tasks import TASKS, fit_and_val, load_task, read_questions, split_files
 
 _LAZY = {
     "CausalChoiceCollator": "collate",

@@ -167,9 +167,9 @@ def generic_example(row: dict[str, Any], source: str, default_uid: str, labelled
     for i, choice in enumerate(choices):
         if not isinstance(choice, str):
             raise DataFormatError(source, f"choice {i} is {type(choice).__name__}, not a string", "choices")
+    passage = get_field(row, "passage", str, source) if row.get("passage") is not None else None
+    uid = str(get_field(row, "id", (str, int), source)) if "id" in row else default_uid
     if not labelled and row.get("answer") is None:
-        passage = get_field(row, "passage", str, source) if row.get("passage") is not None else None
-        uid = str(get_field(row, "id", (str, int), source)) if "id" in row else default_uid
         return MCExample(uid, question, tuple(choices), 0, passage, Kind.MULTIPLE_CHOICE, source)
     answer = get_field(row, "answer", (int, str), source)
     if isinstance(answer, str):
@@ -179,28 +179,12 @@ def generic_example(row: dict[str, Any], source: str, default_uid: str, labelled
         answer = letters.index(answer.strip())
     elif not 0 <= answer < len(choices):
         raise DataFormatError(source, f"index {answer} is outside the {len(choices)} choices", "answer")
-    passage = get_field(row, "passage", str, source) if row.get("passage") is not None else None
-    uid = str(get_field(row, "id", (str, int), source)) if "id" in row else default_uid
     return MCExample(uid, question, tuple(choices), answer, passage, Kind.MULTIPLE_CHOICE, source)
 
 
 def read_generic_file(path: Path) -> list[MCExample]:
     """Read a generic-format ``.jsonl`` file of users' own multiple-choice data."""
     return [generic_example(row, source, f"{path.stem}:{_line(source)}") for source, row in iter_jsonl(path)]
-
-
-def read_questions(path: Path | str) -> list[tuple[MCExample, bool]]:
-    """Read a generic-format ``.jsonl`` file whose rows may lack ``answer`` (questions to answer):
-    (example, whether the row gave its answer) per row, in file order; uids must be unique."""
-    path = Path(path)
-    rows = [(generic_example(row, source, f"{path.stem}:{_line(source)}", labelled=False),
-             row.get("answer") is not None) for source, row in iter_jsonl(path)]
-    seen: dict[str, str] = {}
-    for example, _ in rows:
-        if example.uid in seen:
-            raise DataFormatError(example.source, f"id {example.uid!r} repeats {seen[example.uid]}", "id")
-        seen[example.uid] = example.source
-    return rows
 
 
 def _line(source: str) -> str:

@@ -234,6 +234,16 @@ def _mmlu_plan(task: str, split: str, root: Path) -> SplitPlan:
     return SplitPlan(paths, lambda: [ex for p in paths for ex in formats.read_mmlu_file(p)])
 
 
+def read_questions(path: Path | str) -> list[tuple[MCExample, bool]]:
+    """Read a generic-format ``.jsonl`` file whose rows may lack ``answer`` (questions to answer):
+    (example, whether the row gave its answer) per row, in file order; uids must be unique."""
+    path = Path(path)
+    rows = [(formats.generic_example(row, source, f"{path.stem}:{source.rsplit(':', 1)[1]}", labelled=False),
+             row.get("answer") is not None) for source, row in iter_jsonl(path)]
+    _check_unique([example for example, _ in rows])
+    return rows
+
+
 def _check_unique(examples: list[MCExample]) -> None:
     seen: dict[str, str] = {}
     for ex in examples:
