@@ -192,7 +192,8 @@ def test_resume_after_sigkill_reaches_the_same_result(workspace, tmp_path):
     position = json.loads(state_file.read_text())["position"]
     assert position["epoch"] == 1 and position["batch"] > 0  # resuming from the middle of an epoch
     stored = {p.name for p in (killed / "checkpoint").iterdir()}
-    assert {"rng.json", "rng.safetensors"} <= stored and "rng.pt" not in stored  # no pickled RNG state
+    assert {"rng.json", "rng.safetensors", "optimizer.json", "optimizer.safetensors"} <= stored
+    assert not any(name.endswith((".pt", ".pkl", ".bin")) for name in stored)  # nothing a resume unpickles
 
     assert cli.main(["train", "--resume", "--output", str(killed), "--no-progress"]) == 0
     ours, theirs = _history(killed), _history(reference)

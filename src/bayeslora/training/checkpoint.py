@@ -3,9 +3,9 @@
 A checkpoint is a folder written in full under a temporary name and swapped in with ``os.replace``,
 so a run killed at any instant (even SIGKILL mid-write) leaves the previous checkpoint intact.
 Only trainable tensors are stored (the frozen base model is reloaded from its source), as
-safetensors; optimizer and scheduler states are plain tensors and numbers loaded with torch's restricted
-``weights_only=True`` loader (no arbitrary objects); the RNG states are JSON (Python's and NumPy's) and
-safetensors (torch's).
+safetensors. Nothing is ever unpickled: the optimizer and scheduler states are split into their tensors
+(safetensors) and everything else (JSON, see :mod:`.state_codec`); the RNG states are JSON (Python's
+and NumPy's) and safetensors (torch's).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..layout import RunFolder, previous_version
+from .state_codec import decode_state, encode_state
 
 __all__ = ["atomic_dir", "existing_dir", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 
@@ -98,8 +99,10 @@ def save_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, posi
     """Write the checkpoint; ``rng_states`` holds one RNG state per data-parallel rank (default: ours)."""
     def write(tmp: Path) -> None:
         save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   tmp / "optimizer.pt")
+        tensors: dict[str, torch.Tensor] = {}
+        meta = encode_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tensors)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
         _save_rng(tmp, rng_states or [rng_state()])
         (tmp / "state.json").write_text(json.dumps(position, indent=2))
 
@@ -127,7 +130,12 @@ def load_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, rank
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    states = torch.load(folder / "optimizer.pt", weights_only=True)
+    if not (folder / "optimizer.json").exists():
+        raise FileNotFoundError(f"{folder}: no optimizer.json (a checkpoint from before optimizer states were "
+                                "stored as safetensors + JSON cannot be resumed; its trainable.safetensors can "
+                                "still be evaluated, or start the run again)")
+    states = decode_state(json.loads((folder / "optimizer.json").read_text()),
+                          load_file(str(folder / "optimizer.safetensors")), source=folder / "optimizer.json")
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     state = _load_rng(folder, rank)
