@@ -85,6 +85,7 @@ class Plan:
     max_length: Optional[int] = 128
     reference: str = "lora"
     calibrations: list[str] = field(default_factory=list)
+    max_eval_examples: Optional[int] = None  # score only each eval set's first N examples (quick suites)
 
     def variants(self, cell: Cell) -> list[tuple[str, Optional[str]]]:
         """(table label, calibration) of a cell: itself, then each calibration that applies to its method."""
@@ -142,6 +143,9 @@ class Plan:
     def runs(self) -> list[tuple[Budget, str, Cell, int]]:
         return [(b, t, c, s) for b in self.budgets for t in self.train_tasks() for s in self.seeds for c in self.cells]
 
+    def stem(self, eval_task: str, method: str, mode: str, samples: int, calibration: Optional[str] = None) -> str:
+        return eval_stem(eval_task, self.split, method, mode, samples, calibration, first=self.max_eval_examples)
+
 
 def _train_config(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int):
     from dataclasses import fields
@@ -191,10 +195,6 @@ def _draws(folder: RunFolder, mode: str, samples: int) -> int:
 
 def run_plan(plan: Plan, log=print) -> None:
     """Train every run and evaluate it on its sets, skipping what the output folder already holds."""
-    from .runs import evaluate_run
-    from .training import TrainConfig, resolve, train
-    from .training.config import RESOLVED_AT_TRAINING
-
     plan.validate()
     runs = plan.runs()
     n_evals = sum(len(_modes(c.method, k)) for _, t, c, _ in runs for _, k in plan.evals_of(t))
@@ -203,40 +203,49 @@ def run_plan(plan: Plan, log=print) -> None:
         f"into {plan.output}")
     start = time.perf_counter()
     for i, (budget, task, cell, seed) in enumerate(runs):
-        folder = RunFolder(plan.run_dir(budget, task, cell, seed))
         label = f"[{i + 1}/{len(runs)}] {budget.name} {task} {cell.label} seed {seed}"
-        wanted = resolve(_train_config(plan, budget, task, cell, seed)).to_dict()
-        stored = folder.read_config()["train"] if folder.config.exists() else wanted
-        changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k)
-                         and not (k in RESOLVED_AT_TRAINING and wanted.get(k) is None))
-        if changed:
-            raise ValueError(f"{folder.config}: this run was trained with other settings ({changed}); "
-                             "use another --output or another cell label")
-        if not folder.is_trained():
-            if folder.has_training_state():
-                log(f"{label}: resuming training")
-                train(TrainConfig.from_run(folder.root), resume=True)
-            elif folder.selection.exists():
-                raise ValueError(f"{folder.root}: an adapter was selected but the checkpoint is gone; "
-                                 "restore it or remove the run folder to retrain")
-            else:  # nothing worth keeping: a run killed before its first checkpoint
-                shutil.rmtree(folder.root, ignore_errors=True)
-                log(f"{label}: training")
-                train(_train_config(plan, budget, task, cell, seed))
-        cfg = TrainConfig.from_run(folder.root)
-        for eval_task, kind in plan.evals_of(task):
-            for mode in _modes(cell.method, kind):
-                samples = _draws(folder, mode, plan.samples)
-                if folder.eval_files(eval_stem(eval_task, plan.split, cfg.method, mode, samples)).metrics.exists():
-                    continue
-                r = evaluate_run(folder.root, eval_task, plan.split, data_dir=plan.data_dir, samples=samples,
-                                 mode=mode, seed=seed)
-                log(f"{label}: {eval_task}/{plan.split} {mode}: acc {100 * r['acc']:.1f} ece {100 * r['ece']:.1f} "
-                    f"nll {r['nll']:.4f}")
-        for _, calibration in plan.variants(cell)[1:]:
-            _calibrated_evals(plan, folder, cfg.method, calibration, task, seed, label, log)
-        elapsed = time.perf_counter() - start
-        log(f"{label}: done; elapsed {elapsed / 60:.1f} min")
+        run_unit(plan, budget, task, cell, seed, label, log)
+        log(f"{label}: done; elapsed {(time.perf_counter() - start) / 60:.1f} min")
+
+
+def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label: str, log=print) -> None:
+    """One training run with everything scored from it: train (or resume, or skip when trained), evaluate it
+    on each of its sets in each mode, fit its calibrations and evaluate through them; skips what exists."""
+    from .runs import evaluate_run
+    from .training import TrainConfig, resolve, train
+    from .training.config import RESOLVED_AT_TRAINING
+
+    folder = RunFolder(plan.run_dir(budget, task, cell, seed))
+    wanted = resolve(_train_config(plan, budget, task, cell, seed)).to_dict()
+    stored = folder.read_config()["train"] if folder.config.exists() else wanted
+    changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k)
+                     and not (k in RESOLVED_AT_TRAINING and wanted.get(k) is None))
+    if changed:
+        raise ValueError(f"{folder.config}: this run was trained with other settings ({changed}); "
+                         "use another --output or another cell label")
+    if not folder.is_trained():
+        if folder.has_training_state():
+            log(f"{label}: resuming training")
+            train(TrainConfig.from_run(folder.root), resume=True)
+        elif folder.selection.exists():
+            raise ValueError(f"{folder.root}: an adapter was selected but the checkpoint is gone; "
+                             "restore it or remove the run folder to retrain")
+        else:  # nothing worth keeping: a run killed before its first checkpoint
+            shutil.rmtree(folder.root, ignore_errors=True)
+            log(f"{label}: training")
+            train(_train_config(plan, budget, task, cell, seed))
+    cfg = TrainConfig.from_run(folder.root)
+    for eval_task, kind in plan.evals_of(task):
+        for mode in _modes(cell.method, kind):
+            samples = _draws(folder, mode, plan.samples)
+            if folder.eval_files(plan.stem(eval_task, cfg.method, mode, samples)).metrics.exists():
+                continue
+            r = evaluate_run(folder.root, eval_task, plan.split, data_dir=plan.data_dir, samples=samples,
+                             mode=mode, seed=seed, max_examples=plan.max_eval_examples)
+            log(f"{label}: {eval_task}/{plan.split} {mode}: acc {100 * r['acc']:.1f} ece {100 * r['ece']:.1f} "
+                f"nll {r['nll']:.4f}")
+    for _, calibration in plan.variants(cell)[1:]:
+        _calibrated_evals(plan, folder, cfg.method, calibration, task, seed, label, log)
 
 
 def _calibrated_evals(plan: Plan, folder: RunFolder, method: str, calibration: str, task: str, seed: int,
@@ -250,10 +259,10 @@ def _calibrated_evals(plan: Plan, folder: RunFolder, method: str, calibration: s
         log(f"{label}: {calibration} fitted on {r['fitted_on']['split']}: {r['params']}, val nll {r['val_before']['nll']:.4f} -> "
             f"{r['val_after']['nll']:.4f}")
     for eval_task, _ in plan.evals_of(task):
-        if folder.eval_files(eval_stem(eval_task, plan.split, method, mode, samples, calibration)).metrics.exists():
+        if folder.eval_files(plan.stem(eval_task, method, mode, samples, calibration)).metrics.exists():
             continue
         r = evaluate_run(folder.root, eval_task, plan.split, data_dir=plan.data_dir, samples=samples, seed=seed,
-                         calibration=calibration)
+                         calibration=calibration, max_examples=plan.max_eval_examples)
         log(f"{label}: {eval_task}/{plan.split} +{calibration}: acc {100 * r['acc']:.1f} ece {100 * r['ece']:.1f} "
             f"nll {r['nll']:.4f}")
 
@@ -330,49 +339,84 @@ def _train_seconds(folder: RunFolder) -> Optional[float]:
     return sum(h["train_seconds"] for h in timed) / sum(h["timed_steps"] for h in timed)
 
 
+COVERAGES = tuple(round(0.05 * k, 2) for k in range(1, 21))  # the accuracy-coverage curve's points
+
+
+def unit_rows(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int,
+              ) -> tuple[list[dict[str, Any]], dict[tuple[str, str, str], dict[str, Any]]]:
+    """Every evaluation of one training run found on disk, as rows (metrics, selective prediction, OOD
+    detection against the run's own in-distribution set, cost, reliability bins, the accuracy-coverage
+    curve), and the per-example arrays keyed (eval task, cell variant, mode)."""
+    from .evaluation import load_metrics
+    from .evaluation.metrics import calibration_bins
+    from .evaluation.selective import auroc, risk_coverage
+    from .evaluation.significance import ece_noise_floor
+
+    folder = RunFolder(plan.run_dir(budget, task, cell, seed))
+    if not folder.config.exists():
+        return [], {}
+    config = folder.read_config()
+    method = config["train"]["method"]
+    cases = [(eval_task, kind, name, calibration, mode, _draws(folder, mode, plan.samples))
+             for eval_task, kind in plan.evals_of(task) for name, calibration in plan.variants(cell)
+             if calibration is None for mode in _modes(method, kind)]
+    cases += [(eval_task, kind, name, calibration, *_calibrated_mode(folder, calibration, plan.samples))
+              for eval_task, kind in plan.evals_of(task) for name, calibration in plan.variants(cell)[1:]]
+    rows, examples = [], {}
+    for eval_task, kind, name, calibration, mode, samples in cases:
+        files = folder.eval_files(plan.stem(eval_task, method, mode, samples, calibration))
+        if not files.metrics.exists():
+            continue
+        m = load_metrics(files.metrics)
+        ex = _per_example(_predictions(files.predictions))
+        examples[(eval_task, name, mode)] = ex
+        curve = risk_coverage(ex["confidence"], ex["correct"])
+        rows.append({"budget": budget.name, "train_task": task, "eval_task": eval_task, "kind": kind,
+                     "cell": name, "method": method, "calibration": calibration, "mode": mode, "samples": samples,
+                     "seed": seed, "n": m["n"], "acc": m["acc"],
+                     "ece": m["ece"], "nll": m["nll"], "brier": m["brier"],
+                     "ece_floor": ece_noise_floor(ex["confidence"]), "mi": float(ex["mi"].mean()),
+                     "entropy": float(ex["entropy"].mean()), "aleatoric": float((ex["entropy"] - ex["mi"]).mean()),
+                     "mi_share": float(ex["mi"].sum() / ex["entropy"].sum().clamp_min(1e-12)),
+                     "posterior": _posterior(folder), "step_seconds": _train_seconds(folder),
+                     "train_seconds": _train_total(folder, "train_seconds"),
+                     "train_peak_memory_bytes": _train_total(folder, "peak_memory_bytes", max),
+                     "eval_seconds": m.get("eval_seconds"), "examples_per_second": m.get("examples_per_second"),
+                     "eval_peak_memory_bytes": m.get("peak_memory_bytes"),
+                     "trainable_parameters": config.get("trainable_parameters"),
+                     "parameters": _stored_parameters(folder, calibration),
+                     "fit_seconds": _fit_seconds(folder, calibration),
+                     "aurc": curve.aurc,
+                     "aurc_mi": (risk_coverage(-ex["mi"], ex["correct"]).aurc
+                                 if bool((ex["mi"] > MI_NOISE).any()) else None),
+                     "accuracy_at_coverage": [curve.accuracy_at(c) for c in COVERAGES],
+                     "reliability": calibration_bins(ex["confidence"], ex["correct"]).to_dict()})
+    for r in rows:  # OOD detection: this set against the same variant's in-distribution predictions
+        ex, own = examples[(r["eval_task"], r["cell"], r["mode"])], examples.get((task, r["cell"], r["mode"]))
+        ood = r["kind"] == "ood" and own is not None
+        r["auroc_entropy"] = auroc(own["entropy"], ex["entropy"]) if ood else None
+        r["auroc_mi"] = auroc(own["mi"], ex["mi"]) if ood and bool((ex["mi"] > MI_NOISE).any()) else None
+    return rows, examples
+
+
+def _train_total(folder: RunFolder, key: str, combine=sum) -> Optional[float]:
+    """A timing or memory figure over the run's recorded epochs (None where no epoch recorded it)."""
+    values = [h[key] for h in folder.read_history() if h.get(key) is not None]
+    return combine(values) if values else None
+
+
 def summarise(plan: Plan) -> dict[str, Any]:
     """Read every evaluation back; aggregate over seeds; pair each cell with the reference cell."""
     plan.validate()
-    from .evaluation import load_metrics
-    from .evaluation.selective import auroc, risk_coverage
-    from .evaluation.significance import ece_noise_floor, paired_bootstrap
+    from .evaluation.significance import paired_bootstrap
 
     rows: list[dict[str, Any]] = []
     per_example: dict[tuple, dict[int, dict[str, Any]]] = {}
     for budget, task, cell, seed in plan.runs():
-        folder = RunFolder(plan.run_dir(budget, task, cell, seed))
-        if not folder.config.exists():
-            continue
-        method = folder.read_config()["train"]["method"]
-        cases = [(eval_task, kind, name, calibration, mode, _draws(folder, mode, plan.samples))
-                 for eval_task, kind in plan.evals_of(task) for name, calibration in plan.variants(cell)
-                 if calibration is None for mode in _modes(method, kind)]
-        cases += [(eval_task, kind, name, calibration, *_calibrated_mode(folder, calibration, plan.samples))
-                  for eval_task, kind in plan.evals_of(task) for name, calibration in plan.variants(cell)[1:]]
-        for eval_task, kind, name, calibration, mode, samples in cases:
-            files = folder.eval_files(eval_stem(eval_task, plan.split, method, mode, samples, calibration))
-            if not files.metrics.exists():
-                continue
-            m = load_metrics(files.metrics)
-            ex = _per_example(_predictions(files.predictions))
+        unit, examples = unit_rows(plan, budget, task, cell, seed)
+        rows += unit
+        for (eval_task, name, mode), ex in examples.items():
             per_example.setdefault((budget.name, task, eval_task, name, mode), {})[seed] = ex
-            rows.append({"budget": budget.name, "train_task": task, "eval_task": eval_task, "kind": kind,
-                         "cell": name, "mode": mode, "seed": seed, "n": m["n"], "acc": m["acc"],
-                         "ece": m["ece"], "nll": m["nll"], "brier": m["brier"],
-                         "ece_floor": ece_noise_floor(ex["confidence"]), "mi": float(ex["mi"].mean()),
-                         "mi_share": float(ex["mi"].sum() / ex["entropy"].sum().clamp_min(1e-12)),
-                         "posterior": _posterior(folder), "step_seconds": _train_seconds(folder),
-                         "eval_seconds": m.get("eval_seconds"), "parameters": _stored_parameters(folder, calibration),
-                         "fit_seconds": _fit_seconds(folder, calibration),
-                         "aurc": risk_coverage(ex["confidence"], ex["correct"]).aurc,
-                         "aurc_mi": (risk_coverage(-ex["mi"], ex["correct"]).aurc
-                                     if bool((ex["mi"] > MI_NOISE).any()) else None)})
-    for r in rows:  # OOD detection: this set against the cell's own in-distribution predictions
-        ex = per_example[(r["budget"], r["train_task"], r["eval_task"], r["cell"], r["mode"])][r["seed"]]
-        own = per_example.get((r["budget"], r["train_task"], r["train_task"], r["cell"], r["mode"]), {}).get(r["seed"])
-        ood = r["kind"] == "ood" and own is not None
-        r["auroc_entropy"] = auroc(own["entropy"], ex["entropy"]) if ood else None
-        r["auroc_mi"] = auroc(own["mi"], ex["mi"]) if ood and bool((ex["mi"] > MI_NOISE).any()) else None
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["budget"], r["train_task"], r["eval_task"], r["kind"], r["cell"], r["mode"]), []).append(r)

@@ -39,9 +39,12 @@ def method_label(method: str, calibration: str | None = None) -> str:
     return method if not calibration else f"{method}+{calibration}"
 
 
-def eval_stem(task: str, split: str, method: str, mode: str, samples: int, calibration: str | None = None) -> str:
-    """The name shared by one evaluation's metrics, predictions and reliability files."""
-    return f"{task}-{split}-{method_label(method, calibration)}-{mode}-S{samples}"
+def eval_stem(task: str, split: str, method: str, mode: str, samples: int, calibration: str | None = None,
+              first: int | None = None) -> str:
+    """The name shared by one evaluation's metrics, predictions and reliability files; ``first``: only the
+    split's first N examples were scored (``-first200``), so a partial score is never taken for a full one."""
+    stem = f"{task}-{split}-{method_label(method, calibration)}-{mode}-S{samples}"
+    return stem if first is None else f"{stem}-first{first}"
 
 
 def zero_shot_files(model: str, stem: str) -> "EvalFiles":

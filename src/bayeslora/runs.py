@@ -245,7 +245,7 @@ def _score(method, model, scorer, tokenizer, task: str, split: str, facts: dict[
         "data_file": data_file, "model": facts["model"], "calibration": facts["calibration"],
         "calibration_params": facts["calibration_params"],
     }
-    stem = eval_stem(task, split, facts["method"], mode, draws, facts["calibration"])
+    stem = eval_stem(task, split, facts["method"], mode, draws, facts["calibration"], first=max_examples)
     files = EvalFiles(Path(output)) if output else default_files(stem)
     out = files.metrics
     out.parent.mkdir(parents=True, exist_ok=True)

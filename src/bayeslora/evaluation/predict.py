@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..peak_memory import PeakMemory
 from ..seeding import mix_seed
 
 __all__ = ["PredictionResult", "predict_examples"]
@@ -51,8 +52,7 @@ def predict_examples(method: Any, model: torch.nn.Module, scorer: torch.nn.Modul
     was_training = model.training
     model.eval()
     scorer.eval()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    peak = PeakMemory(device).start()
     start = time.perf_counter()
     chunks, masks, labels, uids, truncated = [], [], [], [], 0
     with torch.no_grad():
@@ -80,5 +80,4 @@ def predict_examples(method: Any, model: torch.nn.Module, scorer: torch.nn.Modul
     log_probs = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[-1]), value=float("-inf"))
                            for c in chunks])
     mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[-1]), value=False) for m in masks])
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return PredictionResult(log_probs, mask, torch.cat(labels), uids, truncated, seconds, peak)
+    return PredictionResult(log_probs, mask, torch.cat(labels), uids, truncated, seconds, peak.bytes())

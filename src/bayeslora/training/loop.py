@@ -27,6 +27,7 @@ from ..evaluation.predict import predict_examples
 from ..methods import get_method
 from ..models import load_base_model
 from ..scoring import make_scorer
+from ..peak_memory import PeakMemory
 from ..seeding import mix_seed
 from ..layout import RunFolder
 from .checkpoint import atomic_dir, existing_dir, load_checkpoint, rng_state, save_checkpoint
@@ -167,6 +168,7 @@ class Trainer:
             "train": cfg.to_dict(), "versions": versions(), "seed": cfg.seed, "data_files": files,
             "model_kind": self.kind, "num_processes": self.acc.num_processes, "n_train": len(self.train_set),
             "n_val": len(self.val_set), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "trainable_parameters": sum(p.numel() for p in self.module.parameters() if p.requires_grad),
         })
 
     def _save_adapter(self, epoch: int) -> str:
@@ -248,6 +250,7 @@ class Trainer:
         while pos.step < self.total_steps and pos.epoch < self.epochs:
             batches = self._global_batches(pos.epoch)
             started, first_step = time.perf_counter(), pos.step
+            peak = PeakMemory(self.acc.device).start()
             while pos.batch < len(batches) and pos.step < self.total_steps:
                 group = batches[pos.batch:pos.batch + cfg.grad_accum]
                 logs = self._optimizer_step(group, pos.epoch, pos.batch)
@@ -256,7 +259,8 @@ class Trainer:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
                 if cfg.save_steps and pos.step % cfg.save_steps == 0 and pos.batch < len(batches):
                     self._checkpoint()
-            self._timing = {"train_seconds": time.perf_counter() - started, "timed_steps": pos.step - first_step}
+            self._timing = {"train_seconds": time.perf_counter() - started, "timed_steps": pos.step - first_step,
+                            "peak_memory_bytes": peak.bytes()}
             self._end_epoch(pos.epoch)
             pos.epoch, pos.batch = pos.epoch + 1, 0
             self._checkpoint()
