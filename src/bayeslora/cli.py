@@ -1,4 +1,4 @@
-"""The ``bayeslora`` command line: train, evaluate, calibrate, predict, compare, report, quickstart.
+"""The ``bayeslora`` command line: train, evaluate, calibrate, predict, compare, bench, report, quickstart.
 Parsing and wiring only."""
 
 from __future__ import annotations
@@ -260,6 +260,45 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark suite: methods × tasks × seeds, resumable and shardable",
+                       description="Run a suite (a shipped name or a TOML file) and write OUTPUT/results/*.jsonl "
+                                   "(one row per evaluated cell), OUTPUT/bench.md and OUTPUT/plots/. Finished "
+                                   "units are skipped, so an interrupted benchmark resumes; a failed unit is "
+                                   "recorded and the rest go on.")
+    p.add_argument("--suite", help="a shipped suite (see --list) or the path of a suite TOML file")
+    p.add_argument("--list", action="store_true", help="list the shipped suites and what they cost")
+    p.add_argument("--split", choices=["dev", "test", "val"], help="where to report (default: the suite's, dev)")
+    p.add_argument("--data-dir", help="the data folder (default $BAYESLORA_DATA_DIR or ../shared/data)")
+    p.add_argument("--output", help="benchmark folder (default runs/bench/SUITE)")
+    p.add_argument("--shard", help="I/N: run only units I, I+N, ... of the matrix (results merge by concatenation)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild bench.md and the plots from the results")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import load_suite, parse_shard, run_bench, shipped_suites, write_report
+
+    if args.list:
+        for name in shipped_suites():
+            print(f"{name}: {load_suite(name).description.strip()}\n")
+        return 0
+    if not args.suite:
+        raise ValueError("the following arguments are required: --suite (or --list)")
+    suite = load_suite(args.suite)
+    output = Path(args.output or Path("runs") / "bench" / suite.name)
+    shard = parse_shard(args.shard)
+    if not args.report_only:
+        print(f"suite {suite.name} ({suite.source}): {suite.description.strip()}")
+        results = run_bench(suite, output, split=args.split, data_dir=args.data_dir, shard=shard,
+                            progress=not args.no_progress)
+        print(f"results: {results}")
+    table, plots = write_report(output, description=suite.description)
+    print(table.read_text())
+    print(f"table: {table}\nplots: {len(plots)} files in {output / 'plots'}")
+    return 0
+
+
 def build_parser(command: Optional[str] = "train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bayeslora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -268,6 +307,7 @@ def build_parser(command: Optional[str] = "train") -> argparse.ArgumentParser:
     _calibrate_parser(sub, full=command == "calibrate")
     _predict_parser(sub, full=command == "predict")
     _compare_parser(sub)
+    _bench_parser(sub)
     p = sub.add_parser("report", help="compare metrics of runs in one table")
     p.add_argument("runs", nargs="+", help="run folders or metrics json files")
     p = sub.add_parser("quickstart", help="offline demo: LoRA vs Bayesian-LoRA on MiniLM, built-in task")
@@ -282,7 +322,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     handler = {"train": _train, "evaluate": _evaluate, "calibrate": _calibrate, "report": _report,
-               "quickstart": _quickstart, "compare": _compare, "predict": _predict}[args.command]
+               "quickstart": _quickstart, "compare": _compare, "predict": _predict,
+               "bench": _bench}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as exc:

@@ -86,6 +86,7 @@ class Plan:
     reference: str = "lora"
     calibrations: list[str] = field(default_factory=list)
     max_eval_examples: Optional[int] = None  # score only each eval set's first N examples (quick suites)
+    calibration_cells: dict[str, list[str]] = field(default_factory=dict)  # calibration -> the only cells it fits on
 
     def variants(self, cell: Cell) -> list[tuple[str, Optional[str]]]:
         """(table label, calibration) of a cell: itself, then each calibration that applies to its method."""
@@ -94,7 +95,8 @@ class Plan:
 
         method = get_method(cell.method)
         return [(cell.label, None)] + [(method_label(cell.label, c), c) for c in self.calibrations
-                                       if get_calibration(c).applies_to(method)]
+                                       if get_calibration(c).applies_to(method)
+                                       and cell.label in self.calibration_cells.get(c, [cell.label])]
 
     def method_of(self, label: str) -> str:
         return next(c.method for c in self.cells for name, _ in self.variants(c) if name == label)
@@ -122,6 +124,10 @@ class Plan:
             if c.method not in METHODS:
                 raise ValueError(f"--cells {c.label}: unknown method {c.method!r}; available: {', '.join(sorted(METHODS))}"
                                  " (name a variant LABEL='{\"method\": ...}')")
+        for name, only in self.calibration_cells.items():
+            missing = sorted(set(only) - set(labels))
+            if name not in self.calibrations or missing:
+                raise ValueError(f"calibration cells for {name!r}: {'not a listed calibration' if name not in self.calibrations else f'unknown cells {missing}'}")
         if self.ood_train in self.ood_eval:
             raise ValueError(f"--ood-eval must not contain the OOD training task {self.ood_train!r}")
 
@@ -147,7 +153,7 @@ class Plan:
         return eval_stem(eval_task, self.split, method, mode, samples, calibration, first=self.max_eval_examples)
 
 
-def _train_config(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int):
+def train_config(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int):
     from dataclasses import fields
 
     from .training import TrainConfig
@@ -216,7 +222,7 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
     from .training.config import RESOLVED_AT_TRAINING
 
     folder = RunFolder(plan.run_dir(budget, task, cell, seed))
-    wanted = resolve(_train_config(plan, budget, task, cell, seed)).to_dict()
+    wanted = resolve(train_config(plan, budget, task, cell, seed)).to_dict()
     stored = folder.read_config()["train"] if folder.config.exists() else wanted
     changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k)
                      and not (k in RESOLVED_AT_TRAINING and wanted.get(k) is None))
@@ -233,11 +239,11 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
         else:  # nothing worth keeping: a run killed before its first checkpoint
             shutil.rmtree(folder.root, ignore_errors=True)
             log(f"{label}: training")
-            train(_train_config(plan, budget, task, cell, seed))
+            train(train_config(plan, budget, task, cell, seed))
     cfg = TrainConfig.from_run(folder.root)
     for eval_task, kind in plan.evals_of(task):
         for mode in _modes(cell.method, kind):
-            samples = _draws(folder, mode, plan.samples)
+            samples = _draws(folder, mode, cfg.samples)
             if folder.eval_files(plan.stem(eval_task, cfg.method, mode, samples)).metrics.exists():
                 continue
             r = evaluate_run(folder.root, eval_task, plan.split, data_dir=plan.data_dir, samples=samples,
@@ -253,9 +259,10 @@ def _calibrated_evals(plan: Plan, folder: RunFolder, method: str, calibration: s
     """Fit ``calibration`` on the run's val slice once, then score every set of the run through it."""
     from .runs import calibrate_run, evaluate_run
 
-    mode, samples = _calibrated_mode(folder, calibration, plan.samples)
+    draws = folder.read_config()["train"]["samples"]  # the suite's S unless the cell sets its own
+    mode, samples = _calibrated_mode(folder, calibration, draws)
     if not folder.calibration_file(calibration).exists():
-        r = calibrate_run(folder.root, calibration, mode=mode, samples=plan.samples, seed=seed, data_dir=plan.data_dir)
+        r = calibrate_run(folder.root, calibration, mode=mode, samples=draws, seed=seed, data_dir=plan.data_dir)
         log(f"{label}: {calibration} fitted on {r['fitted_on']['split']}: {r['params']}, val nll {r['val_before']['nll']:.4f} -> "
             f"{r['val_after']['nll']:.4f}")
     for eval_task, _ in plan.evals_of(task):
@@ -357,10 +364,11 @@ def unit_rows(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int,
         return [], {}
     config = folder.read_config()
     method = config["train"]["method"]
-    cases = [(eval_task, kind, name, calibration, mode, _draws(folder, mode, plan.samples))
+    draws = config["train"]["samples"]  # the suite's S unless the cell sets its own
+    cases = [(eval_task, kind, name, calibration, mode, _draws(folder, mode, draws))
              for eval_task, kind in plan.evals_of(task) for name, calibration in plan.variants(cell)
              if calibration is None for mode in _modes(method, kind)]
-    cases += [(eval_task, kind, name, calibration, *_calibrated_mode(folder, calibration, plan.samples))
+    cases += [(eval_task, kind, name, calibration, *_calibrated_mode(folder, calibration, draws))
               for eval_task, kind in plan.evals_of(task) for name, calibration in plan.variants(cell)[1:]]
     rows, examples = [], {}
     for eval_task, kind, name, calibration, mode, samples in cases:

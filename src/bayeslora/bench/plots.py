@@ -1,0 +1,105 @@
+"""The benchmark's figures, drawn from result rows alone: per evaluated set, the reliability diagram of
+every cell (bins pooled over seeds), ACC against ECE, and selective accuracy against coverage.
+
+matplotlib's object API on the Agg canvas (no ``pyplot``, no window, no global backend); every PNG is
+written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ..compare import COVERAGES
+from ..evaluation.report import atomic_write
+
+__all__ = ["write_plots"]
+
+
+def _sets(rows: list[dict[str, Any]]) -> dict[tuple, dict[tuple, list[dict[str, Any]]]]:
+    out: dict[tuple, dict[tuple, list[dict[str, Any]]]] = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            out.setdefault((r["budget"], r["train_task"], r["eval_task"]), {}).setdefault(
+                (r["cell"], r["mode"]), []).append(r)
+    return out
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    return atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
+
+
+def _pooled_bins(members: list[dict[str, Any]]) -> tuple[list[float], float, list[float], list[int]]:
+    """Accuracy per bin pooled over seeds (count-weighted), the bin width, bin starts and counts."""
+    edges = members[0]["reliability"]["edges"]
+    n_bins = len(edges) - 1
+    counts, hits = [0] * n_bins, [0.0] * n_bins
+    for m in members:
+        rel = m["reliability"]
+        for k in range(n_bins):
+            c = rel["counts"][k]
+            counts[k] += c
+            hits[k] += c * (rel["accuracy"][k] or 0.0)
+    return [h / c if c else 0.0 for h, c in zip(hits, counts)], 1.0 / n_bins, edges[:-1], counts
+
+
+def _reliability(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
+    cols = min(4, len(cells))
+    rows_n = math.ceil(len(cells) / cols)
+    fig = Figure(figsize=(3.2 * cols, 3.2 * rows_n), dpi=90, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows_n, cols, squeeze=False)
+    for ax, ((cell, mode), members) in zip(axes.flat, sorted(cells.items())):
+        acc, width, lo, counts = _pooled_bins(members)
+        ax.bar(lo, acc, width=width, align="edge", color="tab:blue", edgecolor="black", linewidth=0.5)
+        ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1.0)
+        ece = sum(m["ece"] for m in members) / len(members)
+        ax.set(xlim=(0, 1), ylim=(0, 1), title=f"{cell} ({mode})\nECE {100 * ece:.1f}, n = {sum(counts)}")
+        ax.title.set_fontsize("small")
+    for ax in list(axes.flat)[len(cells):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Reliability (accuracy per confidence bin), {name}", fontsize="medium")
+    return fig
+
+
+def _scatter(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
+    fig = Figure(figsize=(6.0, 4.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for (cell, mode), members in sorted(cells.items()):
+        acc = 100 * sum(m["acc"] for m in members) / len(members)
+        ece = 100 * sum(m["ece"] for m in members) / len(members)
+        ax.scatter([ece], [acc])
+        ax.annotate(f"{cell} ({mode})", (ece, acc), fontsize="x-small", xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="ECE ×100 (lower is better)", ylabel="ACC ×100", title=f"ACC against ECE, {name}")
+    return fig
+
+
+def _coverage(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
+    fig = Figure(figsize=(6.0, 4.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for (cell, mode), members in sorted(cells.items()):
+        curve = [100 * sum(m["accuracy_at_coverage"][k] for m in members) / len(members) for k in range(len(COVERAGES))]
+        ax.plot([100 * c for c in COVERAGES], curve, marker=".", label=f"{cell} ({mode})")
+    ax.set(xlabel="coverage % (most confident first)", ylabel="selective accuracy %",
+           title=f"Accuracy against coverage, {name}")
+    ax.legend(fontsize="x-small")
+    return fig
+
+
+def write_plots(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (budget, train_task, eval_task), cells in sorted(_sets(rows).items()):
+        name = f"{train_task} → {eval_task} ({budget})"
+        stem = f"{budget}-{train_task}-{eval_task}"
+        written.append(_save(_reliability(name, cells), folder / f"reliability-{stem}.png"))
+        written.append(_save(_scatter(name, cells), folder / f"acc-ece-{stem}.png"))
+        written.append(_save(_coverage(name, cells), folder / f"coverage-{stem}.png"))
+    return [Path(p) for p in written]

@@ -1,0 +1,54 @@
+"""``OUTPUT/bench.md`` and ``OUTPUT/plots/``: everything a suite's results say, from the JSON lines alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from ..evaluation import atomic_write
+from .plots import write_plots
+from .results import latest_rows, read_rows, results_files
+from .table import markdown_table
+
+__all__ = ["write_report"]
+
+
+def _header(rows: list[dict[str, Any]], description: Optional[str]) -> list[str]:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    suites = sorted({r["suite"] for r in rows})
+    lines = [f"# Benchmark: {', '.join(suites)}", ""]
+    if description:
+        lines += [description.strip(), ""]
+    commits = sorted({str(r.get("commit")) for r in rows})
+    splits = sorted({r["split"] for r in rows})
+    lines.append(f"Reported on `{', '.join(splits)}`; commit(s) {', '.join(f'`{c}`' for c in commits)}; "
+                 f"{len({r['unit'] for r in ok})} units finished, {len({r['unit'] for r in rows if r['status'] == 'error'})} failed.")
+    if ok:
+        v = ok[0]["versions"]
+        lines.append("Versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)) + ".")
+        sizes = sorted({(r["train_task"], r.get("n_train"), r.get("n_val")) for r in ok})
+        lines.append("Training rows (fit / val slice) per task: " + "; ".join(
+            f"{t} {n} / {m}" for t, n, m in sizes) + ".")
+        evals = sorted({(r["eval_task"], r["n"]) for r in ok})
+        lines.append("Scored examples per set: " + "; ".join(f"{t} {n}" for t, n in evals) + ".")
+        budgets = sorted({(r["budget"], r["config"].get("epochs"), r["config"].get("batch_size")) for r in ok},
+                         key=str)
+        lines.append("Budget: " + "; ".join(f"{b}: {e if e is not None else 'method default'} epoch(s), batch {bs}"
+                                            for b, e, bs in budgets) + ".")
+    lines += ["", "ACC, ECE and AURC ×100 (mean ± std over seeds); AUROC ×100 of telling the OOD set from the "
+              "training task's own set (50 = chance); entropy = aleatoric + MI; bold = best in the set."]
+    return lines
+
+
+def write_report(output: Path, files: Optional[Iterable[Path]] = None, description: Optional[str] = None
+                 ) -> tuple[Path, list[Path]]:
+    """Read every results file in ``OUTPUT/results`` (or ``files``) and write the table and the plots."""
+    output = Path(output)
+    rows = latest_rows(read_rows(files if files is not None else results_files(output)))
+    if not rows:
+        raise FileNotFoundError(f"{output}/results: no benchmark rows to report")
+    text = markdown_table(rows, _header(rows, description))
+    table = output / "bench.md"
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write(table, lambda handle: handle.write(text.encode()))
+    return table, write_plots(rows, output / "plots")

@@ -1,0 +1,117 @@
+"""Run a suite's matrix, one unit at a time, resumable and shardable.
+
+A *unit* is one training run (budget × task × cell × seed) with everything scored from it: its
+evaluations on every set, its post-hoc calibrations and their evaluations. A post-hoc cell therefore
+always runs in the same shard as the run it is fitted on, and OOD detection compares sets scored by the
+same adapter. ``--shard i/n`` takes units i, i+n, i+2n, ... of the suite's fixed order, so the shards
+partition the matrix. A unit whose latest row in the output's results is ``ok`` is skipped; a unit that
+raises is recorded with its error and traceback and the others go on (the next invocation retries it).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import traceback
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from ..compare import Budget, Cell, Plan, run_unit, unit_rows
+from ..layout import RunFolder
+from .results import append_rows, latest_rows, read_rows, results_file, results_files
+from .suite import Suite
+
+__all__ = ["Unit", "parse_shard", "run_bench", "shard_units", "suite_units"]
+
+Unit = tuple[str, Budget, str, Cell, int]  # (id, budget, task, cell, seed)
+
+
+def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
+    """``"2/4"`` -> (2, 4); None -> None."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must be I/N with integers, e.g. 1/4; got {text!r}") from None
+    if not 1 <= i <= n:
+        raise ValueError(f"--shard {text}: need 1 <= I <= N")
+    return i, n
+
+
+def suite_units(plan: Plan) -> list[Unit]:
+    return [(f"{b.name}/{t}/{c.label}/seed-{s}", b, t, c, s) for b, t, c, s in plan.runs()]
+
+
+def shard_units(units: list[Unit], shard: Optional[tuple[int, int]]) -> list[Unit]:
+    return units if shard is None else units[shard[0] - 1::shard[1]]
+
+
+def _commit() -> Optional[str]:
+    """The source checkout's commit (``+dirty`` with uncommitted changes); None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "") if head else None
+
+
+def finished_units(output: Path) -> set[str]:
+    return {r["unit"] for r in latest_rows(read_rows(results_files(output))) if r["status"] == "ok"}
+
+
+def run_bench(suite: Suite, output: Path, *, split: Optional[str] = None, data_dir: Optional[str] = None,
+              shard: Optional[tuple[int, int]] = None, progress: bool = True, log=print) -> Path:
+    """Run this shard's unfinished units; returns the results file it appended to."""
+    from tqdm.auto import tqdm
+
+    from ..training.loop import versions
+
+    output = Path(output)
+    plan = suite.plan(output, split=split, data_dir=data_dir)
+    mine = shard_units(suite_units(plan), shard)
+    done = finished_units(output)
+    todo = [u for u in mine if u[0] not in done]
+    target = results_file(output, shard)
+    where = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
+    log(f"bench {suite.name}{where}: {len(mine)} units, {len(mine) - len(todo)} already finished; "
+        f"reporting on '{plan.split}'; results -> {target}")
+    meta = {"suite": suite.name, "suite_sha256": suite.sha256, "split": plan.split,
+            "shard": None if shard is None else f"{shard[0]}/{shard[1]}", "commit": _commit(), "versions": versions()}
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="bench units", unit="unit",
+               disable=not progress, dynamic_ncols=True)
+    say = (lambda text: bar.write(text)) if progress else log
+    for unit_id, budget, task, cell, seed in todo:
+        bar.set_postfix_str(unit_id)
+        started = time.perf_counter()
+        attempt = {"unit": unit_id, "attempt": uuid.uuid4().hex, **meta}
+        try:
+            run_unit(plan, budget, task, cell, seed, unit_id, say)
+            rows, _ = unit_rows(plan, budget, task, cell, seed)
+            if not rows:
+                raise RuntimeError("the unit finished but none of its evaluations is on disk")
+            config = _run_facts(plan.run_dir(budget, task, cell, seed))
+            rows = [{**attempt, "status": "ok", **config, **r} for r in rows]
+        except Exception as err:  # noqa: BLE001 - recorded, and the matrix goes on
+            rows = [{**attempt, "status": "error", "budget": budget.name, "train_task": task, "cell": cell.label,
+                     "seed": seed, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}]
+            say(f"{unit_id}: FAILED ({type(err).__name__}: {err}); recorded, going on")
+        stamp = datetime.now(timezone.utc).isoformat()
+        for r in rows:
+            r["finished_at"], r["unit_seconds"] = stamp, time.perf_counter() - started
+        append_rows(target, rows)
+        bar.update(1)
+    bar.close()
+    return target
+
+
+def _run_facts(run_dir: Path) -> dict[str, Any]:
+    config = RunFolder(run_dir).read_config()
+    return {"run": str(run_dir), "config": config["train"], "n_train": config.get("n_train"),
+            "n_val": config.get("n_val"), "total_steps": config.get("total_steps")}

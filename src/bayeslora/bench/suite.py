@@ -1,0 +1,200 @@
+"""Benchmark suites are data: a TOML file names the model, tasks, OOD protocol, cells, seeds and budget.
+
+The shipped suites live in ``bayeslora/bench/suites/*.toml`` (package data); ``--suite`` takes one of
+their names or the path of a user's own file. Every key is checked, and a bad one is reported with the
+file and the key, so a typo never silently runs the wrong matrix. Schema (see the shipped files)::
+
+    description = "..."                    # required: what the suite measures and what it costs
+    model = "minilm"                       # --model of every run
+    tasks = ["arc_easy", "openbookqa"]     # in-distribution training tasks
+    seeds = [0, 1, 2]
+    split = "dev"                          # where it reports unless --split says otherwise
+    samples = 4                            # predictive draws S in sample mode
+    max_length = 128
+    max_eval_examples = 200                # optional: score only each set's first N examples
+    reference = "lora"                     # the cell the others are paired with
+    calibrations = ["temperature", "laplace"]
+    calibration_cells = { laplace = ["lora"] }   # optional: fit a calibration on these cells only
+    [budget]  name = "short"  epochs = 1  batch_size = 16
+    [ood]     train = "openbookqa"  eval = { dev = [...], test = [...] }   # or eval = [...] for both
+    [defaults]                             # settings of every cell (TrainConfig fields, method options)
+    [cells.lora]                           # a cell per table; method defaults to the table's name
+    [cells.flow-0]  method = "bayeslora"  flow_layers = 0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from ..compare import Budget, Cell, Plan
+
+__all__ = ["SUITES_DIR", "Suite", "load_suite", "shipped_suites"]
+
+SUITES_DIR = Path(__file__).with_name("suites")
+_KEYS = {"description", "model", "tasks", "seeds", "split", "samples", "max_length", "max_eval_examples",
+         "reference", "calibrations", "calibration_cells", "budget", "ood", "defaults", "cells"}
+_RESERVED = {"method_options", "progress", "output", "task", "seed", "epochs", "batch_size"}
+
+
+def shipped_suites() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    source: Path
+    sha256: str
+    description: str
+    model: str
+    tasks: list[str]
+    seeds: list[int]
+    split: str
+    samples: int
+    max_length: Optional[int]
+    max_eval_examples: Optional[int]
+    reference: str
+    calibrations: list[str]
+    calibration_cells: dict[str, list[str]]
+    budget: Budget
+    ood_train: Optional[str]
+    ood_eval: dict[str, list[str]]  # split -> OOD sets
+    cells: list[Cell]
+
+    def plan(self, output: Path, split: Optional[str] = None, data_dir: Optional[str] = None) -> Plan:
+        split = split or self.split
+        if self.ood_train and split not in self.ood_eval:
+            raise ValueError(f"{self.source}: [ood] eval names no sets for split {split!r} "
+                             f"(it has {sorted(self.ood_eval)})")
+        plan = Plan(output=Path(output), tasks=list(self.tasks), cells=list(self.cells), seeds=list(self.seeds),
+                    budgets=[self.budget], ood_train=self.ood_train,
+                    ood_eval=list(self.ood_eval.get(split, [])) if self.ood_train else [],
+                    model=self.model, data_dir=data_dir, split=split, samples=self.samples,
+                    max_length=self.max_length, reference=self.reference, calibrations=list(self.calibrations),
+                    max_eval_examples=self.max_eval_examples, calibration_cells=dict(self.calibration_cells))
+        plan.validate()
+        return plan
+
+
+def load_suite(name_or_path: str | Path) -> Suite:
+    """A shipped suite by name, or a TOML file by path; raises ValueError naming the file and key."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = SUITES_DIR / f"{name_or_path}.toml"
+        if not path.exists():
+            raise FileNotFoundError(f"--suite {name_or_path!r}: no such shipped suite (shipped: "
+                                    f"{', '.join(shipped_suites())}) and no such file")
+    if not path.exists():
+        raise FileNotFoundError(f"--suite {path}: no such file")
+    raw = path.read_bytes()
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid TOML ({err})") from err
+    return _parse(data, path, hashlib.sha256(raw).hexdigest())
+
+
+def _parse(data: dict[str, Any], path: Path, sha256: str) -> Suite:
+    def bad(key: str, why: str) -> ValueError:
+        return ValueError(f"{path}: {key}: {why}")
+
+    unknown = sorted(set(data) - _KEYS)
+    if unknown:
+        raise bad(unknown[0], f"unknown key (known: {', '.join(sorted(_KEYS))})")
+
+    def get(key: str, kind, default: Any = ..., required: bool = False):
+        if key not in data:
+            if required or default is ...:
+                raise bad(key, "is required")
+            return default
+        value = data[key]
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise bad(key, f"must be {getattr(kind, '__name__', kind)}, got {value!r}")
+        return value
+
+    def str_list(key: str, value: Any) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad(key, f"must be a list of strings, got {value!r}")
+        return value
+
+    description = get("description", str, required=True)
+    tasks = str_list("tasks", get("tasks", list, required=True))
+    seeds = get("seeds", list, [0])
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise bad("seeds", f"must be a non-empty list of integers, got {seeds!r}")
+    for key in ("samples", "max_length", "max_eval_examples"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise bad(key, f"must be a positive integer, got {value!r}")
+
+    budget = get("budget", dict, {})
+    extra = sorted(set(budget) - {"name", "epochs", "batch_size"})
+    if extra:
+        raise bad(f"budget.{extra[0]}", "unknown key (known: name, epochs, batch_size)")
+    budget = Budget(str(budget.get("name", "default")), budget.get("epochs"), int(budget.get("batch_size", 16)))
+
+    ood = get("ood", dict, {})
+    extra = sorted(set(ood) - {"train", "eval"})
+    if extra:
+        raise bad(f"ood.{extra[0]}", "unknown key (known: train, eval)")
+    ood_train = ood.get("train") or None
+    ood_eval_raw = ood.get("eval", [])
+    if isinstance(ood_eval_raw, list):
+        ood_eval = {"dev": str_list("ood.eval", ood_eval_raw), "test": list(ood_eval_raw)}
+    elif isinstance(ood_eval_raw, dict):
+        ood_eval = {split: str_list(f"ood.eval.{split}", sets) for split, sets in ood_eval_raw.items()}
+    else:
+        raise bad("ood.eval", f"must be a list or a table of lists by split, got {ood_eval_raw!r}")
+    if ood_train and not any(ood_eval.values()):
+        raise bad("ood.eval", "names no OOD sets although ood.train is set")
+
+    defaults = get("defaults", dict, {})
+    cells_raw = get("cells", dict, required=True)
+    if not cells_raw:
+        raise bad("cells", "names no cell")
+    cells = []
+    for label, settings in cells_raw.items():
+        if not isinstance(settings, dict):
+            raise bad(f"cells.{label}", f"must be a table, got {settings!r}")
+        merged = {**defaults, **settings}
+        reserved = sorted(_RESERVED & set(merged))
+        if reserved:
+            raise bad(f"cells.{label}", f"{reserved} are set by the suite (budget, seeds, tasks), not by a cell")
+        method = merged.pop("method", label)
+        cells.append(Cell(label, method, merged))
+
+    calibration_cells = get("calibration_cells", dict, {})
+    for key, value in calibration_cells.items():
+        str_list(f"calibration_cells.{key}", value)
+    split = get("split", str, "dev")
+    if split not in ("dev", "test", "val"):
+        raise bad("split", f"must be dev, test or val, got {split!r}")
+    suite = Suite(name=path.stem, source=path, sha256=sha256, description=description,
+                  model=get("model", str, "minilm"), tasks=tasks, seeds=seeds, split=split,
+                  samples=data.get("samples", 4), max_length=data.get("max_length", 128),
+                  max_eval_examples=data.get("max_eval_examples"), reference=get("reference", str, "lora"),
+                  calibrations=str_list("calibrations", get("calibrations", list, [])),
+                  calibration_cells=calibration_cells, budget=budget, ood_train=ood_train, ood_eval=ood_eval,
+                  cells=cells)
+    from ..compare import train_config
+    from ..training import resolve
+
+    try:
+        plan = suite.plan(Path("."), split=split)  # the matrix itself: methods, calibrations, labels
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    for cell in plan.cells:  # every cell's settings, before hours of training reach a typo
+        try:
+            resolve(train_config(plan, suite.budget, tasks[0], cell, seeds[0]))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: cells.{cell.label}: {err}") from err
+    return suite

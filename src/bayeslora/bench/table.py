@@ -1,0 +1,86 @@
+"""The benchmark's markdown table, built from result rows alone (so merged shards need no run folders).
+
+One table per evaluated set (training task → eval set); one line per cell variant and mode, mean ± std
+over the seeds present; ACC, ECE and AURC ×100. The best value of each column within a set is bold
+(highest ACC and AUROC; lowest ECE, NLL, Brier and AURC). Units that failed are listed with their error.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Callable, Optional
+
+__all__ = ["aggregate", "markdown_table"]
+
+# (column, row key, scale, digits, better: "max" | "min" | None)
+COLUMNS: tuple[tuple[str, str, float, int, Optional[str]], ...] = (
+    ("ACC", "acc", 100, 1, "max"), ("ECE", "ece", 100, 1, "min"), ("NLL", "nll", 1, 3, "min"),
+    ("Brier", "brier", 1, 3, "min"), ("AURC", "aurc", 100, 1, "min"), ("AURC by MI", "aurc_mi", 100, 1, "min"),
+    ("entropy", "entropy", 1, 3, None), ("MI", "mi", 1, 4, None),
+    ("AUROC by entropy", "auroc_entropy", 100, 1, "max"), ("AUROC by MI", "auroc_mi", 100, 1, "max"),
+)
+COSTS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+    ("train s", "train_seconds", lambda v: f"{v:.0f}"), ("eval s", "eval_seconds", lambda v: f"{v:.0f}"),
+    ("ex/s", "examples_per_second", lambda v: f"{v:.1f}"),
+    ("train peak MB", "train_peak_memory_bytes", lambda v: f"{v / 2**20:.0f}"),
+    ("trainable", "trainable_parameters", lambda v: f"{v / 1e6:.2f}M"),
+    ("stored", "parameters", lambda v: f"{v / 1e6:.2f}M"),
+)
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """(budget, train task, eval task, kind) -> {(cell, mode): {key: (mean, std, n_seeds)}}."""
+    groups: dict[tuple, dict[tuple, list[dict[str, Any]]]] = {}
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        key = (r["budget"], r["train_task"], r["eval_task"], r["kind"])
+        groups.setdefault(key, {}).setdefault((r["cell"], r["mode"]), []).append(r)
+    out: dict[tuple, dict[str, Any]] = {}
+    for key, cells in groups.items():
+        out[key] = {}
+        for variant, members in cells.items():
+            stats: dict[str, Any] = {"seeds": sorted(m["seed"] for m in members), "n": members[0]["n"]}
+            for _, name, *_ in COLUMNS + COSTS:
+                values = [m[name] for m in members if m.get(name) is not None]
+                stats[name] = ((statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+                               if values else None)
+            out[key][variant] = stats
+    return out
+
+
+def _best(cells: dict[tuple, dict[str, Any]], name: str, better: Optional[str]) -> Optional[float]:
+    values = [s[name][0] for s in cells.values() if s[name] is not None]
+    if better is None or len(values) < 2:
+        return None
+    return max(values) if better == "max" else min(values)
+
+
+def markdown_table(rows: list[dict[str, Any]], header: list[str]) -> str:
+    lines = list(header)
+    for (budget, train_task, eval_task, kind), cells in sorted(aggregate(rows).items(),
+                                                                key=lambda kv: (kv[0][0], kv[0][3] != "id", kv[0][1:])):
+        shown = [c for c in COLUMNS if any(s[c[1]] is not None for s in cells.values())]
+        costs = [c for c in COSTS if any(s[c[1]] is not None for s in cells.values())]
+        n = sorted({s["n"] for s in cells.values()})
+        lines += ["", f"### {train_task} → {eval_task} ({'in-distribution' if kind == 'id' else 'OOD'}; "
+                      f"budget {budget}; n = {', '.join(map(str, n))})", ""]
+        head = ["cell", "mode", "seeds"] + [c[0] for c in shown] + [c[0] for c in costs]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        best = {c[1]: _best(cells, c[1], c[4]) for c in shown}
+        for (cell, mode), s in sorted(cells.items()):
+            out = [cell, mode, str(len(s["seeds"]))]
+            for _, name, scale, digits, _ in shown:
+                if s[name] is None:
+                    out.append("")
+                    continue
+                mean, std = s[name]
+                text = f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if len(s["seeds"]) > 1 else "")
+                out.append(f"**{text}**" if best[name] is not None and mean == best[name] else text)
+            out += ["" if s[name] is None else fmt(s[name][0]) for _, name, fmt in costs]
+            lines.append("| " + " | ".join(out) + " |")
+    failed = [r for r in rows if r.get("status") == "error"]
+    if failed:
+        lines += ["", "Failed units (rerun the command to retry them):", ""]
+        lines += [f"- `{r['unit']}`: {r['error']}" for r in failed]
+    return "\n".join(lines) + "\n"
