@@ -128,6 +128,20 @@ def test_boolq_splits_and_train_file(tmp_path: Path) -> None:
     assert [e.uid for e in load_task("boolq", "test", tmp_path)] == ["boolq-99"]
 
 
+def test_boolq_val_even_trains_on_a_seeded_two_thirds_and_scores_the_rest(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "boolq/val_even.jsonl", [boolq(2 * i, "true" if i % 3 else "false") for i in range(30)])
+    write_jsonl(tmp_path / "boolq/val_odd.jsonl", [boolq(1, "false")])
+    train, dev = load_task("boolq_val_even", "train", tmp_path), load_task("boolq_val_even", "dev", tmp_path)
+    assert len(train) == 20 and len(dev) == 10 and not {e.uid for e in train} & {e.uid for e in dev}
+    assert sorted(e.uid for e in train + dev) == sorted(e.uid for e in load_task("boolq", "dev", tmp_path))
+    val = load_task("boolq_val_even", "val", tmp_path)  # the val slice is carved from the training two thirds
+    assert len(val) == 2 and {e.uid for e in val} <= {e.uid for e in train}
+    assert [e.uid for e in load_task("boolq_val_even", "test", tmp_path)] == ["boolq-1"]
+    # the order of the file does not move the split
+    write_jsonl(tmp_path / "boolq/val_even.jsonl", [boolq(2 * i, "true" if i % 3 else "false") for i in reversed(range(30))])
+    assert {e.uid for e in load_task("boolq_val_even", "train", tmp_path)} == {e.uid for e in train}
+
+
 def write_mmlu(root: Path, folder: str, subject: str, n: int) -> None:
     path = root / "mmlu" / folder / f"{subject}_{folder}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -246,10 +260,11 @@ def test_real_data_every_available_split_loads_and_held_out_ones_fail_clearly() 
     wino = {f"winogrande_{s}" for s in ("xs", "s", "m", "l")}
     assert loaded == (
         {(t, s) for t in ("arc_easy", "arc_challenge", "openbookqa", *wino) for s in ("train", "dev")}
-        | {("boolq", "dev"), ("mmlu", "dev"), ("mmlu", "fewshot")}
+        | {("boolq", "dev"), ("boolq_val_even", "train"), ("boolq_val_even", "dev"), ("mmlu", "dev"), ("mmlu", "fewshot")}
         | {("synthetic", s) for s in ("train", "dev", "test", "ood")}
     )
-    assert held_out == {(t, "test") for t in ("arc_easy", "arc_challenge", "openbookqa", "boolq", "mmlu", *wino)}
+    assert held_out == {(t, "test") for t in ("arc_easy", "arc_challenge", "openbookqa", "boolq", "boolq_val_even",
+                                              "mmlu", *wino)}
 
 
 @needs_real_data

@@ -28,6 +28,9 @@ COSTS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
 )
 
 
+NOT_COMPARABLE = {"boolq_val_even": " — trained on two thirds of val_even: not comparable with published BoolQ numbers"}
+
+
 def aggregate(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     """(budget, train task, eval task, kind) -> {(cell, mode): {key: (mean, std, n_seeds)}}."""
     groups: dict[tuple, dict[tuple, list[dict[str, Any]]]] = {}
@@ -63,8 +66,9 @@ def markdown_table(rows: list[dict[str, Any]], header: list[str]) -> str:
         shown = [c for c in COLUMNS if any(s[c[1]] is not None for s in cells.values())]
         costs = [c for c in COSTS if any(s[c[1]] is not None for s in cells.values())]
         n = sorted({s["n"] for s in cells.values()})
+        caveat = NOT_COMPARABLE.get(eval_task, "")
         lines += ["", f"### {train_task} → {eval_task} ({'in-distribution' if kind == 'id' else 'OOD'}; "
-                      f"budget {budget}; n = {', '.join(map(str, n))})", ""]
+                      f"budget {budget}; n = {', '.join(map(str, n))}){caveat}", ""]
         head = ["cell", "mode", "seeds"] + [c[0] for c in shown] + [c[0] for c in costs]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         best = {c[1]: _best(cells, c[1], c[4]) for c in shown}

@@ -9,6 +9,9 @@ definitions to the same ids.
   it; ``winogrande_l`` trains on ``train_l`` minus the sample.
 * BoolQ ``dev``/``test``: the even/odd ``idx`` halves of the SuperGLUE validation set (BoolQ has no
   public labelled test set).
+* ``boolq_val_even``: where no BoolQ train file exists, a seeded two thirds of the ``dev`` half
+  (``val_even``) is trained on and the other third scored as ``dev``; ``test`` stays the odd half. Not
+  comparable with published BoolQ numbers (they train on the 9,427-row train split).
 """
 
 from __future__ import annotations
@@ -63,3 +66,13 @@ def val_uids(train_uids: Iterable[str]) -> frozenset[str]:
     """
     candidates = sorted(set(train_uids))
     return frozenset(random.Random(VAL_SEED).sample(candidates, val_size(len(candidates))))
+
+
+BOOLQ_TRAIN_FRACTION = 2 / 3
+BOOLQ_TRAIN_SEED = 0
+
+
+def boolq_val_even_train_uids(uids: Iterable[str]) -> frozenset[str]:
+    """The ``val_even`` uids that ``boolq_val_even`` trains on: ``Random(0).sample(sorted(uids), round(2n/3))``."""
+    candidates = sorted(set(uids))
+    return frozenset(random.Random(BOOLQ_TRAIN_SEED).sample(candidates, round(BOOLQ_TRAIN_FRACTION * len(candidates))))

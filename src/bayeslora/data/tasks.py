@@ -10,6 +10,7 @@ task                          train                           dev               
 ``winogrande_{xs,s,m}``       ``train_{size}.jsonl``          1,267 sampled qIDs (below)   release ``dev.jsonl``
 ``winogrande_l``              ``train_l`` minus dev sample    1,267 sampled qIDs           release ``dev.jsonl``
 ``boolq``                     needs ``file=`` (--train-file)  ``boolq/val_even.jsonl``     ``boolq/val_odd.jsonl``
+``boolq_val_even``            seeded 2/3 of ``val_even``      the other third              ``boolq/val_odd.jsonl``
 ``mmlu*``                     none (error)                    ``mmlu/val/``                ``mmlu/test/``
 ``synthetic``                 generated                       generated                    generated (+ ``ood``)
 ``jsonl``                     needs ``file=``                 needs ``file=``              needs ``file=``
@@ -38,7 +39,7 @@ from .example import DataFormatError, MCExample, MissingSplitError, SplitUnavail
 from .files import require_data_dir
 from .mmlu_subjects import resolve_mmlu_subjects
 from .readers import get_field, iter_jsonl
-from .splits import boolq_parity, val_uids, winogrande_dev_qids
+from .splits import boolq_parity, boolq_val_even_train_uids, val_uids, winogrande_dev_qids
 
 Reader = Callable[[Path], list[MCExample]]
 
@@ -46,7 +47,7 @@ ARC_DIRS = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge"}
 WINOGRANDE_SIZES = ("xs", "s", "m", "l")
 TASKS: tuple[str, ...] = (
     "arc_easy", "arc_challenge", "openbookqa", *(f"winogrande_{s}" for s in WINOGRANDE_SIZES),
-    "boolq", "mmlu", "synthetic", "jsonl",
+    "boolq", "boolq_val_even", "mmlu", "synthetic", "jsonl",
 )  # fmt: skip
 """Fixed task names; MMLU also accepts the subject/group names of :mod:`.mmlu_subjects`."""
 
@@ -123,6 +124,8 @@ def plan_split(task: str, split: str, data_dir: Path | str | None, file: Path | 
         return _winogrande_plan(task, task[len("winogrande_") :], split, root)
     if task == "boolq":
         return _boolq_plan(split, root)
+    if task == "boolq_val_even":
+        return _boolq_val_even_plan(split, root)
     if task == "mmlu" or task.startswith(("mmlu_", "mmlu:")):
         return _mmlu_plan(task, split, root)
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)} (and MMLU subject/group names)")
@@ -134,7 +137,7 @@ def reader_for(task: str) -> Reader:
         return formats.read_arc_file
     if task.startswith("winogrande_"):
         return formats.read_winogrande_file
-    if task == "boolq":
+    if task in ("boolq", "boolq_val_even"):
         return formats.read_boolq_file
     if task == "mmlu" or task.startswith(("mmlu_", "mmlu:")):
         return formats.read_mmlu_file
@@ -209,6 +212,21 @@ def _boolq_plan(split: str, root: Path) -> SplitPlan:
     if not full.is_file():
         raise _missing(half, "boolq", split, root)
     return SplitPlan((full,), lambda: _read_boolq_half(full, boolq_parity(split)))
+
+
+def _boolq_val_even_plan(split: str, root: Path) -> SplitPlan:
+    """Train on a seeded two thirds of ``val_even``, score the rest as dev; test is the odd half."""
+    _check_split("boolq_val_even", split, ("train", "dev", "test"))
+    if split == "test":
+        return _boolq_plan("test", root)
+    even = _boolq_plan("dev", root)
+
+    def load() -> list[MCExample]:
+        rows = even.load()
+        train = boolq_val_even_train_uids(ex.uid for ex in rows)
+        return [ex for ex in rows if (ex.uid in train) == (split == "train")]
+
+    return SplitPlan(even.files, load)
 
 
 def _read_boolq_half(path: Path, parity: int) -> list[MCExample]:
