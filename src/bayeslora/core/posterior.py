@@ -129,21 +129,33 @@ def _whitened(p: StackedFactors, eps: Tensor) -> tuple[Tensor, Tensor]:
     return apply_flows(flows, u0)
 
 
+def _project(x: Tensor, z_rows: Tensor, z_cols: Tensor, chol_rows: Tensor, chol_cols: Tensor) -> Tensor:
+    """T_r X T_c = Z_rᵀ [K_r⁻¹ X K_c⁻¹] Z_c for X (..., R, C): two Cholesky solves on R×C matrices, then
+    the two projections by Z, so T_r (d_o×R) and T_c (C×d_i) are never formed (solves with d-sized
+    right-hand sides cost far more than the matrix products)."""
+    y = torch.cholesky_solve(x, chol_rows)  # K_r⁻¹ X
+    y = torch.cholesky_solve(y.transpose(-1, -2), chol_cols).transpose(-1, -2)  # (K_c⁻¹ (K_r⁻¹ X)ᵀ)ᵀ
+    return z_rows.transpose(-1, -2) @ (y @ z_cols)
+
+
 def draw_group(
     p: StackedFactors, n: int, generator: torch.Generator | list[torch.Generator] | None = None
 ) -> GroupDraw:
     """Draw n weights per factor by METHOD.md section 2, steps 1 to 6 (exact Matheron rule).
 
     W = σ_p (T_r (U − λŪ) T_c + λ e1), which is M + λξ with M = T_r U T_c and ξ = e1 − T_r Ū T_c
-    folded into one projection. Ū = [Z_r D_r] [[e1, e2], [e3, e4]] [Z_c D_c]ᵀ is a prior draw of the
-    inducing matrix made jointly with e1, so ξ has covariance I − P_r ⊗ P_c and no d×d matrix forms.
+    folded into one projection (:func:`_project`). Ū = [Z_r D_r] [[e1, e2], [e3, e4]] [Z_c D_c]ᵀ is a
+    prior draw of the inducing matrix made jointly with e1, so ξ has covariance I − P_r ⊗ P_c and no
+    d×d matrix forms. e2 and e4 appear only in (Z_r e2 + D_r e4) D_c, whose columns before D_c are
+    independent N(0, Z_r Z_rᵀ + D_r²) = N(0, K_r): the same law as L_r η with η (R×C) standard normal,
+    which replaces the d_o×C draw of e2 and its product with Z_r (checked by Monte Carlo in the tests).
     All noise comes from one ``randn`` call (torch's global RNG unless ``generator`` is given); with a
     list of n generators, draw i uses only generator i, so n draws made together equal the same draws
     made one at a time (batched Monte Carlo == sequential).
     """
     s = p.shape
     g, rows, cols, d_o, d_i = len(p.factors), s.rows, s.cols, s.d_out, s.d_in
-    sizes = [rows * cols, d_o * d_i, d_o * cols, rows * d_i, rows * cols]
+    sizes = [rows * cols, d_o * d_i, rows * d_i, rows * cols]
     like = dict(device=p.mean.device, dtype=p.mean.dtype)
     if isinstance(generator, (list, tuple)):
         if len(generator) != n:
@@ -151,24 +163,22 @@ def draw_group(
         noise = torch.cat([torch.randn((g, 1, sum(sizes)), generator=gen, **like) for gen in generator], 1)
     else:
         noise = torch.randn((g, n, sum(sizes)), generator=generator, **like)
-    eps, e1, e2, e3, e4 = noise.split(sizes, dim=-1)
-    eps = eps.view(g, n, rows, cols)
-    e1, e2 = e1.view(g, n, d_o, d_i), e2.view(g, n, d_o, cols)
-    e3, e4 = e3.view(g, n, rows, d_i), e4.view(g, n, rows, cols)
+    eps, e1, e3, eta = noise.split(sizes, dim=-1)
+    eps, eta = eps.view(g, n, rows, cols), eta.view(g, n, rows, cols)
+    e1, e3 = e1.view(g, n, d_o, d_i), e3.view(g, n, rows, d_i)
 
-    geo = geometry(p)
+    chol_r, d_r, _ = _kernel(p.z_rows, p.d_rows, s.jitter)
+    chol_c, d_c, _ = _kernel(p.z_cols, p.d_cols, s.jitter)
+    chol_r, chol_c = chol_r.unsqueeze(1), chol_c.unsqueeze(1)
     u_w, ladj = _whitened(p, eps)
-    chol_r, chol_c = geo.chol_rows.unsqueeze(1), geo.chol_cols.unsqueeze(1)
     u = chol_r @ u_w @ chol_c.transpose(-1, -2)
 
     z_r, z_c = p.z_rows.unsqueeze(1), p.z_cols.unsqueeze(1)
-    d_r, d_c = geo.diag_rows[:, None, :, None], geo.diag_cols[:, None, None, :]
-    u_prior = z_r @ (e1 @ z_c.transpose(-1, -2) + e2 * d_c) + (d_r * e3) @ z_c.transpose(-1, -2)
-    u_prior = u_prior + d_r * e4 * d_c
+    d_r, d_c = d_r[:, None, :, None], d_c[:, None, None, :]
+    u_prior = (z_r @ e1 + d_r * e3) @ z_c.transpose(-1, -2) + (chol_r @ eta) * d_c
 
     lam = p.lam[:, None, None, None]
-    inner = (u - lam * u_prior) @ geo.proj_cols.unsqueeze(1)  # (G, n, R, d_i)
-    weights = s.prior_scale * (geo.proj_rows.unsqueeze(1) @ inner + lam * e1)
+    weights = s.prior_scale * (_project(u - lam * u_prior, z_r, z_c, chol_r, chol_c) + lam * e1)
     kl = flow_kl_sample(eps, p.sigma.log(), ladj, u_w)
     return GroupDraw(weights=weights, kl_flow=kl)
 
@@ -205,9 +215,10 @@ def mean_group(p: StackedFactors, mean_samples: int, seed: int) -> Tensor:
         centred_u0 = u0 - u0.mean(1, keepdim=True)
         beta = (centred_u0 * (u_w - u_w.mean(1, keepdim=True))).sum(1) / centred_u0.square().sum(1)
         mean_w = p.mean + (u_w - u0).mean(1) + (1 - beta) * (u0.mean(1) - p.mean)
-    geo = geometry(p)
-    u = geo.chol_rows @ mean_w @ geo.chol_cols.transpose(-1, -2)
-    return p.shape.prior_scale * (geo.proj_rows @ (u @ geo.proj_cols))
+    chol_r, _, _ = _kernel(p.z_rows, p.d_rows, p.shape.jitter)
+    chol_c, _, _ = _kernel(p.z_cols, p.d_cols, p.shape.jitter)
+    u = chol_r @ mean_w @ chol_c.transpose(-1, -2)
+    return p.shape.prior_scale * _project(u, p.z_rows, p.z_cols, chol_r, chol_c)
 
 
 def conditional_kl_group(p: StackedFactors) -> Tensor:

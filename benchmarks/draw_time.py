@@ -1,0 +1,162 @@
+"""The fixed cost of one posterior draw, before and after each change, side by side in one run.
+
+What it measures
+----------------
+The Bayesian factors of the ``step_time.py`` model (a random Llama, LoRA r=8 on q_proj, v_proj and
+lm_head, q_proj and lm_head Bayesian) are grouped as the sampler groups them. One *draw* is what a
+training step spends on the posterior: stack each group's parameters, draw every factor's weights and
+its flow KL, and backpropagate a scalar of the weights into the posterior parameters. Variants, timed
+as interleaved rounds (each round runs every variant once, in turn) so they see the same machine:
+
+* ``before``: the draw as it was (T_r = Z_rᵀK_r⁻¹ and T_c = K_c⁻¹Z_c formed by Cholesky solves with
+  d-sized right-hand sides; the prior inducing draw with its d_o×C noise e2), kept here as the reference;
+* ``after``: :func:`bayeslora.core.draw_group` (solves on R×C matrices only, then the projections by Z;
+  (Z_r e2 + D_r e4) replaced by L_r η of the same law);
+* ``sampler``: the whole ``PosteriorSampler.draw`` of the model (layer walk, grouping, every group),
+  forward only, which is what sample-mode evaluation pays per forward.
+
+It prints the median milliseconds of each variant with min/max over rounds, and after/before.
+
+Usage::
+
+    python benchmarks/draw_time.py                  # CPU, hidden 64 and 512, 1 thread (as the sampler runs)
+    python benchmarks/draw_time.py --device cuda --hidden 2048 --layers 16 --rounds 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_time import build_pair, load_average  # noqa: E402
+
+from bayeslora.core import StackedFactors, draw_group  # noqa: E402
+from bayeslora.core.kl import flow_kl_sample  # noqa: E402
+from bayeslora.core.posterior import GroupDraw, _kernel, _whitened  # noqa: E402
+import bayeslora  # noqa: E402
+
+
+def before_draw_group(p: StackedFactors, n: int) -> GroupDraw:
+    """The draw before this change, for the side-by-side timing (same law, other arithmetic)."""
+    s = p.shape
+    g, rows, cols, d_o, d_i = len(p.factors), s.rows, s.cols, s.d_out, s.d_in
+    sizes = [rows * cols, d_o * d_i, d_o * cols, rows * d_i, rows * cols]
+    noise = torch.randn((g, n, sum(sizes)), device=p.mean.device, dtype=p.mean.dtype)
+    eps, e1, e2, e3, e4 = noise.split(sizes, dim=-1)
+    eps = eps.view(g, n, rows, cols)
+    e1, e2 = e1.view(g, n, d_o, d_i), e2.view(g, n, d_o, cols)
+    e3, e4 = e3.view(g, n, rows, d_i), e4.view(g, n, rows, cols)
+    chol_r, d_r, _ = _kernel(p.z_rows, p.d_rows, s.jitter)
+    chol_c, d_c, _ = _kernel(p.z_cols, p.d_cols, s.jitter)
+    proj_rows = torch.cholesky_solve(p.z_rows, chol_r).transpose(-1, -2)
+    proj_cols = torch.cholesky_solve(p.z_cols, chol_c)
+    u_w, ladj = _whitened(p, eps)
+    u = chol_r.unsqueeze(1) @ u_w @ chol_c.unsqueeze(1).transpose(-1, -2)
+    z_r, z_c = p.z_rows.unsqueeze(1), p.z_cols.unsqueeze(1)
+    d_r, d_c = d_r[:, None, :, None], d_c[:, None, None, :]
+    u_prior = z_r @ (e1 @ z_c.transpose(-1, -2) + e2 * d_c) + (d_r * e3) @ z_c.transpose(-1, -2)
+    u_prior = u_prior + d_r * e4 * d_c
+    lam = p.lam[:, None, None, None]
+    inner = (u - lam * u_prior) @ proj_cols.unsqueeze(1)
+    weights = s.prior_scale * (proj_rows.unsqueeze(1) @ inner + lam * e1)
+    return GroupDraw(weights, flow_kl_sample(eps, p.sigma.log(), ladj, u_w))
+
+
+def training_draw(groups, draw) -> None:
+    """Stack, draw, and backpropagate: a training step's posterior work."""
+    total = 0.0
+    for key, refs in groups.items():
+        stacked = StackedFactors.of([r.factor for r in refs], key[1])
+        out = draw(stacked, 1)
+        total = total + out.weights.square().mean() + out.kl_flow.sum()
+    total.backward()
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(args, hidden: int, device: torch.device) -> dict:
+    bayes, _, _ = build_pair(args, hidden, device, torch.float32)
+    sampler = bayeslora.get_sampler(bayes)
+    groups = sampler.groups(sampler.active_factors())
+    variants = {
+        "before": lambda: training_draw(groups, before_draw_group),
+        "after": lambda: training_draw(groups, draw_group),
+        "sampler": lambda: _no_grad(sampler.draw),
+    }
+    times = {name: [] for name in variants}
+    load_before = load_average()
+    for round_ in range(args.warmup + args.rounds):
+        for name, fn in variants.items():
+            t = timed(fn, device)
+            if round_ >= args.warmup:
+                times[name].append(t)
+        bayes.zero_grad(set_to_none=True)
+    out = {name: {"ms_median": 1e3 * statistics.median(t), "ms_min": 1e3 * min(t), "ms_max": 1e3 * max(t)}
+           for name, t in times.items()}
+    ratios = [a / b for a, b in zip(times["after"], times["before"])]
+    out["after_over_before"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    out["groups"] = {str(k[0].key()): len(v) for k, v in groups.items()}
+    out["load"] = [load_before, load_average()]
+    return out
+
+
+def _no_grad(fn) -> None:
+    with torch.no_grad():
+        fn()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, nargs="+", default=[64, 512])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (the sampler draws on 1)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+           "threads": args.threads, "cpus": os.cpu_count()}
+    print("environment:", json.dumps(env))
+    results = {"environment": env}
+    for hidden in args.hidden:
+        r = measure(args, hidden, device)
+        results[f"hidden_{hidden}"] = r
+        print(f"hidden {hidden} ({args.layers} layers, vocab {args.vocab}; groups {r['groups']}; load "
+              f"{r['load'][0]:.1f} -> {r['load'][1]:.1f}):")
+        for name in ("before", "after", "sampler"):
+            v = r[name]
+            print(f"  {name:8s} {v['ms_median']:8.2f} ms  (min {v['ms_min']:.2f}, max {v['ms_max']:.2f})")
+        a = r["after_over_before"]
+        print(f"  after / before: x{a['median']:.3f} (min {a['min']:.3f}, max {a['max']:.3f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
