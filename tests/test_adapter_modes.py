@@ -169,6 +169,34 @@ def test_reentrant_checkpointing_is_refused_with_a_clear_error():
         outputs(model, inputs())
 
 
+def test_reentrant_checkpointing_enabled_after_a_forward_is_still_refused():
+    model = llama_model()
+    model.train()
+    outputs(model, inputs())  # the sampler has walked and cached the model
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant"):
+        outputs(model, inputs())
+
+
+def test_the_walk_over_the_model_is_cached_until_its_structure_changes(monkeypatch):
+    model = llama_model()
+    sampler = bayeslora.get_sampler(model)
+    walks = []
+    original = type(sampler.root).named_modules
+    monkeypatch.setattr(type(sampler.root), "named_modules",
+                        lambda self, *a, **k: (walks.append(1), original(self, *a, **k))[1])
+    with torch.no_grad():
+        outputs(model, inputs())
+        outputs(model, inputs())
+        outputs(model, inputs())
+    assert len(walks) <= 1  # at most the first forward walks
+    before = len(sampler.layers())
+    model.add_adapter("second", BayesLoraConfig(r=4, target_modules=["k_proj"], bayesian_modules=["k_proj"]))
+    bayeslora.set_mode(model, "mean")
+    layers = sampler.layers()  # the new k_proj layers were found and took the model's mode
+    assert len(layers) > before and all(layer.bayes_mode == "mean" for _, layer in layers)
+
+
 def test_bf16_base_model_runs_with_float32_inducing_maths():
     base = tiny("llama", dtype=torch.bfloat16)
     model = bayeslora.get_model(base, BayesLoraConfig(r=4, target_modules=["q_proj", "v_proj"],
