@@ -65,15 +65,15 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes_without_work(setup):
     suite = load_suite(suite_file(root, model))
     out = root / "out"
     logs: list[str] = []
-    results = run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=logs.append)
+    results, units = run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=logs.append)
     rows = read_rows([results])
-    assert {r["unit"] for r in rows} == {"tiny/arc_easy/lora/seed-0", "tiny/arc_easy/bayeslora/seed-0"}
+    assert units == 2 and {r["unit"] for r in rows} == {"dev/tiny/arc_easy/lora/seed-0", "dev/tiny/arc_easy/bayeslora/seed-0"}
     assert all(r["status"] == "ok" for r in rows)
     variants = {(r["cell"], r["eval_task"], r["mode"]) for r in rows}
     assert ("lora+temperature", "arc_challenge", "mean") in variants and ("bayeslora", "arc_easy", "mean") in variants
     for r in rows:
         assert r["n"] == 10 and r["suite"] == "tiny" and r["split"] == "dev" and r["config"]["epochs"] == 1
-        assert r["versions"]["torch"] and "commit" in r and r["unit_seconds"] > 0
+        assert r["versions"]["torch"] and "commit" in r and r["unit_seconds"] > 0 and r["rows_in_attempt"] > 1
         assert r["train_seconds"] > 0 and r["trainable_parameters"] > 0 and r["examples_per_second"] > 0
         assert len(r["accuracy_at_coverage"]) == 20 and sum(r["reliability"]["counts"]) == 10
         assert r["entropy"] == pytest.approx(r["aleatoric"] + r["mi"], abs=1e-9)
@@ -90,6 +90,25 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes_without_work(setup):
     assert "2 already finished" in again[0] and len(again) == 1  # nothing trained, scored or appended
     assert len(read_rows([results])) == len(rows)
 
+    # another split is another set of units: nothing of dev stands for it
+    val: list[str] = []
+    run_bench(suite, out, split="val", data_dir=str(root / "data"), progress=False, log=val.append)
+    assert "0 already finished" in val[0] and not any(": training" in line for line in val)  # trained runs reused
+    latest = latest_rows(read_rows([results]))
+    assert {r["split"] for r in latest} == {"dev", "val"}
+    table, _ = write_report(out)
+    assert "### arc_easy → arc_easy (in-distribution; val;" in table.read_text()
+
+    # a changed suite (a larger eval subset) changes the units' signatures: they run again
+    path = suite_file(root, model)
+    before = load_suite(path).sha256
+    path.write_text(path.read_text().replace("max_eval_examples = 10", "max_eval_examples = 12"))
+    rerun: list[str] = []
+    run_bench(load_suite(path), out, data_dir=str(root / "data"), progress=False, log=rerun.append)
+    assert "0 already finished" in rerun[0]
+    assert {r["n"] for r in latest_rows(read_rows([results])) if r["split"] == "dev"} == {12}
+    assert before != load_suite(path).sha256
+
 
 def test_a_failing_unit_is_recorded_and_the_others_go_on(setup):
     root, model = setup
@@ -97,21 +116,21 @@ def test_a_failing_unit_is_recorded_and_the_others_go_on(setup):
     suite = load_suite(suite_file(root, model, "broken", extra))
     out = root / "broken-out"
     logs: list[str] = []
-    results = run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=logs.append)
+    results, _ = run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=logs.append)
     rows = read_rows([results])
     failed = [r for r in rows if r["status"] == "error"]
-    assert [r["unit"] for r in failed] == ["tiny/arc_easy/broken/seed-0"] and "no_such_module" in failed[0]["error"]
-    assert {r["unit"] for r in rows if r["status"] == "ok"} == {"tiny/arc_easy/lora/seed-0",
-                                                                "tiny/arc_easy/bayeslora/seed-0"}
+    assert [r["unit"] for r in failed] == ["dev/tiny/arc_easy/broken/seed-0"] and "no_such_module" in failed[0]["error"]
+    assert {r["unit"] for r in rows if r["status"] == "ok"} == {"dev/tiny/arc_easy/lora/seed-0",
+                                                                "dev/tiny/arc_easy/bayeslora/seed-0"}
     assert any("FAILED" in line for line in logs)
     table, _ = write_report(out)
-    assert "Failed units" in table.read_text() and "tiny/arc_easy/broken/seed-0" in table.read_text()
+    assert "Failed units" in table.read_text() and "dev/tiny/arc_easy/broken/seed-0" in table.read_text()
 
     retry: list[str] = []
     run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=retry.append)  # retries only it
     assert "2 already finished" in retry[0]
     latest = latest_rows(read_rows([results]))
-    assert len([r for r in latest if r["unit"] == "tiny/arc_easy/broken/seed-0"]) == 1
+    assert len([r for r in latest if r["unit"] == "dev/tiny/arc_easy/broken/seed-0"]) == 1
 
 
 def test_shards_partition_the_matrix_and_merge_by_concatenation(setup, tmp_path):
@@ -126,7 +145,7 @@ def test_shards_partition_the_matrix_and_merge_by_concatenation(setup, tmp_path)
     files = []
     for i in (1, 2):
         files.append(run_bench(suite, tmp_path / f"machine-{i}", data_dir=str(root / "data"), shard=(i, 2),
-                               progress=False, log=lambda _: None))
+                               progress=False, log=lambda _: None)[0])
     assert [f.name for f in files] == ["shard-1-of-2.jsonl", "shard-2-of-2.jsonl"]
     assert {r["cell"].split("+")[0] for r in read_rows(files[:1])} == {"lora"}
     merged = tmp_path / "merged" / "results" / "all.jsonl"
@@ -135,21 +154,52 @@ def test_shards_partition_the_matrix_and_merge_by_concatenation(setup, tmp_path)
     table, _ = write_report(tmp_path / "merged")
     text = table.read_text()
     assert "| lora |" in text and "| bayeslora |" in text and "2 units finished" in text
+    # the same lines read twice (all.jsonl beside the shard files it was made of) are not two seeds
+    for f in files:
+        (tmp_path / "merged" / "results" / f.name).write_bytes(f.read_bytes())
+    assert "| lora | mean | 1 |" in write_report(tmp_path / "merged")[0].read_text()
+    empty = run_bench(suite, tmp_path / "machine-9", data_dir=str(root / "data"), shard=(3, 3), progress=False,
+                      log=lambda _: None)
+    assert empty[1] == 0  # more shards than units: an empty shard, not an error
 
 
-def test_results_readers_skip_a_torn_last_line_and_name_a_bad_one(tmp_path):
+def _rows(unit, attempt, n, stamp):
+    return [{"unit": unit, "status": "ok", "attempt": attempt, "finished_at": stamp, "rows_in_attempt": n,
+             "eval_task": "t", "cell": f"c{i}", "mode": "mean"} for i in range(n)]
+
+
+def test_an_attempt_cut_short_is_ignored_and_the_file_stays_appendable(tmp_path):
     path = tmp_path / "results" / "results.jsonl"
-    append_rows(path, [{"unit": "u", "status": "ok", "finished_at": "1", "attempt": "a"}])
+    append_rows(path, _rows("u", "a", 2, "1"))
+    whole = "".join(json.dumps(r) + "\n" for r in _rows("v", "b", 3, "2"))
     with open(path, "ab") as handle:
-        handle.write(b'{"unit": "u", "sta')  # killed mid-write
-    with pytest.warns(UserWarning, match="torn last line"):
-        assert len(read_rows(results_files(tmp_path))) == 1
-    path.write_text('{"unit": "u"}\n{"unit": "u", "status": "ok"}\n')
+        handle.write(whole[: whole.index("\n") + 1 + 20].encode())  # killed after one row and a bit
+    with pytest.warns(UserWarning):
+        latest = latest_rows(read_rows(results_files(tmp_path)))
+    assert {r["unit"] for r in latest} == {"u"}  # v's attempt is incomplete: not finished
+    with pytest.warns(UserWarning, match="cut a torn last line"):
+        append_rows(path, _rows("v", "c", 3, "3"))  # the rerun appends after cutting the fragment
+    with pytest.warns(UserWarning, match="1 of 3 rows present"):
+        latest = latest_rows(read_rows([path]))
+    assert sorted((r["unit"], r["attempt"]) for r in latest) == [("u", "a")] * 2 + [("v", "c")] * 3
+    path.write_text('{"unit": "u"}\n')
     with pytest.raises(ValueError, match=r"results.jsonl:1: not a benchmark row"):
         read_rows([path])
-    path.write_text('not json\n{"unit": "u", "status": "ok"}\n')
-    with pytest.raises(ValueError, match=r"results.jsonl:1: not a JSON line"):
-        read_rows([path])
+
+
+def test_rows_are_stored_without_non_finite_values(tmp_path):
+    path = tmp_path / "r.jsonl"
+    append_rows(path, [{"unit": "u", "status": "ok", "nll": float("inf"), "x": [float("nan"), 1.0]}])
+    row = read_rows([path])[0]
+    assert row["nll"] is None and row["x"] == [None, 1.0]
+
+
+def test_the_reliability_plot_keeps_the_confidence_one_bucket():
+    from bayeslora.bench.plots import _pooled_bins
+
+    rel = {"edges": [0.0, 0.5, 1.0], "counts": [1, 1, 2], "accuracy": [0.0, 1.0, 0.5], "mean_confidence": [0.4, 0.7, 1.0]}
+    acc, width, lo, counts = _pooled_bins([{"reliability": rel}, {"reliability": rel}])
+    assert counts == [2, 6] and acc[1] == pytest.approx((2 * 1.0 + 4 * 0.5) / 6) and width == 0.5
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -161,12 +211,18 @@ def test_results_readers_skip_a_torn_last_line_and_name_a_bad_one(tmp_path):
     ('[ood]\ntrain = "arc_easy"', "ood.eval: names no OOD sets"),
     ('seeds = []', "seeds: must be a non-empty list"),
     ('max_eval_examples = 0', "max_eval_examples: must be a positive integer"),
+    ('tasks = []', "tasks: names no task"),
+    ('tasks = ["arc_esay"]', "tasks: unknown task 'arc_esay'"),
+    ('reference = "bayes"', "reference: 'bayes' is not one of the cells"),
+    ('[cells."a/b"]', r"cells.a/b: a cell label is"),
+    ('[budget]\nbatch_size = 1.9', "budget.batch_size: must be a positive integer"),
+    ('[defaults]\nmax_grad_norm = inf', "defaults.max_grad_norm: NaN and infinity"),
+    ('[ood]\ntrain = "arc_easy"\neval = ["mmlu_stme"]', "ood.eval: unknown task 'mmlu_stme'"),
 ])
 def test_a_bad_suite_is_refused_naming_the_file_and_the_key(tmp_path, bad, message):
-    base = 'description = "d"\ntasks = ["arc_easy"]\n[cells.lora]\n'
-    text = (base + bad + "\n") if bad.startswith("[") else (bad + "\n" + base)
-    if bad.startswith("[cells.lora]"):
-        text = 'description = "d"\ntasks = ["arc_easy"]\n' + bad + "\n"
+    head = 'description = "d"\n' + ("" if bad.startswith("tasks") else 'tasks = ["arc_easy"]\n')
+    cells = "" if bad.startswith("[cells.lora]") else "[cells.lora]\n"
+    text = head + cells + bad + "\n" if bad.startswith("[") else head + bad + "\n" + cells
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(ValueError, match=message) as info:

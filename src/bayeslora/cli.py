@@ -290,9 +290,12 @@ def _bench(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     if not args.report_only:
         print(f"suite {suite.name} ({suite.source}): {suite.description.strip()}")
-        results = run_bench(suite, output, split=args.split, data_dir=args.data_dir, shard=shard,
-                            progress=not args.no_progress)
+        results, units = run_bench(suite, output, split=args.split, data_dir=args.data_dir, shard=shard,
+                                   progress=not args.no_progress)
         print(f"results: {results}")
+        if units == 0:  # more shards than units: nothing to do is not a failure of a job array
+            print(f"shard {args.shard} holds no unit of this suite; nothing to run or report")
+            return 0
     table, plots = write_report(output, description=suite.description)
     print(table.read_text())
     print(f"table: {table}\nplots: {len(plots)} files in {output / 'plots'}")

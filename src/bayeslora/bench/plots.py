@@ -24,7 +24,7 @@ def _sets(rows: list[dict[str, Any]]) -> dict[tuple, dict[tuple, list[dict[str, 
     out: dict[tuple, dict[tuple, list[dict[str, Any]]]] = {}
     for r in rows:
         if r.get("status") == "ok":
-            out.setdefault((r["budget"], r["train_task"], r["eval_task"]), {}).setdefault(
+            out.setdefault((r["split"], r["budget"], r["train_task"], r["eval_task"]), {}).setdefault(
                 (r["cell"], r["mode"]), []).append(r)
     return out
 
@@ -34,16 +34,17 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _pooled_bins(members: list[dict[str, Any]]) -> tuple[list[float], float, list[float], list[int]]:
-    """Accuracy per bin pooled over seeds (count-weighted), the bin width, bin starts and counts."""
+    """Accuracy per bin pooled over seeds (count-weighted), the bin width, bin starts and counts. The
+    extra bucket of confidence exactly 1 is drawn with the top bin."""
     edges = members[0]["reliability"]["edges"]
     n_bins = len(edges) - 1
     counts, hits = [0] * n_bins, [0.0] * n_bins
     for m in members:
         rel = m["reliability"]
-        for k in range(n_bins):
-            c = rel["counts"][k]
+        for k, (c, a) in enumerate(zip(rel["counts"], rel["accuracy"])):
+            k = min(k, n_bins - 1)
             counts[k] += c
-            hits[k] += c * (rel["accuracy"][k] or 0.0)
+            hits[k] += c * (a or 0.0)
     return [h / c if c else 0.0 for h, c in zip(hits, counts)], 1.0 / n_bins, edges[:-1], counts
 
 
@@ -96,9 +97,9 @@ def write_plots(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for (budget, train_task, eval_task), cells in sorted(_sets(rows).items()):
-        name = f"{train_task} → {eval_task} ({budget})"
-        stem = f"{budget}-{train_task}-{eval_task}"
+    for (split, budget, train_task, eval_task), cells in sorted(_sets(rows).items()):
+        name = f"{train_task} → {eval_task} ({split}, {budget})"
+        stem = f"{split}-{budget}-{train_task}-{eval_task}"
         written.append(_save(_reliability(name, cells), folder / f"reliability-{stem}.png"))
         written.append(_save(_scatter(name, cells), folder / f"acc-ece-{stem}.png"))
         written.append(_save(_coverage(name, cells), folder / f"coverage-{stem}.png"))

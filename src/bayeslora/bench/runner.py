@@ -10,6 +10,7 @@ raises is recorded with its error and traceback and the others go on (the next i
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import traceback
@@ -20,7 +21,7 @@ from typing import Any, Optional
 
 from ..compare import Budget, Cell, Plan, run_unit, unit_rows
 from ..layout import RunFolder
-from .results import append_rows, latest_rows, read_rows, results_file, results_files
+from .results import append_rows, finite, latest_rows, read_rows, results_file, results_files
 from .suite import Suite
 
 __all__ = ["Unit", "parse_shard", "run_bench", "shard_units", "suite_units"]
@@ -42,7 +43,23 @@ def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
 
 
 def suite_units(plan: Plan) -> list[Unit]:
-    return [(f"{b.name}/{t}/{c.label}/seed-{s}", b, t, c, s) for b, t, c, s in plan.runs()]
+    """The matrix in its fixed order; a unit's id names the split it reports on, so dev and test results
+    of one suite never stand for each other."""
+    return [(f"{plan.split}/{b.name}/{t}/{c.label}/seed-{s}", b, t, c, s) for b, t, c, s in plan.runs()]
+
+
+def unit_signature(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int) -> str:
+    """A hash of everything a unit's rows depend on (its resolved training config, its sets and modes,
+    its calibrations, the eval subset and split): a finished unit whose suite changed runs again."""
+    import hashlib
+    import json
+
+    from ..compare import train_config
+    from ..training import resolve
+
+    spec = {"train": resolve(train_config(plan, budget, task, cell, seed)).to_dict(), "split": plan.split,
+            "evals": plan.evals_of(task), "variants": plan.variants(cell), "first": plan.max_eval_examples}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def shard_units(units: list[Unit], shard: Optional[tuple[int, int]]) -> list[Unit]:
@@ -50,25 +67,28 @@ def shard_units(units: list[Unit], shard: Optional[tuple[int, int]]) -> list[Uni
 
 
 def _commit() -> Optional[str]:
-    """The source checkout's commit (``+dirty`` with uncommitted changes); None outside a git checkout."""
-    here = Path(__file__).resolve().parent
+    """The source checkout's commit (``+dirty`` with uncommitted changes to the package); None outside a
+    git checkout (an installed wheel: its version is in ``versions``)."""
+    package = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+        head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."], capture_output=True,
-                               text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", str(package)],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty else "") if head else None
 
 
-def finished_units(output: Path) -> set[str]:
-    return {r["unit"] for r in latest_rows(read_rows(results_files(output))) if r["status"] == "ok"}
+def finished_units(output: Path) -> dict[str, str]:
+    """unit id -> the signature its latest complete attempt succeeded with."""
+    return {r["unit"]: r.get("unit_signature", "") for r in latest_rows(read_rows(results_files(output)))
+            if r["status"] == "ok"}
 
 
 def run_bench(suite: Suite, output: Path, *, split: Optional[str] = None, data_dir: Optional[str] = None,
-              shard: Optional[tuple[int, int]] = None, progress: bool = True, log=print) -> Path:
-    """Run this shard's unfinished units; returns the results file it appended to."""
+              shard: Optional[tuple[int, int]] = None, progress: bool = True, log=print) -> tuple[Path, int]:
+    """Run this shard's unfinished units; returns the results file it appends to and the shard's unit count."""
     from tqdm.auto import tqdm
 
     from ..training.loop import versions
@@ -77,7 +97,8 @@ def run_bench(suite: Suite, output: Path, *, split: Optional[str] = None, data_d
     plan = suite.plan(output, split=split, data_dir=data_dir)
     mine = shard_units(suite_units(plan), shard)
     done = finished_units(output)
-    todo = [u for u in mine if u[0] not in done]
+    signatures = {u[0]: unit_signature(plan, *u[1:]) for u in mine}
+    todo = [u for u in mine if done.get(u[0]) != signatures[u[0]]]
     target = results_file(output, shard)
     where = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
     log(f"bench {suite.name}{where}: {len(mine)} units, {len(mine) - len(todo)} already finished; "
@@ -90,25 +111,26 @@ def run_bench(suite: Suite, output: Path, *, split: Optional[str] = None, data_d
     for unit_id, budget, task, cell, seed in todo:
         bar.set_postfix_str(unit_id)
         started = time.perf_counter()
-        attempt = {"unit": unit_id, "attempt": uuid.uuid4().hex, **meta}
+        attempt = {"unit": unit_id, "attempt": uuid.uuid4().hex, "unit_signature": signatures[unit_id], **meta}
         try:
             run_unit(plan, budget, task, cell, seed, unit_id, say)
             rows, _ = unit_rows(plan, budget, task, cell, seed)
             if not rows:
                 raise RuntimeError("the unit finished but none of its evaluations is on disk")
             config = _run_facts(plan.run_dir(budget, task, cell, seed))
-            rows = [{**attempt, "status": "ok", **config, **r} for r in rows]
+            rows = [finite({**attempt, "status": "ok", **config, **r}) for r in rows]
+            json.dumps(rows, allow_nan=False)  # a row that cannot be stored fails this unit, not the shard
         except Exception as err:  # noqa: BLE001 - recorded, and the matrix goes on
             rows = [{**attempt, "status": "error", "budget": budget.name, "train_task": task, "cell": cell.label,
                      "seed": seed, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}]
             say(f"{unit_id}: FAILED ({type(err).__name__}: {err}); recorded, going on")
         stamp = datetime.now(timezone.utc).isoformat()
         for r in rows:
-            r["finished_at"], r["unit_seconds"] = stamp, time.perf_counter() - started
+            r["finished_at"], r["unit_seconds"], r["rows_in_attempt"] = stamp, time.perf_counter() - started, len(rows)
         append_rows(target, rows)
         bar.update(1)
     bar.close()
-    return target
+    return target, len(mine)
 
 
 def _run_facts(run_dir: Path) -> dict[str, Any]:

@@ -19,12 +19,14 @@ file and the key, so a typo never silently runs the wrong matrix. Schema (see th
     [ood]     train = "openbookqa"  eval = { dev = [...], test = [...] }   # or eval = [...] for both
     [defaults]                             # settings of every cell (TrainConfig fields, method options)
     [cells.lora]                           # a cell per table; method defaults to the table's name
-    [cells.flow-0]  method = "bayeslora"  flow_layers = 0
+    [cells.flow-0]  method = "bayeslora"  flow_depth = 0
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,33 @@ SUITES_DIR = Path(__file__).with_name("suites")
 _KEYS = {"description", "model", "tasks", "seeds", "split", "samples", "max_length", "max_eval_examples",
          "reference", "calibrations", "calibration_cells", "budget", "ood", "defaults", "cells"}
 _RESERVED = {"method_options", "progress", "output", "task", "seed", "epochs", "batch_size"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # labels become folder names
+
+
+def _is_task(name: str) -> bool:
+    from ..data.mmlu_subjects import resolve_mmlu_subjects
+    from ..data.tasks import TASKS
+
+    if name in TASKS:
+        return True
+    if name.startswith(("mmlu_", "mmlu:")):
+        try:
+            return bool(resolve_mmlu_subjects(name))
+        except (ValueError, KeyError):
+            return False
+    return False
+
+
+def _non_finite(value: Any, where: str = "") -> Optional[str]:
+    """The key path of the first NaN or infinity in ``value`` (TOML allows both; no setting wants them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{where}.{k}" if where else str(k))
+        if found is not None:
+            return found
+    return None
 
 
 def shipped_suites() -> list[str]:
@@ -110,6 +139,18 @@ def _parse(data: dict[str, Any], path: Path, sha256: str) -> Suite:
     unknown = sorted(set(data) - _KEYS)
     if unknown:
         raise bad(unknown[0], f"unknown key (known: {', '.join(sorted(_KEYS))})")
+    where = _non_finite(data)
+    if where is not None:
+        raise bad(where, "NaN and infinity are not allowed")
+
+    def task_list(key: str, value: Any) -> list[str]:
+        names = str_list(key, value)
+        unknown = [n for n in names if not _is_task(n)]
+        if unknown:
+            raise bad(key, f"unknown task {unknown[0]!r}")
+        if len(set(names)) != len(names):
+            raise bad(key, f"names a task twice: {names}")
+        return names
 
     def get(key: str, kind, default: Any = ..., required: bool = False):
         if key not in data:
@@ -127,10 +168,12 @@ def _parse(data: dict[str, Any], path: Path, sha256: str) -> Suite:
         return value
 
     description = get("description", str, required=True)
-    tasks = str_list("tasks", get("tasks", list, required=True))
+    tasks = task_list("tasks", get("tasks", list, required=True))
+    if not tasks:
+        raise bad("tasks", "names no task")
     seeds = get("seeds", list, [0])
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise bad("seeds", f"must be a non-empty list of integers, got {seeds!r}")
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise bad("seeds", f"must be a non-empty list of distinct integers, got {seeds!r}")
     for key in ("samples", "max_length", "max_eval_examples"):
         value = data.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
@@ -140,18 +183,28 @@ def _parse(data: dict[str, Any], path: Path, sha256: str) -> Suite:
     extra = sorted(set(budget) - {"name", "epochs", "batch_size"})
     if extra:
         raise bad(f"budget.{extra[0]}", "unknown key (known: name, epochs, batch_size)")
-    budget = Budget(str(budget.get("name", "default")), budget.get("epochs"), int(budget.get("batch_size", 16)))
+    for key in ("epochs", "batch_size"):
+        value = budget.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise bad(f"budget.{key}", f"must be a positive integer, got {value!r}")
+    name = budget.get("name", "default")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise bad("budget.name", f"must be a name of letters, digits and . _ + - (a folder), got {name!r}")
+    budget = Budget(name, budget.get("epochs"), budget.get("batch_size", 16))
 
     ood = get("ood", dict, {})
     extra = sorted(set(ood) - {"train", "eval"})
     if extra:
         raise bad(f"ood.{extra[0]}", "unknown key (known: train, eval)")
-    ood_train = ood.get("train") or None
+    ood_train = ood.get("train", "")
+    if not isinstance(ood_train, str) or (ood_train and not _is_task(ood_train)):
+        raise bad("ood.train", f"must be a task name (or \"\" for none), got {ood_train!r}")
+    ood_train = ood_train or None
     ood_eval_raw = ood.get("eval", [])
     if isinstance(ood_eval_raw, list):
-        ood_eval = {"dev": str_list("ood.eval", ood_eval_raw), "test": list(ood_eval_raw)}
+        ood_eval = {split: task_list("ood.eval", ood_eval_raw) for split in ("dev", "test", "val")}
     elif isinstance(ood_eval_raw, dict):
-        ood_eval = {split: str_list(f"ood.eval.{split}", sets) for split, sets in ood_eval_raw.items()}
+        ood_eval = {split: task_list(f"ood.eval.{split}", sets) for split, sets in ood_eval_raw.items()}
     else:
         raise bad("ood.eval", f"must be a list or a table of lists by split, got {ood_eval_raw!r}")
     if ood_train and not any(ood_eval.values()):
@@ -163,6 +216,8 @@ def _parse(data: dict[str, Any], path: Path, sha256: str) -> Suite:
         raise bad("cells", "names no cell")
     cells = []
     for label, settings in cells_raw.items():
+        if not _NAME.match(label):
+            raise bad(f"cells.{label}", "a cell label is letters, digits and . _ + - (it names a folder)")
         if not isinstance(settings, dict):
             raise bad(f"cells.{label}", f"must be a table, got {settings!r}")
         merged = {**defaults, **settings}
@@ -175,13 +230,16 @@ def _parse(data: dict[str, Any], path: Path, sha256: str) -> Suite:
     calibration_cells = get("calibration_cells", dict, {})
     for key, value in calibration_cells.items():
         str_list(f"calibration_cells.{key}", value)
+    reference = get("reference", str, "lora")
+    if reference not in {c.label for c in cells}:
+        raise bad("reference", f"{reference!r} is not one of the cells ({', '.join(c.label for c in cells)})")
     split = get("split", str, "dev")
     if split not in ("dev", "test", "val"):
         raise bad("split", f"must be dev, test or val, got {split!r}")
     suite = Suite(name=path.stem, source=path, sha256=sha256, description=description,
                   model=get("model", str, "minilm"), tasks=tasks, seeds=seeds, split=split,
                   samples=data.get("samples", 4), max_length=data.get("max_length", 128),
-                  max_eval_examples=data.get("max_eval_examples"), reference=get("reference", str, "lora"),
+                  max_eval_examples=data.get("max_eval_examples"), reference=reference,
                   calibrations=str_list("calibrations", get("calibrations", list, [])),
                   calibration_cells=calibration_cells, budget=budget, ood_train=ood_train, ood_eval=ood_eval,
                   cells=cells)

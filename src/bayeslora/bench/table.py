@@ -32,12 +32,12 @@ NOT_COMPARABLE = {"boolq_val_even": " — trained on two thirds of val_even: not
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    """(budget, train task, eval task, kind) -> {(cell, mode): {key: (mean, std, n_seeds)}}."""
+    """(split, budget, train task, eval task, kind) -> {(cell, mode): {key: (mean, std) or None}}."""
     groups: dict[tuple, dict[tuple, list[dict[str, Any]]]] = {}
     for r in rows:
         if r.get("status") != "ok":
             continue
-        key = (r["budget"], r["train_task"], r["eval_task"], r["kind"])
+        key = (r["split"], r["budget"], r["train_task"], r["eval_task"], r["kind"])
         groups.setdefault(key, {}).setdefault((r["cell"], r["mode"]), []).append(r)
     out: dict[tuple, dict[str, Any]] = {}
     for key, cells in groups.items():
@@ -61,14 +61,14 @@ def _best(cells: dict[tuple, dict[str, Any]], name: str, better: Optional[str]) 
 
 def markdown_table(rows: list[dict[str, Any]], header: list[str]) -> str:
     lines = list(header)
-    for (budget, train_task, eval_task, kind), cells in sorted(aggregate(rows).items(),
-                                                                key=lambda kv: (kv[0][0], kv[0][3] != "id", kv[0][1:])):
+    for (split, budget, train_task, eval_task, kind), cells in sorted(
+            aggregate(rows).items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][4] != "id", kv[0][2:])):
         shown = [c for c in COLUMNS if any(s[c[1]] is not None for s in cells.values())]
         costs = [c for c in COSTS if any(s[c[1]] is not None for s in cells.values())]
         n = sorted({s["n"] for s in cells.values()})
         caveat = NOT_COMPARABLE.get(eval_task, "")
         lines += ["", f"### {train_task} → {eval_task} ({'in-distribution' if kind == 'id' else 'OOD'}; "
-                      f"budget {budget}; n = {', '.join(map(str, n))}){caveat}", ""]
+                      f"{split}; budget {budget}; n = {', '.join(map(str, n))}){caveat}", ""]
         head = ["cell", "mode", "seeds"] + [c[0] for c in shown] + [c[0] for c in costs]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         best = {c[1]: _best(cells, c[1], c[4]) for c in shown}
