@@ -1,0 +1,29 @@
+"""The speed scripts in ``benchmarks/`` run end to end on a tiny CPU config, so the GPU runs they are
+written for cannot rot between the sessions that have a GPU. Nothing here times anything."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--vocab", "128"]
+
+
+@pytest.mark.parametrize("script, extra, keys", [
+    ("step_time.py", ["--seq", "16", "--batch", "2", "--steps", "2", "--warmup", "1", "--threads", "1"], None),
+    ("draw_time.py", ["--rounds", "2", "--warmup", "1"], {"before", "after", "sampler", "after_over_before"}),
+])
+def test_the_script_runs_on_a_tiny_cpu_config_and_writes_its_json(tmp_path, script, extra, keys):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / script), *TINY, *extra, "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data and ("results" in data if keys is None else True), "no results written"
+    if keys is not None:
+        assert keys <= set(data["hidden_32"]) and data["hidden_32"]["after"]["ms_median"] > 0
