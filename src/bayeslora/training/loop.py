@@ -27,6 +27,7 @@ from ..evaluation.predict import predict_examples
 from ..methods import get_method
 from ..models import load_base_model
 from ..scoring import make_scorer
+from ..memory_estimate import estimate_training_memory
 from ..peak_memory import PeakMemory
 from ..seeding import mix_seed
 from ..layout import RunFolder
@@ -145,6 +146,7 @@ class Trainer:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.optimizer = _optimizer(cfg, self.method, self.module)
         self.scheduler = _scheduler(cfg, self.optimizer, self.steps_per_epoch, self.total_steps)
+        self.memory = self._estimate_memory()
         self.history: list[dict[str, Any]] = []
         self.position = Position()
         if resume:
@@ -155,6 +157,17 @@ class Trainer:
         self.wrapped, self.optimizer = self.acc.prepare(self.module, self.optimizer)
         if not resume:
             self._write_run_config()
+
+    def _estimate_memory(self):
+        """Printed before training (per process), recorded in config.json: see :mod:`bayeslora.memory_estimate`."""
+        cfg = self.cfg
+        per_item = 1 if self.module.scorer.protocol == "labels" else max(len(ex.choices) for ex in self.train_set)
+        seq = min(cfg.max_length or getattr(self.tokenizer, "model_max_length", 512) or 512, 4096)
+        estimate = estimate_training_memory(
+            self.module.model, rows=cfg.batch_size * per_item, seq=seq, train_samples=cfg.train_samples,
+            activation_bytes=2 if cfg.mixed_precision in ("bf16", "fp16") else None)
+        self.acc.print(f"{estimate.describe()} (per process; {cfg.batch_size * per_item} rows of at most {seq} tokens)")
+        return estimate
 
     # ------------------------------------------------------------------------------ records
     def _write_run_config(self) -> None:
@@ -169,6 +182,7 @@ class Trainer:
             "model_kind": self.kind, "num_processes": self.acc.num_processes, "n_train": len(self.train_set),
             "n_val": len(self.val_set), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "trainable_parameters": sum(p.numel() for p in self.module.parameters() if p.requires_grad),
+            "memory_estimate_bytes": self.memory.to_dict(),
         })
 
     def _save_adapter(self, epoch: int) -> str:

@@ -1,0 +1,106 @@
+"""What a training run will hold in memory, estimated before it starts, so a run that cannot fit fails
+in seconds instead of after the model is loaded on every rank.
+
+The parts (bytes): the frozen base in its own dtype; the trainable parameters, their gradients and
+AdamW's two moment tensors (float32 for float32 parameters); the posterior draws a Bayesian step keeps
+for its backward (the drawn weight and the noise it came from, per factor and training draw); and the
+activations the backward needs. Activations follow Korthikanti et al. (2022): a transformer layer keeps
+about 17 values per token and hidden unit (their 34 bytes at 16 bits) with a fused attention kernel,
+plus heads × tokens² attention probabilities where attention is materialised (``eager``); when the loss
+reads the language-model head at every position, four float32 tensors of tokens × vocabulary: the
+logits, their log-softmax, and the gradients of both (an adapted head adds its delta to the logits). Each row is one sequence the model runs: an encoder scoring (context, choice)
+pairs and a causal LM scoring choice log-likelihoods run one row per choice.
+
+It is an estimate, checked against measured peaks by ``benchmarks/memory_estimate.py`` (README,
+Performance): allocator caching and framework overhead come on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from torch import nn
+
+__all__ = ["MemoryEstimate", "estimate_training_memory"]
+
+ACTIVATION_VALUES_PER_TOKEN_HIDDEN = 17  # per layer, fused attention (Korthikanti et al. 2022: 34 bytes / 2)
+LOGITS_TENSORS = 4  # tokens × vocabulary float32 tensors a full-position loss keeps (module docstring)
+DRAW_TENSORS_PER_FACTOR = 3  # the drawn weight, the e1 noise and the projected term, each d_o × d_i
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    base: int
+    trainable: int
+    gradients: int
+    optimizer: int
+    draws: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.base + self.trainable + self.gradients + self.optimizer + self.draws + self.activations
+
+    def to_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+    def describe(self) -> str:
+        def mb(v: int) -> str:
+            return f"{v / 2**20:,.0f} MB"
+
+        return (f"memory estimate {mb(self.total)}: base {mb(self.base)}, trainable {mb(self.trainable)}, "
+                f"gradients {mb(self.gradients)}, AdamW state {mb(self.optimizer)}, posterior draws "
+                f"{mb(self.draws)}, activations {mb(self.activations)}")
+
+
+def _config_value(config, *names: str) -> Optional[int]:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_samples: int = 1,
+                             activation_bytes: Optional[int] = None, full_logits: bool = False) -> MemoryEstimate:
+    """Estimate the peak of one training step of ``model`` (a PEFT-wrapped transformers model).
+
+    Args:
+        rows: sequences per step (batch × choices where each choice is its own row).
+        seq: tokens per row (after truncation).
+        train_samples: posterior draws per step (ELBO particles).
+        activation_bytes: bytes per activation value (default: the base's parameter dtype; 2 under
+            bf16 autocast is the caller's to pass).
+        full_logits: the loss reads the LM head at every position (a language-modelling loss); our
+            multiple-choice scorers read it at a few positions and leave this off.
+    """
+    from .surgery.layer import BayesLoraLinear
+
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    base = sum(p.numel() * p.element_size() for p in frozen) + sum(b.numel() * b.element_size()
+                                                                   for b in model.buffers())
+    train_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    optimizer = sum(2 * p.numel() * max(4, p.element_size()) for p in trainable)
+    draws = 0
+    for module in model.modules():
+        if isinstance(module, BayesLoraLinear):
+            for pair in module.lora_bayes.values():
+                for factor in pair.values():
+                    draws += DRAW_TENSORS_PER_FACTOR * factor.shape.d_out * factor.shape.d_in * 4 * train_samples
+    config = getattr(model, "config", None)
+    hidden = _config_value(config, "hidden_size", "n_embd", "d_model") or 0
+    layers = _config_value(config, "num_hidden_layers", "n_layer", "num_layers") or 0
+    heads = _config_value(config, "num_attention_heads", "n_head") or 0
+    vocab = _config_value(config, "vocab_size") or 0
+    value_bytes = activation_bytes or (frozen[0].element_size() if frozen else 4)
+    tokens = rows * seq
+    per_layer = ACTIVATION_VALUES_PER_TOKEN_HIDDEN * tokens * hidden
+    if getattr(config, "_attn_implementation", None) == "eager":
+        per_layer += heads * rows * seq * seq
+    activations = layers * per_layer * value_bytes
+    if full_logits:
+        activations += LOGITS_TENSORS * tokens * vocab * 4
+    return MemoryEstimate(base=base, trainable=train_bytes, gradients=train_bytes, optimizer=optimizer,
+                          draws=draws, activations=activations)

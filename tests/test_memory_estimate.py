@@ -1,0 +1,60 @@
+"""The training-memory estimate: each part is what it says for a known model, activations scale with the
+rows and tokens, and every run prints it and records it in config.json."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import save_tiny_encoder, tiny
+
+import bayeslora
+from bayeslora.memory_estimate import (ACTIVATION_VALUES_PER_TOKEN_HIDDEN, DRAW_TENSORS_PER_FACTOR, LOGITS_TENSORS,
+                                       estimate_training_memory)
+
+
+def model():
+    return bayeslora.get_model(tiny("llama", 0), bayeslora.BayesLoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], bayesian_modules=["q_proj"]))
+
+
+def test_each_part_counts_what_it_names():
+    m = model()
+    est = estimate_training_memory(m, rows=2, seq=8)
+    frozen = sum(p.numel() for p in m.parameters() if not p.requires_grad)
+    buffers = sum(b.numel() * b.element_size() for b in m.buffers())
+    trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert est.base == 4 * frozen + buffers and est.trainable == est.gradients == 4 * trainable
+    assert est.optimizer == 2 * 4 * trainable
+    factors = [f for mod in m.modules() if isinstance(mod, bayeslora.BayesLoraLinear)
+               for pair in mod.lora_bayes.values() for f in pair.values()]
+    assert factors and est.draws == sum(DRAW_TENSORS_PER_FACTOR * f.shape.d_out * f.shape.d_in * 4 for f in factors)
+    config = m.config
+    scores = config.num_attention_heads * 2 * 8 * 8 if config._attn_implementation == "eager" else 0
+    assert est.activations == config.num_hidden_layers * (ACTIVATION_VALUES_PER_TOKEN_HIDDEN * 16 * config.hidden_size
+                                                          + scores) * 4
+    assert est.total == sum(est.to_dict()[k] for k in ("base", "trainable", "gradients", "optimizer", "draws",
+                                                       "activations"))
+
+
+def test_activations_scale_with_rows_tokens_and_logits():
+    m = model()
+    one = estimate_training_memory(m, rows=1, seq=8).activations
+    assert estimate_training_memory(m, rows=3, seq=8).activations == 3 * one  # rows enter every term linearly
+    full = estimate_training_memory(m, rows=1, seq=8, full_logits=True).activations
+    assert full - one == LOGITS_TENSORS * 8 * m.config.vocab_size * 4
+    assert estimate_training_memory(m, rows=1, seq=8, activation_bytes=2).activations < one
+    assert estimate_training_memory(m, rows=1, seq=8, train_samples=2).draws == 2 * estimate_training_memory(
+        m, rows=1, seq=8).draws
+
+
+def test_a_run_prints_and_records_its_estimate(tmp_path, capsys):
+    from bayeslora.layout import RunFolder
+    from bayeslora.training import TrainConfig, train
+
+    encoder = save_tiny_encoder(tmp_path / "encoder")
+    train(TrainConfig(model=encoder, task="synthetic", method="bayeslora", output=str(tmp_path / "run"),
+                      max_steps=1, batch_size=4, max_train_examples=8, max_val_examples=4, progress=False,
+                      target_modules=["query", "value"], max_length=32))
+    assert "memory estimate" in capsys.readouterr().out
+    recorded = RunFolder(tmp_path / "run").read_config()["memory_estimate_bytes"]
+    assert recorded["total"] > recorded["base"] > 0
