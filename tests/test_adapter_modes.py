@@ -197,6 +197,21 @@ def test_the_walk_over_the_model_is_cached_until_its_structure_changes(monkeypat
     assert len(layers) > before and all(layer.bayes_mode == "mean" for _, layer in layers)
 
 
+def test_a_kernel_that_fails_to_factorise_raises_at_once_on_cpu_and_at_the_deferred_check_elsewhere():
+    model = llama_model()
+    factor = next(m for m in model.modules() if isinstance(m, BayesLoraLinear)).lora_bayes["default"]["A"]
+    with torch.no_grad():
+        factor.z_rows.fill_(float("nan"))
+        with pytest.raises(FloatingPointError, match="not positive definite"):
+            outputs(model, inputs())  # the CPU checks every factorisation when it happens
+        sampler = bayeslora.get_sampler(model)
+        sampler.defer_checks, sampler.check_every = True, 3  # what an accelerator does: no host sync per draw
+        outputs(model, inputs())
+        outputs(model, inputs())
+        with pytest.raises(FloatingPointError, match="deferred check, within the last 3 draws"):
+            outputs(model, inputs())
+
+
 def test_bf16_base_model_runs_with_float32_inducing_maths():
     base = tiny("llama", dtype=torch.bfloat16)
     model = bayeslora.get_model(base, BayesLoraConfig(r=4, target_modules=["q_proj", "v_proj"],

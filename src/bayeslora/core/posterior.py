@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -86,27 +87,31 @@ class Geometry:
     diag_cols: Tensor  # (G, C)
 
 
-def _kernel(z: Tensor, diag: Tensor, jitter: float) -> tuple[Tensor, Tensor, Tensor]:
-    """K = Z Zᵀ + D² + jitter·mean(diag K)·I, its Cholesky factor, and the jittered D."""
+NOT_POSITIVE_DEFINITE = ("inducing kernel K = Z Zᵀ + D² is not positive definite (non-finite parameters?); "
+                         "check the learning rate or raise `jitter`")
+
+
+def _kernel(z: Tensor, diag: Tensor, jitter: float, defer: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """K = Z Zᵀ + D² + jitter·mean(diag K)·I, its Cholesky factor, the jittered D, and whether any
+    factorisation failed (a 0-d bool tensor). On the CPU a failure raises at once unless ``defer``; on
+    accelerators it never does here (that would sync the host): the caller checks the flag when it
+    chooses (:meth:`PosteriorSampler.check_posterior`)."""
     gram = z @ z.transpose(-1, -2)
     d2 = diag.square()
     jit = jitter * (gram.diagonal(dim1=-2, dim2=-1) + d2).mean(-1, keepdim=True)
     d2 = d2 + jit
     kernel = gram + torch.diag_embed(d2)
     chol, info = torch.linalg.cholesky_ex(kernel)
-    if chol.device.type == "cpu":  # a check is free on the CPU; on accelerators it would sync the host
-        if bool((info != 0).any()):
-            raise FloatingPointError(
-                "inducing kernel K = Z Zᵀ + D² is not positive definite (non-finite parameters?); "
-                "check the learning rate or raise `jitter`"
-            )
-    return chol, d2.sqrt(), kernel
+    failed = (info != 0).any()
+    if chol.device.type == "cpu" and not defer and bool(failed):  # free on the CPU; a host sync elsewhere
+        raise FloatingPointError(NOT_POSITIVE_DEFINITE)
+    return chol, d2.sqrt(), kernel, failed
 
 
 def geometry(p: StackedFactors) -> Geometry:
     """Cholesky factors L_r, L_c and projections T_r, T_c by Cholesky solves (never inverses)."""
-    chol_r, d_r, _ = _kernel(p.z_rows, p.d_rows, p.shape.jitter)
-    chol_c, d_c, _ = _kernel(p.z_cols, p.d_cols, p.shape.jitter)
+    chol_r, d_r, _, _ = _kernel(p.z_rows, p.d_rows, p.shape.jitter)
+    chol_c, d_c, _, _ = _kernel(p.z_cols, p.d_cols, p.shape.jitter)
     proj_rows = torch.cholesky_solve(p.z_rows, chol_r).transpose(-1, -2)
     proj_cols = torch.cholesky_solve(p.z_cols, chol_c)
     return Geometry(chol_r, chol_c, proj_rows, proj_cols, d_r, d_c)
@@ -114,10 +119,12 @@ def geometry(p: StackedFactors) -> Geometry:
 
 @dataclass
 class GroupDraw:
-    """Weights drawn for a group, (G, n, d_o, d_i), and the one-sample flow KL of each factor, (G,)."""
+    """Weights drawn for a group, (G, n, d_o, d_i), the one-sample flow KL of each factor, (G,), and
+    whether a kernel of the group failed to factorise (0-d bool; only ever True when checks are deferred)."""
 
     weights: Tensor
     kl_flow: Tensor
+    failed: Optional[Tensor] = None
 
 
 def _whitened(p: StackedFactors, eps: Tensor) -> tuple[Tensor, Tensor]:
@@ -139,7 +146,8 @@ def _project(x: Tensor, z_rows: Tensor, z_cols: Tensor, chol_rows: Tensor, chol_
 
 
 def draw_group(
-    p: StackedFactors, n: int, generator: torch.Generator | list[torch.Generator] | None = None
+    p: StackedFactors, n: int, generator: torch.Generator | list[torch.Generator] | None = None,
+    defer_check: bool = False,
 ) -> GroupDraw:
     """Draw n weights per factor by METHOD.md section 2, steps 1 to 6 (exact Matheron rule).
 
@@ -167,8 +175,8 @@ def draw_group(
     eps, eta = eps.view(g, n, rows, cols), eta.view(g, n, rows, cols)
     e1, e3 = e1.view(g, n, d_o, d_i), e3.view(g, n, rows, d_i)
 
-    chol_r, d_r, _ = _kernel(p.z_rows, p.d_rows, s.jitter)
-    chol_c, d_c, _ = _kernel(p.z_cols, p.d_cols, s.jitter)
+    chol_r, d_r, _, failed_r = _kernel(p.z_rows, p.d_rows, s.jitter, defer_check)
+    chol_c, d_c, _, failed_c = _kernel(p.z_cols, p.d_cols, s.jitter, defer_check)
     chol_r, chol_c = chol_r.unsqueeze(1), chol_c.unsqueeze(1)
     u_w, ladj = _whitened(p, eps)
     u = chol_r @ u_w @ chol_c.transpose(-1, -2)
@@ -180,7 +188,7 @@ def draw_group(
     lam = p.lam[:, None, None, None]
     weights = s.prior_scale * (_project(u - lam * u_prior, z_r, z_c, chol_r, chol_c) + lam * e1)
     kl = flow_kl_sample(eps, p.sigma.log(), ladj, u_w)
-    return GroupDraw(weights=weights, kl_flow=kl)
+    return GroupDraw(weights=weights, kl_flow=kl, failed=failed_r | failed_c)
 
 
 def mean_flow_noise(shape: FactorShape, num_samples: int, seed: int, like: Tensor) -> Tensor:
@@ -215,8 +223,8 @@ def mean_group(p: StackedFactors, mean_samples: int, seed: int) -> Tensor:
         centred_u0 = u0 - u0.mean(1, keepdim=True)
         beta = (centred_u0 * (u_w - u_w.mean(1, keepdim=True))).sum(1) / centred_u0.square().sum(1)
         mean_w = p.mean + (u_w - u0).mean(1) + (1 - beta) * (u0.mean(1) - p.mean)
-    chol_r, _, _ = _kernel(p.z_rows, p.d_rows, p.shape.jitter)
-    chol_c, _, _ = _kernel(p.z_cols, p.d_cols, p.shape.jitter)
+    chol_r, _, _, _ = _kernel(p.z_rows, p.d_rows, p.shape.jitter)
+    chol_c, _, _, _ = _kernel(p.z_cols, p.d_cols, p.shape.jitter)
     u = chol_r @ mean_w @ chol_c.transpose(-1, -2)
     return p.shape.prior_scale * _project(u, p.z_rows, p.z_cols, chol_r, chol_c)
 

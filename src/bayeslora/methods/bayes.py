@@ -184,6 +184,7 @@ class BayesLoraMethod(Method):
                             kl_flow=kl_flow, kl_cond=kl_cond)
 
     def epoch_stats(self, model: nn.Module) -> dict[str, Any]:
+        surgery.get_sampler(model).check_posterior()  # a deferred factorisation failure surfaces by epoch end
         stats = surgery.posterior_stats(model)
         return {f"{s['module']}.{s['factor']}": {"lambda": s["lambda"], "sigma_u_mean": s["sigma_u_mean"]}
                 for s in stats}

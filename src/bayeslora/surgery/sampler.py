@@ -108,6 +108,12 @@ class PosteriorSampler:
         self.draw_seed: Optional[int] = None
         self.draw_seeds: Optional[list[int]] = None
         self.posterior_scale = 1.0  # τ of StackedFactors.widened, applied to every draw
+        # A kernel that fails to factorise raises at once on the CPU; elsewhere (or with defer_checks) its
+        # flag accumulates on the device and is read every `check_every` draws and at check_posterior().
+        self.defer_checks = False
+        self.check_every = 50
+        self._failed: Optional[Tensor] = None
+        self._unchecked = 0
         # KL terms of the factors drawn by the last forward, keyed by (layer id, adapter, "A"|"B")
         self.last_kl: dict[tuple[int, str, str], tuple[Tensor, Tensor]] = {}
         # (structure generation, adapter layers, modules that may checkpoint): the walk, cached
@@ -262,15 +268,28 @@ class PosteriorSampler:
         with _single_thread_on_cpu(any(key[2].type == "cpu" for key in groups)), full_precision(groups):
             self._draw_groups(groups, generator)
 
+    def check_posterior(self) -> None:
+        """Raise if a kernel failed to factorise since the last check (one host sync on accelerators)."""
+        failed, self._failed, self._unchecked = self._failed, None, 0
+        if failed is not None and bool(failed):
+            from ..core.posterior import NOT_POSITIVE_DEFINITE
+
+            raise FloatingPointError(f"{NOT_POSITIVE_DEFINITE} (found at a deferred check, within the last "
+                                     f"{self.check_every} draws)")
+
     def _draw_groups(self, groups: dict[tuple, list[FactorRef]], generator: Optional[torch.Generator]) -> None:
         for key, refs in groups.items():
             stacked = StackedFactors.of([r.factor for r in refs], key[1]).widened(self.posterior_scale)
             gen = generator if generator is not None else self._generators(key)
-            drawn = draw_group(stacked, self.num_samples, gen)
+            drawn = draw_group(stacked, self.num_samples, gen, defer_check=self.defer_checks)
+            self._failed = drawn.failed if self._failed is None else self._failed | drawn.failed
             kl_cond = conditional_kl_group(stacked)
             for i, ref in enumerate(refs):
                 ref.layer._bayes_draws.setdefault(ref.adapter, {})[ref.which] = drawn.weights[i]
                 self.last_kl[(id(ref.layer), ref.adapter, ref.which)] = (drawn.kl_flow[i], kl_cond[i])
+        self._unchecked += 1
+        if self._unchecked >= self.check_every:
+            self.check_posterior()
 
     def refresh_means(self, layers: Optional[list[tuple[str, BayesLoraLinear]]] = None) -> None:
         """Recompute, group-wise, the posterior means of adapters whose parameters changed."""
