@@ -9,9 +9,11 @@ its flow KL, and backpropagate a scalar of the weights into the posterior parame
 as interleaved rounds (each round runs every variant once, in turn) so they see the same machine:
 
 * ``before``: the draw as it was (T_r = Z_rᵀK_r⁻¹ and T_c = K_c⁻¹Z_c formed by Cholesky solves with
-  d-sized right-hand sides; the prior inducing draw with its d_o×C noise e2), kept here as the reference;
-* ``after``: :func:`bayeslora.core.draw_group` (solves on R×C matrices only, then the projections by Z;
-  (Z_r e2 + D_r e4) replaced by L_r η of the same law);
+  d-sized right-hand sides; the prior inducing draw with its d_o×C noise e2; the flows by
+  ``torch.func.vmap`` over zuko), kept here as the reference;
+* ``projection``: :func:`bayeslora.core.draw_group` (solves on R×C matrices only, then the projections
+  by Z; (Z_r e2 + D_r e4) replaced by L_r η of the same law) with the flows still by vmap;
+* ``after``: ``draw_group`` with the hand-batched MADE conditioners (``core.flow._batched_flows``);
 * ``sampler``: the whole ``PosteriorSampler.draw`` of the model (layer walk, grouping, every group),
   forward only, which is what sample-mode evaluation pays per forward.
 
@@ -26,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -40,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import build_pair, load_average  # noqa: E402
 
 from bayeslora.core import StackedFactors, draw_group  # noqa: E402
+from bayeslora.core import flow as flow_module  # noqa: E402
 from bayeslora.core.kl import flow_kl_sample  # noqa: E402
 from bayeslora.core.posterior import GroupDraw, _kernel, _whitened  # noqa: E402
 import bayeslora  # noqa: E402
@@ -71,6 +75,24 @@ def before_draw_group(p: StackedFactors, n: int) -> GroupDraw:
     return GroupDraw(weights, flow_kl_sample(eps, p.sigma.log(), ladj, u_w))
 
 
+@contextlib.contextmanager
+def vmap_flows():
+    """The flows by torch.func.vmap over zuko, as before the hand-batched conditioners."""
+    saved = flow_module._batched_agrees
+    flow_module._batched_agrees = lambda flows, like: False
+    try:
+        yield
+    finally:
+        flow_module._batched_agrees = saved
+
+
+def with_vmap(fn):
+    def run():
+        with vmap_flows():
+            fn()
+    return run
+
+
 def training_draw(groups, draw) -> None:
     """Stack, draw, and backpropagate: a training step's posterior work."""
     total = 0.0
@@ -96,7 +118,8 @@ def measure(args, hidden: int, device: torch.device) -> dict:
     sampler = bayeslora.get_sampler(bayes)
     groups = sampler.groups(sampler.active_factors())
     variants = {
-        "before": lambda: training_draw(groups, before_draw_group),
+        "before": with_vmap(lambda: training_draw(groups, before_draw_group)),
+        "projection": with_vmap(lambda: training_draw(groups, draw_group)),
         "after": lambda: training_draw(groups, draw_group),
         "sampler": lambda: _no_grad(sampler.draw),
     }
@@ -149,7 +172,7 @@ def main() -> None:
         results[f"hidden_{hidden}"] = r
         print(f"hidden {hidden} ({args.layers} layers, vocab {args.vocab}; groups {r['groups']}; load "
               f"{r['load'][0]:.1f} -> {r['load'][1]:.1f}):")
-        for name in ("before", "after", "sampler"):
+        for name in ("before", "projection", "after", "sampler"):
             v = r[name]
             print(f"  {name:8s} {v['ms_median']:8.2f} ms  (min {v['ms_min']:.2f}, max {v['ms_max']:.2f})")
         a = r["after_over_before"]

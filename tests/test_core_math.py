@@ -114,6 +114,31 @@ def test_batched_flows_equal_per_factor_flows():
         assert torch.allclose(u[i], ui) and torch.allclose(ladj[i], li)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_the_hand_batched_flow_equals_vmap_over_zuko_and_falls_back_when_it_would_not(depth, monkeypatch):
+    from bayeslora.core import flow as flow_module
+
+    factors = [make_factor(flow_depth=depth, seed=i) for i in range(3)]
+    with torch.no_grad():
+        for f in factors:  # far from the identity, so every conditioner weight matters
+            for p in f.flow.parameters():
+                p.normal_(0, 0.3)
+    flows, u0 = [f.flow for f in factors], torch.randn(3, 2, 3, 4, dtype=torch.float64)
+    batched, vmapped = flow_module._batched_flows(flows, u0), flow_module._vmap_flows(flows, u0)
+    # the same products in another kernel order: equal to float64 rounding (bit-equal in the float32 case tried)
+    assert torch.allclose(batched[0], vmapped[0], rtol=1e-12, atol=1e-13)
+    assert torch.allclose(batched[1], vmapped[1], rtol=1e-12, atol=1e-13)
+    grads = [torch.autograd.grad(out[0].sum() + out[1].sum(), flows[1].transforms[0].hyper[0].weight)[0]
+             for out in (flow_module._batched_flows(flows, u0), flow_module._vmap_flows(flows, u0))]
+    assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+    monkeypatch.setattr(flow_module, "_BATCHED_OK", {})  # a zuko whose internals changed: caught once, vmap used
+    monkeypatch.setattr(flow_module, "_batched_flows", lambda fl, u: (u + 1, u.new_zeros(u.shape[:-1])))
+    with pytest.warns(UserWarning, match="batched flow disagrees"):
+        u, ladj = apply_flows(flows, u0)
+    assert torch.equal(u, vmapped[0])
+
+
 def test_conditional_kl_closed_form_matches_gaussian_kl():
     lam = torch.tensor(0.02, dtype=torch.float64)
     numel = 35
