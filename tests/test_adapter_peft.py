@@ -173,7 +173,9 @@ def test_map_recovery_settings_make_sample_equal_mean():
     assert torch.allclose(sample, mean, atol=1e-5)
 
 
-def test_quantized_targets_raise_not_supported():
+def test_quantized_bayesian_targets_are_wrapped_and_refuse_to_merge():
+    """Without bitsandbytes installed: a layer that looks quantized gets a BayesLoraLinear (its own forward
+    computes the base output) and merging into it is refused; tests/test_quantized.py runs the real thing."""
     base = tiny("llama")
 
     class Linear4bit(torch.nn.Linear):  # stands in for bitsandbytes.nn.Linear4bit
@@ -183,8 +185,11 @@ def test_quantized_targets_raise_not_supported():
     attn = base.model.layers[0].self_attn
     old = attn.q_proj
     attn.q_proj = Linear4bit(old.in_features, old.out_features, bias=False)
-    with pytest.raises(NotImplementedError, match="not supported yet"):
-        bayeslora.get_model(base, BayesLoraConfig(r=4, target_modules=["q_proj"]))
+    model = bayeslora.get_model(base, BayesLoraConfig(r=4, target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, BayesLoraLinear) and layer.base_is_quantized
+    with pytest.raises(NotImplementedError, match="round its posterior mean"):
+        model.merge_and_unload()
 
 
 @pytest.mark.parametrize(

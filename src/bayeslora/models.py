@@ -78,9 +78,33 @@ class LoadedModel:
     name: str
 
 
+QUANTIZE = ("4bit", "8bit")
+
+
+def quantization_config(quantize: str, dtype: str):
+    """bitsandbytes settings for ``--quantize``: NF4 with ``dtype`` compute (QLoRA), or LLM.int8()."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"--quantize must be one of {QUANTIZE}, got {quantize!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"--quantize {quantize} needs bitsandbytes: `pip install bitsandbytes` "
+                          "(its CPU backend runs here too)") from exc
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype])
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
 def load_base_model(name: str, *, dtype: str = "float32", kind: str | None = None,
-                    device: str | torch.device | None = None) -> LoadedModel:
-    """Load model + tokenizer; the tokenizer gets a pad token (causal LMs often lack one)."""
+                    device: str | torch.device | None = None, quantize: str | None = None) -> LoadedModel:
+    """Load model + tokenizer; the tokenizer gets a pad token (causal LMs often lack one).
+
+    ``quantize`` (``4bit``/``8bit``) loads the base through bitsandbytes on ``device`` (default: the
+    first GPU, else the CPU) and prepares it for k-bit training (PEFT's ``prepare_model_for_kbit_training``:
+    norms in float32, input gradients on); Bayesian factors on it keep their float32 maths.
+    """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -91,7 +115,18 @@ def load_base_model(name: str, *, dtype: str = "float32", kind: str | None = Non
     if kind not in ("causal", "encoder"):
         raise ValueError(f"model kind must be 'causal' or 'encoder', got {kind!r}")
     cls = AutoModelForCausalLM if kind == "causal" else AutoModel
-    model = cls.from_pretrained(path, dtype=DTYPES[dtype])
+    if quantize is not None:
+        target = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        where = {"": target.index or 0} if target.type == "cuda" else {"": "cpu"}
+        model = cls.from_pretrained(path, dtype=DTYPES[dtype], quantization_config=quantization_config(quantize, dtype),
+                                    device_map=where)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        device = None  # placed by the device map; a quantized model is not moved afterwards
+    else:
+        model = cls.from_pretrained(path, dtype=DTYPES[dtype])
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -43,7 +43,7 @@ def load_run_model(run_dir: Path, device: torch.device | str = "cpu"):
     cfg = TrainConfig.from_run(run_dir)
     adapter, selection = RunFolder(run_dir).selected_adapter()
     method = get_method(cfg.method, cfg.method_options)
-    loaded = load_base_model(cfg.model, dtype=cfg.dtype, kind=cfg.model_kind)
+    loaded = load_base_model(cfg.model, dtype=cfg.dtype, kind=cfg.model_kind, quantize=cfg.quantize)
     model = method.load(loaded.model, adapter, cfg.lora()).to(device)
     scorer = make_scorer(loaded.kind, model, cfg.scoring or _legacy_protocol(loaded.kind)).load(adapter).to(device)
     return method, model, scorer, loaded.tokenizer, cfg, selection

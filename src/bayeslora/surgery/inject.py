@@ -17,28 +17,22 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import BayesLoraConfig, matches_module
-from .layer import BayesLoraLinear
+from .layer import BayesLoraLinear, is_quantized
 
 __all__ = ["prepare_config", "resolve_targets", "untie_targets"]
-
-
-def _is_quantized(module: nn.Module) -> bool:
-    """bitsandbytes 4/8-bit layers (detected by their class or weight class, without importing bnb)."""
-    names = (type(module).__module__, type(getattr(module, "weight", None)).__name__)
-    return names[0].startswith("bitsandbytes") or names[1] in ("Params4bit", "Int8Params")
 
 
 def dispatch_bayeslora(target: nn.Module, adapter_name: str, config, **kwargs):
     """PEFT custom-module factory: a BayesLoraLinear for Linear/Conv1D targets (plain or Bayesian)."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     key = kwargs.get("target_name", "")
-    if _is_quantized(base):
-        if isinstance(config, BayesLoraConfig) and config.is_bayesian(key):
-            raise NotImplementedError(
-                f"{key}: Bayesian-LoRA on a bitsandbytes-quantized layer ({type(base).__name__}) is not "
-                "supported yet; keep it plain LoRA via BayesLoraConfig.bayesian_modules"
-            )
-        return None  # PEFT's own quantized LoRA layers handle plain adapters
+    if is_quantized(base):
+        if not (isinstance(config, BayesLoraConfig) and config.is_bayesian(key)):
+            return None  # PEFT's own quantized LoRA layers handle plain adapters
+        # A Bayesian factor never touches the base weight: the quantized layer computes its own output
+        # and the posterior's delta is added in float32 (merging is refused, see BayesLoraLinear.merge).
+        config.fan_in_fan_out = False
+        return BayesLoraLinear(target, adapter_name, config=config, **kwargs)
     if isinstance(base, Conv1D):
         kwargs["is_target_conv_1d_layer"] = True
         config.fan_in_fan_out = True

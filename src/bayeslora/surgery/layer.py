@@ -81,6 +81,12 @@ class FactorPair(nn.ModuleDict):
                                       unexpected_keys, error_msgs)
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """bitsandbytes 4/8-bit layers (detected by their class or weight class, without importing bnb)."""
+    names = (type(module).__module__, type(getattr(module, "weight", None)).__name__)
+    return names[0].startswith("bitsandbytes") or names[1] in ("Params4bit", "Int8Params")
+
+
 class BayesLoraLinear(LoraLinear):
     """``lora.Linear`` (nn.Linear or GPT-2 Conv1D base) with optional Bayesian adapters."""
 
@@ -287,7 +293,12 @@ class BayesLoraLinear(LoraLinear):
         with torch.no_grad():
             means = self.mean_weights(adapter, refresh=True)
             delta = transpose(means["B"] @ means["A"], self.fan_in_fan_out) * self.scaling[adapter]
-        return delta.to(self.get_base_layer().weight.dtype)
+        weight = self.get_base_layer().weight
+        return delta if weight.dtype in (torch.uint8, torch.int8) else delta.to(weight.dtype)
+
+    @property
+    def base_is_quantized(self) -> bool:
+        return is_quantized(self.get_base_layer())
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -295,6 +306,12 @@ class BayesLoraLinear(LoraLinear):
             if adapter not in self.lora_bayes:
                 super().merge(safe_merge=safe_merge, adapter_names=[adapter])
                 continue
+            if self.base_is_quantized:
+                raise NotImplementedError(
+                    f"merging Bayesian adapter {adapter!r} into a bitsandbytes-quantized layer "
+                    f"({type(self.get_base_layer()).__name__}) would round its posterior mean to the base's "
+                    "bits: use mean mode (the same prediction, one small extra matmul) or load the base "
+                    "unquantized to merge")
             base = self.get_base_layer()
             merged = base.weight.data + self.get_delta_weight(adapter)
             if safe_merge and not torch.isfinite(merged).all():

@@ -43,6 +43,9 @@ class TrainConfig:
     model_kind: Optional[str] = option(None, "override the detected model kind", choices=["causal", "encoder"])
     dtype: str = option("float32", "dtype of the base model", choices=["float32", "bfloat16", "float16"])
     mixed_precision: str = option("no", "autocast precision", choices=["no", "bf16", "fp16"])
+    quantize: Optional[str] = option(None, "load the base quantized by bitsandbytes: 4bit (NF4, QLoRA-style, "
+                                     "compute in --dtype) or 8bit (LLM.int8); needs `pip install bitsandbytes`",
+                                     choices=["4bit", "8bit"])
     scoring: Optional[str] = option(None, "how choices are scored (default: the model kind's first): causal "
                                     "LMs loglik (summed log-likelihood of each choice's text), loglik-norm "
                                     "(per token) or labels (the paper's answer-label tokens); encoders pairs",

@@ -127,7 +127,7 @@ class Trainer:
         set_seed(cfg.seed)
         self.method = get_method(cfg.method, cfg.method_options)
         self.recipe = RECIPES[cfg.recipe]
-        loaded = load_base_model(cfg.model, dtype=cfg.dtype, kind=cfg.model_kind)
+        loaded = load_base_model(cfg.model, dtype=cfg.dtype, kind=cfg.model_kind, quantize=cfg.quantize)
         self.kind, self.tokenizer = loaded.kind, loaded.tokenizer
         model = self.method.build(loaded.model, cfg.lora())
         scorer = make_scorer(loaded.kind, model, cfg.scoring)
