@@ -208,7 +208,27 @@ def test_a_kernel_that_fails_to_factorise_raises_at_once_on_cpu_and_at_the_defer
         sampler.defer_checks, sampler.check_every = True, 3  # what an accelerator does: no host sync per draw
         outputs(model, inputs())
         outputs(model, inputs())
-        with pytest.raises(FloatingPointError, match="deferred check, within the last 3 draws"):
+        with pytest.raises(FloatingPointError, match="deferred check"):
+            outputs(model, inputs())
+        outputs(model, inputs())  # the flag was read and cleared; it accumulates again
+        with pytest.raises(FloatingPointError, match="deferred check"):
+            sampler.check_posterior()  # what each epoch end calls, on every rank
+        bayeslora.set_mode(model, "mean")
+        with pytest.raises(FloatingPointError, match="not positive definite"):
+            outputs(model, inputs())  # mean mode (and merging) never takes a NaN posterior
+
+
+def test_a_non_finite_posterior_mean_is_refused_where_factorisation_does_not_check(monkeypatch):
+    from bayeslora.core import posterior
+
+    model = llama_model()
+    factor = next(m for m in model.modules() if isinstance(m, BayesLoraLinear)).lora_bayes["default"]["B"]
+    real = posterior._kernel
+    monkeypatch.setattr(posterior, "_kernel", lambda z, d, j, defer=False: real(z, d, j, True))  # as on a GPU
+    with torch.no_grad():
+        factor.inducing_mean.fill_(float("nan"))
+        bayeslora.set_mode(model, "mean")
+        with pytest.raises(FloatingPointError, match="posterior mean is not finite"):
             outputs(model, inputs())
 
 

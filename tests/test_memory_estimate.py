@@ -55,6 +55,7 @@ def test_a_run_prints_and_records_its_estimate(tmp_path, capsys):
     train(TrainConfig(model=encoder, task="synthetic", method="bayeslora", output=str(tmp_path / "run"),
                       max_steps=1, batch_size=4, max_train_examples=8, max_val_examples=4, progress=False,
                       target_modules=["query", "value"], max_length=32))
-    assert "memory estimate" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "memory estimate" in printed and "8 rows" in printed  # batch 4 × 2 choices × 1 draw
     recorded = RunFolder(tmp_path / "run").read_config()["memory_estimate_bytes"]
     assert recorded["total"] > recorded["base"] > 0

@@ -67,7 +67,8 @@ def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_sam
     """Estimate the peak of one training step of ``model`` (a PEFT-wrapped transformers model).
 
     Args:
-        rows: sequences per step (batch × choices where each choice is its own row).
+        rows: sequences per forward (batch × choices where each choice is its own row, × the training
+            draws where the scorer repeats the batch per draw, as ours do).
         seq: tokens per row (after truncation).
         train_samples: posterior draws per step (ELBO particles).
         activation_bytes: bytes per activation value (default: the base's parameter dtype; 2 under
@@ -86,9 +87,10 @@ def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_sam
     draws = 0
     for module in model.modules():
         if isinstance(module, BayesLoraLinear):
-            for pair in module.lora_bayes.values():
+            for adapter, pair in module.lora_bayes.items():
+                size = module.bayes_settings[adapter]["dtype"].itemsize  # float32 or float64 inducing maths
                 for factor in pair.values():
-                    draws += DRAW_TENSORS_PER_FACTOR * factor.shape.d_out * factor.shape.d_in * 4 * train_samples
+                    draws += DRAW_TENSORS_PER_FACTOR * factor.shape.d_out * factor.shape.d_in * size * train_samples
     config = getattr(model, "config", None)
     hidden = _config_value(config, "hidden_size", "n_embd", "d_model") or 0
     layers = _config_value(config, "num_hidden_layers", "n_layer", "num_layers") or 0

@@ -16,6 +16,7 @@ input and falls back to it, with a warning, if they ever disagree (a zuko releas
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -151,11 +152,16 @@ def _batched_agrees(flows: list[RowFlow], like: Tensor) -> bool:
     if key not in _BATCHED_OK:
         ok = _supported(flows[0])
         if ok:
-            with torch.no_grad():
-                probe = torch.randn((len(flows), 3, like.shape[-1]), dtype=torch.float64,
-                                    generator=torch.Generator().manual_seed(0)).to(like.device)
-                a, la = _batched_flows(flows, probe)
-                b, lb = _vmap_flows(flows, probe)
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():  # randomised copies: an identity flow (a fresh B factor) would prove nothing
+                clones = [copy.deepcopy(f).double() for f in flows[:2]]
+                for clone in clones:
+                    for p in clone.parameters():
+                        p.copy_(0.3 * torch.randn(p.shape, dtype=p.dtype, generator=gen))
+                clones = [c.to(like.device) for c in clones]
+                probe = torch.randn((len(clones), 3, like.shape[-1]), dtype=torch.float64, generator=gen).to(like.device)
+                a, la = _batched_flows(clones, probe)
+                b, lb = _vmap_flows(clones, probe)
                 ok = torch.allclose(a, b, rtol=1e-9, atol=1e-12) and torch.allclose(la, lb, rtol=1e-9, atol=1e-12)
             if not ok:
                 warnings.warn("the batched flow disagrees with zuko's own modules (a changed zuko release?); "

@@ -102,7 +102,8 @@ def _kernel(z: Tensor, diag: Tensor, jitter: float, defer: bool = False) -> tupl
     d2 = d2 + jit
     kernel = gram + torch.diag_embed(d2)
     chol, info = torch.linalg.cholesky_ex(kernel)
-    failed = (info != 0).any()
+    # CUDA's cholesky_ex reports info = 0 for NaN input (pytorch#64818): a non-finite factor counts too
+    failed = (info != 0).any() | ~torch.isfinite(chol.diagonal(dim1=-2, dim2=-1)).all()
     if chol.device.type == "cpu" and not defer and bool(failed):  # free on the CPU; a host sync elsewhere
         raise FloatingPointError(NOT_POSITIVE_DEFINITE)
     return chol, d2.sqrt(), kernel, failed
@@ -159,7 +160,8 @@ def draw_group(
     which replaces the d_o×C draw of e2 and its product with Z_r (checked by Monte Carlo in the tests).
     All noise comes from one ``randn`` call (torch's global RNG unless ``generator`` is given); with a
     list of n generators, draw i uses only generator i, so n draws made together equal the same draws
-    made one at a time (batched Monte Carlo == sequential).
+    made one at a time to float rounding (batched Monte Carlo == sequential; the batched products may
+    sum in another order).
     """
     s = p.shape
     g, rows, cols, d_o, d_i = len(p.factors), s.rows, s.cols, s.d_out, s.d_in

@@ -128,6 +128,10 @@ class Method:
     def before_step(self, model: nn.Module, seed: int) -> None:
         """Called before each training forward with a seed derived from (run seed, global step)."""
 
+    def check_health(self, model: nn.Module) -> None:
+        """Raise with a clear error if the trained state cannot work (called on every rank at each epoch
+        end, before validation and before the adapter is saved)."""
+
     def epoch_stats(self, model: nn.Module) -> dict[str, Any]:
         return {}
 

@@ -183,8 +183,10 @@ class BayesLoraMethod(Method):
         return TrainOutputs(log_probs=log_softmax_over_choices(logits, mask, dtype=None),
                             kl_flow=kl_flow, kl_cond=kl_cond)
 
-    def epoch_stats(self, model: nn.Module) -> dict[str, Any]:
+    def check_health(self, model: nn.Module) -> None:
         surgery.get_sampler(model).check_posterior()  # a deferred factorisation failure surfaces by epoch end
+
+    def epoch_stats(self, model: nn.Module) -> dict[str, Any]:
         stats = surgery.posterior_stats(model)
         return {f"{s['module']}.{s['factor']}": {"lambda": s["lambda"], "sigma_u_mean": s["sigma_u_mean"]}
                 for s in stats}

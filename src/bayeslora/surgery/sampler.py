@@ -33,8 +33,10 @@ class _Structure:
     out (PEFT's injection, ``add_adapter``/``load_adapter`` on new targets, ``unload``, a user's
     ``setattr``: all go through torch's global registration hook), so a sampler can cache its walk over
     the model and redo it only then. Other registrations do not count: Llama's forward slices its
-    ``ModuleList`` (a new list, registering every block) on every call. A pre-built subtree holding
-    Bayesian layers, attached whole, is not seen: call :meth:`PosteriorSampler.invalidate` after it."""
+    ``ModuleList`` (a new list, registering every block) on every call. Not seen: a pre-built subtree
+    holding Bayesian layers attached whole, and modules removed by ``del``/``delattr``/``ModuleList.pop``
+    (a removed layer would still be drawn and its KL counted): call :meth:`PosteriorSampler.invalidate`
+    after such hand surgery. PEFT's own operations are all seen."""
 
     generation = 0
 
@@ -112,7 +114,7 @@ class PosteriorSampler:
         # flag accumulates on the device and is read every `check_every` draws and at check_posterior().
         self.defer_checks = False
         self.check_every = 50
-        self._failed: Optional[Tensor] = None
+        self._failed: dict[torch.device, Tensor] = {}  # one flag per device (groups live on several)
         self._unchecked = 0
         # KL terms of the factors drawn by the last forward, keyed by (layer id, adapter, "A"|"B")
         self.last_kl: dict[tuple[int, str, str], tuple[Tensor, Tensor]] = {}
@@ -213,7 +215,7 @@ class PosteriorSampler:
         """One seed per draw of each forward (``None``: torch's global RNG).
 
         Draw i of a group comes from a generator seeded by (seeds[i], group), so the same seeds give the
-        same weights on every data-parallel rank, and batched draws equal sequential ones.
+        same weights on every data-parallel rank, and batched draws equal sequential ones (to rounding).
         """
         self.draw_seeds = None if seeds is None else [int(s) for s in seeds]
 
@@ -240,7 +242,8 @@ class PosteriorSampler:
         else:
             return None
         shape, dtype, device = key
-        group_id = zlib.crc32(f"{shape.key()}|{dtype}|{device}".encode())
+        # the device *type*, not its index: rank r on cuda:r must draw what rank 0 draws on cuda:0
+        group_id = zlib.crc32(f"{shape.key()}|{dtype}|{torch.device(device).type}".encode())
         return [torch.Generator(device=device).manual_seed(mix_seed(s, group_id)) for s in seeds]
 
     def clear(self, layers: Optional[list[tuple[str, BayesLoraLinear]]] = None) -> None:
@@ -269,20 +272,21 @@ class PosteriorSampler:
             self._draw_groups(groups, generator)
 
     def check_posterior(self) -> None:
-        """Raise if a kernel failed to factorise since the last check (one host sync on accelerators)."""
-        failed, self._failed, self._unchecked = self._failed, None, 0
-        if failed is not None and bool(failed):
+        """Raise if a kernel failed to factorise since the last check (one host sync per device)."""
+        flags, self._failed, self._unchecked = self._failed, {}, 0
+        if any(bool(flag) for flag in flags.values()):
             from ..core.posterior import NOT_POSITIVE_DEFINITE
 
-            raise FloatingPointError(f"{NOT_POSITIVE_DEFINITE} (found at a deferred check, within the last "
-                                     f"{self.check_every} draws)")
+            raise FloatingPointError(f"{NOT_POSITIVE_DEFINITE} (found at a deferred check of the draws since "
+                                     "the previous one)")
 
     def _draw_groups(self, groups: dict[tuple, list[FactorRef]], generator: Optional[torch.Generator]) -> None:
         for key, refs in groups.items():
             stacked = StackedFactors.of([r.factor for r in refs], key[1]).widened(self.posterior_scale)
             gen = generator if generator is not None else self._generators(key)
             drawn = draw_group(stacked, self.num_samples, gen, defer_check=self.defer_checks)
-            self._failed = drawn.failed if self._failed is None else self._failed | drawn.failed
+            device = drawn.failed.device
+            self._failed[device] = drawn.failed if device not in self._failed else self._failed[device] | drawn.failed
             kl_cond = conditional_kl_group(stacked)
             for i, ref in enumerate(refs):
                 ref.layer._bayes_draws.setdefault(ref.adapter, {})[ref.which] = drawn.weights[i]
@@ -298,6 +302,12 @@ class PosteriorSampler:
         groups = self.groups(stale, by_mean_settings=True)
         with full_precision(groups):
             self._mean_groups(groups, pending)
+        if pending and not all(bool(torch.isfinite(w).all()) for means in pending.values() for w in means.values()):
+            # means are recomputed only when the parameters changed, so this sync is rare; it keeps a NaN
+            # posterior out of mean mode and out of merged weights on accelerators too
+            from ..core.posterior import NOT_POSITIVE_DEFINITE
+
+            raise FloatingPointError(f"the posterior mean is not finite: {NOT_POSITIVE_DEFINITE}")
         for (layer, adapter), means in pending.items():
             layer.store_mean_weights(adapter, means)
 

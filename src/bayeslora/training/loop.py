@@ -163,10 +163,11 @@ class Trainer:
         cfg = self.cfg
         per_item = 1 if self.module.scorer.protocol == "labels" else max(len(ex.choices) for ex in self.train_set)
         seq = min(cfg.max_length or getattr(self.tokenizer, "model_max_length", 512) or 512, 4096)
+        rows = cfg.batch_size * per_item * cfg.train_samples  # the scorers run S copies of each batch row
         estimate = estimate_training_memory(
-            self.module.model, rows=cfg.batch_size * per_item, seq=seq, train_samples=cfg.train_samples,
+            self.module.model, rows=rows, seq=seq, train_samples=cfg.train_samples,
             activation_bytes=2 if cfg.mixed_precision in ("bf16", "fp16") else None)
-        self.acc.print(f"{estimate.describe()} (per process; {cfg.batch_size * per_item} rows of at most {seq} tokens)")
+        self.acc.print(f"{estimate.describe()} (per process; {rows} rows of at most {seq} tokens)")
         return estimate
 
     # ------------------------------------------------------------------------------ records
@@ -282,6 +283,7 @@ class Trainer:
         return self.history
 
     def _end_epoch(self, epoch: int) -> None:
+        self.method.check_health(self.module.model)  # every rank, before anything is validated or saved
         if self.acc.is_main_process:
             val = self.evaluate_val()
             adapter = self._save_adapter(epoch)
