@@ -56,6 +56,6 @@ def test_a_run_prints_and_records_its_estimate(tmp_path, capsys):
                       max_steps=1, batch_size=4, max_train_examples=8, max_val_examples=4, progress=False,
                       target_modules=["query", "value"], max_length=32))
     printed = capsys.readouterr().out
-    assert "memory estimate" in printed and "8 rows" in printed  # batch 4 × 2 choices × 1 draw
+    assert "memory estimate" in printed and "16 rows" in printed  # batch 4 × 4 choices × 1 draw
     recorded = RunFolder(tmp_path / "run").read_config()["memory_estimate_bytes"]
     assert recorded["total"] > recorded["base"] > 0
