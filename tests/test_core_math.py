@@ -139,6 +139,21 @@ def test_the_hand_batched_flow_equals_vmap_over_zuko_and_falls_back_when_it_woul
     assert torch.equal(u, vmapped[0])
 
 
+@pytest.mark.parametrize("d_out, d_in", [(2, 7), (5, 3), (2, 3), (40, 50)])
+def test_float32_draws_stay_linear_in_the_spread_for_narrow_and_wide_factors(d_out, d_in):
+    """Without a flow, W − E[W] is linear in (σ_U, λ). A factor narrower than its inducing matrix (a LoRA
+    rank below R or C) has a nearly singular K = ZZᵀ + D²; the projection must not amplify rounding."""
+    f = make_factor(d_out=d_out, d_in=d_in, rows=3, cols=4, sigma=0.01, lam=0.01, d=1e-3).float()
+    with torch.no_grad():
+        p = StackedFactors.of([f], torch.float32)
+        mean = mean_group(p, 16, 0)[0]
+        base = draw_group(p, 4, torch.Generator().manual_seed(3)).weights[0] - mean
+        wide = draw_group(p.widened(3.0), 4, torch.Generator().manual_seed(3)).weights[0] - mean
+    # float32 with D = 1e-3 leaves ~1e-4 of the deviation's scale (the pre-change T form did the same);
+    # solving on the R×C matrix of a narrow factor left 5e-3
+    assert (wide - 3.0 * base).abs().max() <= 1e-3 * base.abs().max()
+
+
 def test_conditional_kl_closed_form_matches_gaussian_kl():
     lam = torch.tensor(0.02, dtype=torch.float64)
     numel = 35

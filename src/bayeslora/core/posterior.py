@@ -137,13 +137,30 @@ def _whitened(p: StackedFactors, eps: Tensor) -> tuple[Tensor, Tensor]:
     return apply_flows(flows, u0)
 
 
+def _left(x: Tensor, z: Tensor, chol: Tensor) -> Tensor:
+    """Zᵀ K⁻¹ X for X (..., R, C) and Z (..., R, d): (..., d, C).
+
+    With d ≤ R, K = Z Zᵀ + D² is nearly rank-deficient (D is small), so K⁻¹X would blow the parts of X
+    outside Z's range up by 1/D² before Zᵀ cancels them, in rounding; T = Zᵀ K⁻¹ = (K⁻¹ Z)ᵀ stays
+    in range and costs only R²·d, so it is formed. With d > R (a wide layer, where forming T costs a
+    solve with d right-hand sides) the solve runs on X, which is then well conditioned."""
+    if z.shape[-1] <= z.shape[-2]:
+        return torch.cholesky_solve(z, chol).transpose(-1, -2) @ x
+    return z.transpose(-1, -2) @ torch.cholesky_solve(x, chol)
+
+
+def _right(x: Tensor, z: Tensor, chol: Tensor) -> Tensor:
+    """X K⁻¹ Z for X (..., A, C) and Z (..., C, d): (..., A, d); the same choice as :func:`_left`."""
+    if z.shape[-1] <= z.shape[-2]:
+        return x @ torch.cholesky_solve(z, chol)
+    return torch.cholesky_solve(x.transpose(-1, -2), chol).transpose(-1, -2) @ z
+
+
 def _project(x: Tensor, z_rows: Tensor, z_cols: Tensor, chol_rows: Tensor, chol_cols: Tensor) -> Tensor:
-    """T_r X T_c = Z_rᵀ [K_r⁻¹ X K_c⁻¹] Z_c for X (..., R, C): two Cholesky solves on R×C matrices, then
-    the two projections by Z, so T_r (d_o×R) and T_c (C×d_i) are never formed (solves with d-sized
-    right-hand sides cost far more than the matrix products)."""
-    y = torch.cholesky_solve(x, chol_rows)  # K_r⁻¹ X
-    y = torch.cholesky_solve(y.transpose(-1, -2), chol_cols).transpose(-1, -2)  # (K_c⁻¹ (K_r⁻¹ X)ᵀ)ᵀ
-    return z_rows.transpose(-1, -2) @ (y @ z_cols)
+    """T_r X T_c = Z_rᵀ [K_r⁻¹ X K_c⁻¹] Z_c for X (..., R, C). On a wide side the solve runs on the R×C
+    matrix and Z projects afterwards, so T (d×R) is never formed by a solve with d right-hand sides;
+    on a narrow side (a LoRA rank below R or C) T is formed, cheaply and stably (see :func:`_left`)."""
+    return _right(_left(x, z_rows, chol_rows), z_cols, chol_cols)
 
 
 def draw_group(
