@@ -68,7 +68,10 @@ def train_args(ws, kind, method, out, *extra):
 LEARN = {"lora": ["--lr", "5e-2", "--epochs", "4"], "map": ["--lr", "5e-2", "--epochs", "4"],
          "mcdropout": ["--lr", "5e-2", "--epochs", "4"], "ensemble": ["--lr", "5e-2", "--epochs", "4"],
          "blob": ["--lr", "5e-2", "--epochs", "4", "--kl-scale", "0.01"],
-         "bayeslora": ["--lr", "5e-3", "--epochs", "8", "--kl-scale", "0.01", "--lora-alpha", "64"]}
+         "bayeslora": ["--lr", "5e-3", "--epochs", "12", "--kl-scale", "0.01", "--lora-alpha", "64"]}
+# Bayesian-LoRA got 12 epochs, not 8, when the draw's noise layout changed (46ec55a, same law): at seed 0
+# the new stream sits on the majority-class plateau (val acc 0.59) until the decaying lr of an 8-epoch
+# schedule is too small to leave it; seeds 1-9 reached 1.0 in 8 epochs, seed 0 does by epoch 7 of 12.
 DRAWS = {"lora": 1, "map": 1, "mcdropout": 3, "bayeslora": 3, "ensemble": 3, "blob": 3}  # evaluated with --samples 3
 
 

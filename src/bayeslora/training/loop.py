@@ -162,12 +162,14 @@ class Trainer:
         """Printed before training (per process), recorded in config.json: see :mod:`bayeslora.memory_estimate`."""
         cfg = self.cfg
         per_item = 1 if self.module.scorer.protocol == "labels" else max(len(ex.choices) for ex in self.train_set)
-        seq = min(cfg.max_length or getattr(self.tokenizer, "model_max_length", 512) or 512, 4096)
+        batch = self.collator(self.train_set[:64])  # the longest of the first rows, padded as training pads
+        seq = max(t.shape[-1] for t in batch.values() if torch.is_tensor(t) and t.dim() >= 2)
         rows = cfg.batch_size * per_item * cfg.train_samples  # the scorers run S copies of each batch row
         estimate = estimate_training_memory(
             self.module.model, rows=rows, seq=seq, train_samples=cfg.train_samples,
             activation_bytes=2 if cfg.mixed_precision in ("bf16", "fp16") else None)
-        self.acc.print(f"{estimate.describe()} (per process; {rows} rows of at most {seq} tokens)")
+        self.acc.print(f"{estimate.describe()} (per process; {rows} rows of {seq} tokens, the longest of the "
+                       "first 64 training items)")
         return estimate
 
     # ------------------------------------------------------------------------------ records
