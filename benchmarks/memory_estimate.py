@@ -35,8 +35,7 @@ def child(args: argparse.Namespace) -> None:
 
     sys.path.insert(0, str(HERE))
     import peft
-    import transformers
-    from step_time import BAYESIAN, DTYPES, KL_WEIGHT, TARGETS, intermediate_size
+    from step_time import BAYESIAN, DTYPES, KL_WEIGHT, TARGETS, build_base
 
     import bayeslora
     from bayeslora.memory_estimate import estimate_training_memory
@@ -44,15 +43,10 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     baseline = _rss_kb("VmRSS") * 1024 if device.type == "cpu" else 0
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden_size, intermediate_size=intermediate_size(args.hidden_size),
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=args.seq, tie_word_embeddings=False, use_cache=False)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    base = transformers.LlamaForCausalLM(config).to(device=device, dtype=DTYPES[args.dtype])
+    args.seed = 0
+    base, _ = build_base(args, args.hidden_size, device, DTYPES[args.dtype])
     if args.side == "bayeslora":
         model = bayeslora.get_model(base, bayeslora.BayesLoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
                                                                     bayesian_modules=BAYESIAN))

@@ -97,8 +97,8 @@ def intermediate_size(hidden: int) -> int:
     return max(8, round(hidden * 1376 / 512 / 8) * 8)
 
 
-def build_pair(args: argparse.Namespace, hidden: int, device: torch.device, dtype: torch.dtype):
-    """The same random base Llama wrapped twice: (bayeslora PeftModel, plain-LoRA PeftModel)."""
+def build_base(args: argparse.Namespace, hidden: int, device: torch.device, dtype: torch.dtype):
+    """The random base Llama of the benchmarks (seeded by ``args.seed``) and its config."""
     config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=hidden, intermediate_size=intermediate_size(hidden),
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
@@ -106,7 +106,12 @@ def build_pair(args: argparse.Namespace, hidden: int, device: torch.device, dtyp
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(args.seed)
-    base = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype), config
+
+
+def build_pair(args: argparse.Namespace, hidden: int, device: torch.device, dtype: torch.dtype):
+    """The same random base Llama wrapped twice: (bayeslora PeftModel, plain-LoRA PeftModel)."""
+    base, config = build_base(args, hidden, device, dtype)
     bayes_cfg = bayeslora.BayesLoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS,
                                           bayesian_modules=BAYESIAN)
     lora_cfg = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS)

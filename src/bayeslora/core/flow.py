@@ -46,6 +46,7 @@ class RowFlow(nn.Module):
         super().__init__()
         if depth < 1:
             raise ValueError(f"flow_depth must be >= 1 for a RowFlow, got {depth}")
+        self.architecture = (features, depth, hidden)  # what the batched path's agreement check is keyed on
         order = torch.arange(features)
         self.transforms = nn.ModuleList(
             MaskedAutoregressiveTransform(
@@ -75,10 +76,6 @@ class RowFlow(nn.Module):
 _ACTIVATIONS = (nn.ReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.LeakyReLU)
 _ZUKO_SLOPE = 1e-3  # MonotonicAffineTransform's default minimum slope, which the flows use
 _BATCHED_OK: dict[tuple, bool] = {}  # architecture -> the batched path agreed with the vmap path
-
-
-def _architecture(flow: RowFlow) -> tuple:
-    return tuple((name, tuple(p.shape)) for name, p in flow.named_parameters())
 
 
 def _supported(flow: RowFlow) -> bool:
@@ -148,7 +145,7 @@ def _vmap_flows(flows: list[RowFlow], u0: Tensor) -> tuple[Tensor, Tensor]:
 
 def _batched_agrees(flows: list[RowFlow], like: Tensor) -> bool:
     """Once per architecture: the batched path against the vmap path on random input, in float64."""
-    key = _architecture(flows[0])
+    key = flows[0].architecture
     if key not in _BATCHED_OK:
         ok = _supported(flows[0])
         if ok:

@@ -159,16 +159,14 @@ class PosteriorSampler:
     def _scan(self, check_reentrant: bool) -> list[tuple[str, BayesLoraLinear]]:
         """Per forward: the adapter layers (which take the model's mode), and the reentrant-checkpoint
         check on the modules that can checkpoint (its flags are attributes, so they are read each time)."""
-        layers, checkpointing = self._walk()
-        for _, layer in layers:
-            self._adopt(layer)
-        if check_reentrant and any(_uses_reentrant_checkpointing(m) for m in checkpointing):
+        layers = self.layers()
+        if check_reentrant and any(_uses_reentrant_checkpointing(m) for m in self._walk()[1]):
             raise ValueError(
                 "reentrant gradient checkpointing re-runs the backward of the shared posterior draw once "
                 "per block, which is unsupported: enable it with gradient_checkpointing_kwargs="
                 "{'use_reentrant': False} (the transformers default)"
             )
-        return list(layers)
+        return layers
 
     def active_factors(self, layers: Optional[list[tuple[str, BayesLoraLinear]]] = None) -> list[FactorRef]:
         """Factors of the active Bayesian adapters of layers that are neither disabled nor merged."""
