@@ -47,6 +47,16 @@ def test_activations_scale_with_rows_tokens_and_logits():
         m, rows=1, seq=8).draws
 
 
+def test_checkpointing_keeps_each_block_input_and_one_block():
+    m = model()
+    one = estimate_training_memory(m, rows=1, seq=8).activations
+    layers, hidden = m.config.num_hidden_layers, m.config.hidden_size
+    per_layer = one // layers
+    checkpointed = estimate_training_memory(m, rows=1, seq=8, checkpointing=True).activations
+    assert checkpointed == layers * 8 * hidden * 4 + per_layer
+    assert checkpointed < one
+
+
 def test_a_run_prints_and_records_its_estimate(tmp_path, capsys):
     from bayeslora.layout import RunFolder
     from bayeslora.training import TrainConfig, train

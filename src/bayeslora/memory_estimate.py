@@ -63,7 +63,8 @@ def _config_value(config, *names: str) -> Optional[int]:
 
 
 def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_samples: int = 1,
-                             activation_bytes: Optional[int] = None, full_logits: bool = False) -> MemoryEstimate:
+                             activation_bytes: Optional[int] = None, full_logits: bool = False,
+                             checkpointing: bool = False) -> MemoryEstimate:
     """Estimate the peak of one training step of ``model`` (a PEFT-wrapped transformers model).
 
     Args:
@@ -75,6 +76,8 @@ def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_sam
             bf16 autocast is the caller's to pass).
         full_logits: the loss reads the LM head at every position (a language-modelling loss); our
             multiple-choice scorers read it at a few positions and leave this off.
+        checkpointing: gradient checkpointing per block: each block keeps only its input (tokens ×
+            hidden values) and one block at a time holds its full activations during the backward.
     """
     from .surgery.layer import BayesLoraLinear
 
@@ -101,7 +104,10 @@ def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_sam
     per_layer = ACTIVATION_VALUES_PER_TOKEN_HIDDEN * tokens * hidden
     if getattr(config, "_attn_implementation", None) == "eager":
         per_layer += heads * rows * seq * seq
-    activations = layers * per_layer * value_bytes
+    if checkpointing and layers:
+        activations = (layers * tokens * hidden + per_layer) * value_bytes
+    else:
+        activations = layers * per_layer * value_bytes
     if full_logits:
         activations += LOGITS_TENSORS * tokens * vocab * 4
     return MemoryEstimate(base=base, trainable=train_bytes, gradients=train_bytes, optimizer=optimizer,

@@ -65,6 +65,12 @@ class TrainConfig:
     lr: Optional[float] = option(None, "learning rate (default: the recipe's or method's)")
     weight_decay: Optional[float] = option(None, "AdamW weight decay (default: the recipe's; never on "
                                            "variational parameters under the elbo recipe)")
+    gradient_checkpointing: bool = option(False, "recompute each transformer block's activations in the backward "
+                                          "(transformers' non-reentrant checkpointing): activation memory of "
+                                          "about one block instead of all, for about a third more compute",
+                                          action="store_true")
+    head_lr_factor: float = option(1.0, "learning-rate multiplier of the encoder scoring head (a linear probe "
+                                   "on the pooled hidden state; causal LMs have none)")
     warmup_ratio: float = option(0.0, "linear lr warm-up over this fraction of the steps (elbo recipe)")
     max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
     seed: int = option(0, "seed of data order, initialisation and draws")
@@ -103,6 +109,8 @@ class TrainConfig:
             raise ValueError(f"--entropy-bonus must be >= 0, got {self.entropy_bonus}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not self.head_lr_factor > 0:
+            raise ValueError(f"--head-lr-factor must be > 0, got {self.head_lr_factor}")
         if self.weight_decay is not None and not self.weight_decay >= 0:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         from .recipes import RECIPES
@@ -187,7 +195,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name in registered:
             kwargs["choices"] = registered[f.name]
         default = None if f.default is MISSING else f.default
-        if "nargs" not in kwargs:
+        if "nargs" not in kwargs and "action" not in kwargs:
             kwargs["type"] = _scalar_type(f.type)
         shown = "" if default is None else f" (default {default})"
         parser.add_argument("--" + f.name.replace("_", "-"), default=default, help=f.metadata["help"] + shown,

@@ -73,6 +73,19 @@ class Position:
     step: int = 0  # optimizer steps so far
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers' non-reentrant block checkpointing (the reentrant kind re-runs the shared posterior
+    draw's backward once per block, which the sampler refuses); no KV cache while training."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--gradient-checkpointing: {type(model).__name__} does not support gradient checkpointing")
+    if hasattr(model, "activation_checkpointing_enable"):  # the name transformers uses from 5.2x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
+
+
 def _limit(examples: list, limit: Optional[int]) -> list:
     return examples if limit is None else examples[:limit]
 
@@ -80,6 +93,7 @@ def _limit(examples: list, limit: Optional[int]) -> list:
 def _optimizer(cfg: TrainConfig, method, module: TrainModule) -> torch.optim.Optimizer:
     no_decay = {f"model.{n}" for n in method.no_decay_parameters(module.model)}
     lr_factors = {f"model.{n}": f for n, f in method.lr_factors(module.model, cfg.lr).items()}
+    lr_factors.update({f"scorer.{n}": cfg.head_lr_factor for n, _ in module.scorer.named_parameters()})
     everything = RECIPES[cfg.recipe].decays_variational
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     keyed: dict[tuple[float, float], list] = {}
@@ -129,6 +143,8 @@ class Trainer:
         self.recipe = RECIPES[cfg.recipe]
         loaded = load_base_model(cfg.model, dtype=cfg.dtype, kind=cfg.model_kind, quantize=cfg.quantize)
         self.kind, self.tokenizer = loaded.kind, loaded.tokenizer
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(loaded.model)
         model = self.method.build(loaded.model, cfg.lora())
         scorer = make_scorer(loaded.kind, model, cfg.scoring)
         self.cfg = cfg = dataclasses.replace(cfg, scoring=scorer.protocol)  # recorded as resolved
@@ -167,7 +183,8 @@ class Trainer:
         rows = cfg.batch_size * per_item * cfg.train_samples  # the scorers run S copies of each batch row
         estimate = estimate_training_memory(
             self.module.model, rows=rows, seq=seq, train_samples=cfg.train_samples,
-            activation_bytes=2 if cfg.mixed_precision in ("bf16", "fp16") else None)
+            activation_bytes=2 if cfg.mixed_precision in ("bf16", "fp16") else None,
+            checkpointing=cfg.gradient_checkpointing)
         self.acc.print(f"{estimate.describe()} (per process; {rows} rows of {seq} tokens, the longest of the "
                        "first 64 training items)")
         return estimate
