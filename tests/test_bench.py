@@ -255,3 +255,7 @@ def test_a_built_wheel_ships_the_suites(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {Path(n).stem for n in names if n.startswith("bayeslora/bench/suites/") and n.endswith(".toml")}
     assert shipped == set(shipped_suites())
+    from bayeslora.launch import LAUNCH_CONFIGS
+
+    launch = {Path(n).stem for n in names if n.startswith("bayeslora/launch/") and n.endswith(".yaml")}
+    assert launch == set(LAUNCH_CONFIGS)

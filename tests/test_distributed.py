@@ -17,6 +17,7 @@ from tiny_models import save_tiny_causal
 import bayeslora
 from bayeslora import cli
 from bayeslora.data import causal_prompt, load_task
+from bayeslora.launch import launch_config
 from bayeslora.runs import load_run_model
 
 
@@ -52,10 +53,10 @@ def test_two_process_run_equals_single_process(tmp_path):
 
     double = tmp_path / "double"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    # `--multi_gpu` selects accelerate's torch.distributed launcher; without a GPU the trainer's
-    # Accelerator(cpu=True) then takes the MULTI_CPU path with the gloo backend.
-    launch = [shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bayeslora.cli", *args(double, 4)]
+    # Without a GPU the trainer's Accelerator(cpu=True) takes the MULTI_CPU path with the gloo backend.
+    # the shipped DDP config (MULTI_GPU: accelerate's torch.distributed launcher)
+    launch = [shutil.which("accelerate"), "launch", "--config_file", str(launch_config("ddp")), "--num_processes",
+              "2", "-m", "bayeslora.cli", *args(double, 4)]
     proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((double / "config.json").read_text())["num_processes"] == 2
@@ -66,3 +67,15 @@ def test_two_process_run_equals_single_process(tmp_path):
     base_a = json.loads((single / "history.json").read_text())[-1]["val"]
     base_b = json.loads((double / "history.json").read_text())[-1]["val"]
     assert base_a["nll"] == pytest.approx(base_b["nll"], abs=1e-5)
+
+
+def test_shipped_launch_configs_load_in_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from bayeslora.launch import LAUNCH_CONFIGS
+
+    for name in LAUNCH_CONFIGS:
+        config = load_config_from_file(str(launch_config(name)))
+        assert config.distributed_type.value == "MULTI_GPU" and config.num_machines == 1
+    with pytest.raises(ValueError, match="unknown launch config 'fsdp'"):
+        launch_config("fsdp")
