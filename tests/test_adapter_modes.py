@@ -140,6 +140,16 @@ def test_kl_breakdown_reports_flow_and_conditional_parts():
     stats = bayeslora.posterior_stats(model)
     assert all(math.isclose(s["lambda"], 0.02, rel_tol=1e-4) for s in stats)
     assert all(math.isclose(s["sigma_u_mean"], 0.05, rel_tol=1e-4) for s in stats)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, bayeslora.BayesLoraLinear)}
+    for s in stats:
+        layer = next(m for n, m in layers.items() if n.endswith(s["module"]))
+        mean = layer.mean_weights(s["adapter"])[s["factor"]]
+        assert math.isclose(s["mean_norm"], float(mean.norm()), rel_tol=1e-6)
+        d_out, d_in = s["shape"]
+        factor = layer.lora_bayes[s["adapter"]][s["factor"]]
+        assert math.isclose(s["prior_norm"], factor.shape.prior_scale * math.sqrt(d_out * d_in))
+    # E[B] = 0 at PEFT's default init, E[A] is not: the norms tell the factors apart
+    assert any(s["mean_norm"] > 0 for s in stats if s["factor"] == "A")
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -188,8 +188,8 @@ class BayesLoraMethod(Method):
 
     def epoch_stats(self, model: nn.Module) -> dict[str, Any]:
         stats = surgery.posterior_stats(model)
-        return {f"{s['module']}.{s['factor']}": {"lambda": s["lambda"], "sigma_u_mean": s["sigma_u_mean"]}
-                for s in stats}
+        keys = ("lambda", "sigma_u_mean", "mean_norm", "prior_norm")
+        return {f"{s['module']}.{s['factor']}": {k: s[k] for k in keys} for s in stats}
 
     def prepare_eval(self, model: nn.Module, mode: str) -> nn.Module:
         super().prepare_eval(model, mode)

@@ -201,14 +201,20 @@ def kl_divergence(model: nn.Module) -> Tensor:
 # ------------------------------------------------------------------------------------- statistics
 @torch.no_grad()
 def posterior_stats(model: nn.Module) -> list[dict]:
-    """Per factor: λ and mean σ_U (the usual failure is λ stuck at its floor or σ_U collapsing)."""
+    """Per factor: λ and mean σ_U (the usual failure is λ stuck at its floor or σ_U collapsing), and the
+    Frobenius norm of the posterior mean E[W] beside that of a typical prior draw, σ_p·√(d_o·d_i): how far
+    the KL has let the mean grow (a mean far below LoRA's factor norms is an adapter held near zero)."""
     sampler = get_sampler(model)
-    return [
-        {"module": r.name, "adapter": r.adapter, "factor": r.which,
-         "lambda": float(r.factor.lam()), "sigma_u_mean": float(r.factor.sigma_u().mean()),
-         "shape": (r.factor.shape.d_out, r.factor.shape.d_in)}
-        for r in sampler.all_factors()
-    ]
+    rows = []
+    for r in sampler.all_factors():
+        shape = r.factor.shape
+        mean = r.layer.mean_weights(r.adapter)[r.which]
+        rows.append({"module": r.name, "adapter": r.adapter, "factor": r.which,
+                     "lambda": float(r.factor.lam()), "sigma_u_mean": float(r.factor.sigma_u().mean()),
+                     "mean_norm": float(mean.norm()),
+                     "prior_norm": shape.prior_scale * (shape.d_out * shape.d_in) ** 0.5,
+                     "shape": (shape.d_out, shape.d_in)})
+    return rows
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -315,7 +315,10 @@ class Trainer:
             self.acc.print(f"epoch {epoch}: val acc {val['acc']:.4f} ece {val['ece']:.4f} nll {val['nll']:.4f}"
                            f" brier {val['brier']:.4f}")
             for module, values in entry["posterior"].items():
-                self.acc.print(f"  {module}: lambda {values['lambda']:.3g} mean sigma_U {values['sigma_u_mean']:.3g}")
+                norms = (f" |E[W]| {values['mean_norm']:.3g} (prior draw {values['prior_norm']:.3g})"
+                         if "mean_norm" in values else "")
+                self.acc.print(f"  {module}: lambda {values['lambda']:.3g} mean sigma_U "
+                               f"{values['sigma_u_mean']:.3g}{norms}")
         self.acc.wait_for_everyone()
         self.history = _broadcast(self.acc, self.history)
 
