@@ -42,6 +42,9 @@ def test_activations_scale_with_rows_tokens_and_logits():
     assert estimate_training_memory(m, rows=3, seq=8).activations == 3 * one  # rows enter every term linearly
     full = estimate_training_memory(m, rows=1, seq=8, full_logits=True).activations
     assert full - one == LOGITS_TENSORS * 8 * m.config.vocab_size * 4
+    # a scorer reading the head at 3 positions of each row pays for those 3 only
+    three = estimate_training_memory(m, rows=2, seq=8, head_positions=3).activations
+    assert three - 2 * one == LOGITS_TENSORS * 2 * 3 * m.config.vocab_size * 4
     assert estimate_training_memory(m, rows=1, seq=8, activation_bytes=2).activations < one
     assert estimate_training_memory(m, rows=1, seq=8, train_samples=2).draws == 2 * estimate_training_memory(
         m, rows=1, seq=8).draws

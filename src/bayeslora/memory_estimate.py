@@ -7,8 +7,9 @@ for its backward (the drawn weight and the noise it came from, per factor and tr
 activations the backward needs. Activations follow Korthikanti et al. (2022): a transformer layer keeps
 about 17 values per token and hidden unit (their 34 bytes at 16 bits) with a fused attention kernel,
 plus heads × tokens² attention probabilities where attention is materialised (``eager``); when the loss
-reads the language-model head at every position, four float32 tensors of tokens × vocabulary: the
-logits, their log-softmax, and the gradients of both (an adapted head adds its delta to the logits). Each row is one sequence the model runs: an encoder scoring (context, choice)
+reads the language-model head, four float32 tensors of (rows × positions read) × vocabulary: the
+logits, their log-softmax, and the gradients of both (the positions are every token for a language-modelling
+loss, the last one for answer-label scoring, the continuation for choice log-likelihood) (an adapted head adds its delta to the logits). Each row is one sequence the model runs: an encoder scoring (context, choice)
 pairs and a causal LM scoring choice log-likelihoods run one row per choice.
 
 It is an estimate, checked against measured peaks by ``benchmarks/memory_estimate.py`` (README,
@@ -64,7 +65,7 @@ def _config_value(config, *names: str) -> Optional[int]:
 
 def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_samples: int = 1,
                              activation_bytes: Optional[int] = None, full_logits: bool = False,
-                             checkpointing: bool = False) -> MemoryEstimate:
+                             checkpointing: bool = False, head_positions: int = 0) -> MemoryEstimate:
     """Estimate the peak of one training step of ``model`` (a PEFT-wrapped transformers model).
 
     Args:
@@ -76,6 +77,10 @@ def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_sam
             bf16 autocast is the caller's to pass).
         full_logits: the loss reads the LM head at every position (a language-modelling loss); our
             multiple-choice scorers read it at a few positions and leave this off.
+        head_positions: positions per row at which the scorer reads the LM head (the last one for
+            answer-label scoring, the continuation's K + 1 for choice log-likelihood; 0 for encoders):
+            each adds the same four tokens × vocabulary float32 tensors as ``full_logits`` (which is
+            ``head_positions = seq``).
         checkpointing: gradient checkpointing per block: each block keeps only its input (tokens ×
             hidden values) and one block at a time holds its full activations during the backward.
     """
@@ -108,7 +113,7 @@ def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_sam
         activations = (layers * tokens * hidden + per_layer) * value_bytes
     else:
         activations = layers * per_layer * value_bytes
-    if full_logits:
-        activations += LOGITS_TENSORS * tokens * vocab * 4
+    positions = seq if full_logits else min(head_positions, seq)
+    activations += LOGITS_TENSORS * rows * positions * vocab * 4
     return MemoryEstimate(base=base, trainable=train_bytes, gradients=train_bytes, optimizer=optimizer,
                           draws=draws, activations=activations)

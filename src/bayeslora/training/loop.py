@@ -181,10 +181,14 @@ class Trainer:
         batch = self.collator(self.train_set[:64])  # the longest of the first rows, padded as training pads
         seq = max(t.shape[-1] for t in batch.values() if torch.is_tensor(t) and t.dim() >= 2)
         rows = cfg.batch_size * per_item * cfg.train_samples  # the scorers run S copies of each batch row
+        protocol = self.module.scorer.protocol
+        head_positions = {"labels": 1, "pairs": 0}.get(protocol)
+        if head_positions is None:  # choice log-likelihood: the continuation's K tokens and the one before
+            head_positions = batch["continuation_mask"].shape[1] + 1
         estimate = estimate_training_memory(
             self.module.model, rows=rows, seq=seq, train_samples=cfg.train_samples,
             activation_bytes=2 if cfg.mixed_precision in ("bf16", "fp16") else None,
-            checkpointing=cfg.gradient_checkpointing)
+            checkpointing=cfg.gradient_checkpointing, head_positions=head_positions)
         self.acc.print(f"{estimate.describe()} (per process; {rows} rows of {seq} tokens, the longest of the "
                        "first 64 training items)")
         return estimate
