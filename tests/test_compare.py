@@ -58,6 +58,16 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
     run_plan(plan, log=again.append)  # everything is on disk: nothing trains or evaluates again
     assert not any(line.endswith(": training") or " acc " in line for line in again)
 
+    # a run folder trained before a field existed takes the field's default: still the same settings
+    folder = RunFolder(plan.run_dir(*next(iter(plan.runs()))))
+    config = json.loads(folder.config.read_text())
+    for field in ("head_lr_factor", "gradient_checkpointing"):
+        config["train"].pop(field)
+    folder.config.write_text(json.dumps(config))
+    older: list[str] = []
+    run_plan(plan, log=older.append)
+    assert not any(line.endswith(": training") for line in older)
+
     json_path, md_path = write_summary(plan)
     summary = json.loads(json_path.read_text())
     keys = {(e["eval_task"], e["kind"], e["cell"], e["mode"]) for e in summary["table"]}

@@ -247,6 +247,23 @@ def test_gradient_checkpointing_trains_the_same_adapter(workspace, tmp_path, kin
     assert b_means and max(float(v.abs().max()) for v in b_means) > 1e-3
 
 
+def test_gradient_checkpointing_is_refused_where_the_recompute_would_use_other_weights(workspace, tmp_path,
+                                                                                      capsys):
+    # an ensemble's members share one backward after K forwards with K different active adapters
+    assert cli.main(train_args(workspace, "causal", "ensemble", tmp_path / "ens", "--max-steps", "1",
+                               "--gradient-checkpointing")) != 0
+    assert "--gradient-checkpointing is not supported by --method ensemble" in capsys.readouterr().err
+
+
+def test_new_options_are_type_checked():
+    from bayeslora.training import TrainConfig
+
+    with pytest.raises(ValueError, match="--gradient-checkpointing must be true or false"):
+        TrainConfig(gradient_checkpointing="false")
+    with pytest.raises(ValueError, match="--head-lr-factor must be > 0"):
+        TrainConfig(head_lr_factor=True)
+
+
 def test_gradient_checkpointing_on_a_model_without_it_fails_clearly():
     from torch import nn
 

@@ -42,6 +42,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         cfg = TrainConfig.from_run(args.output)  # the run's own configuration, not the command line
         cfg.progress = not args.no_progress
+        if args.gradient_checkpointing:  # memory and speed only: a run that ran out of memory can resume
+            cfg.gradient_checkpointing = True
     else:
         missing = [f"--{name}" for name in ("task", "method") if getattr(args, name) is None]
         if missing:

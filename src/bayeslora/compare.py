@@ -219,12 +219,15 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
     on each of its sets in each mode, fit its calibrations and evaluate through them; skips what exists."""
     from .runs import evaluate_run
     from .training import TrainConfig, resolve, train
-    from .training.config import RESOLVED_AT_TRAINING
+    from .training.config import RESOLVED_AT_TRAINING, SPEED_AND_MEMORY_ONLY
 
     folder = RunFolder(plan.run_dir(budget, task, cell, seed))
     wanted = resolve(train_config(plan, budget, task, cell, seed)).to_dict()
-    stored = folder.read_config()["train"] if folder.config.exists() else wanted
+    # a run trained before a field existed has the field's default
+    stored = (TrainConfig.from_dict(folder.read_config()["train"], str(folder.config)).to_dict()
+              if folder.config.exists() else wanted)
     changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k)
+                     and k not in SPEED_AND_MEMORY_ONLY
                      and not (k in RESOLVED_AT_TRAINING and wanted.get(k) is None))
     if changed:
         raise ValueError(f"{folder.config}: this run was trained with other settings ({changed}); "

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .data import CausalChoiceCollator, CausalCollator, EncoderCollator, regroup_pair_scores
 
-__all__ = ["CausalLoglikScorer", "CausalScorer", "ChoiceScorer", "EncoderScorer", "PROTOCOLS", "make_scorer",
+__all__ = ["CausalLoglikScorer", "CausalScorer", "ChoiceScorer", "EncoderScorer", "PROTOCOLS", "make_scorer", "restricts_logits",
            "SCORER_FILE", "default_protocol"]
 
 PROTOCOLS = {"causal": ("loglik", "loglik-norm", "labels"), "encoder": ("pairs",)}  # the first is the default
@@ -51,6 +51,12 @@ def _base_forward_params(model: nn.Module) -> frozenset[str]:
     """Forward arguments of the wrapped model, looked up once per class (this is on the hot path)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return _forward_params(type(base))
+
+
+def restricts_logits(model: nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (then the causal scorers compute the head at
+    the positions they read only; otherwise at every position)."""
+    return "logits_to_keep" in _base_forward_params(model)
 
 
 class ChoiceScorer(nn.Module):

@@ -1,5 +1,9 @@
 """Accelerate launch configs shipped with the package, so a multi-process run starts from a file that
-the test suite itself launches with (``accelerate launch --config_file $(bayeslora-launch-config ddp)``).
+the test suite itself launches with::
+
+    accelerate launch --config_file "$(python -c 'from bayeslora.launch import launch_config; print(launch_config("ddp"))')" \
+        --num_processes 4 -m bayeslora.cli train ...
+
 
 Only configs that a test runs are shipped: ``ddp`` (data parallel; tested on CPU with 2 gloo processes).
 FSDP and DeepSpeed ZeRO-3 shard parameters outside each wrapped block's forward, while the posterior

@@ -78,6 +78,8 @@ class Method:
     default_mode: ClassVar[str] = "mean"
     stochastic: ClassVar[bool] = False  # whether several predictive samples differ
     has_posterior_scale: ClassVar[bool] = False  # whether set_posterior_scale can widen its draws
+    # whether a backward that recomputes each block (--gradient-checkpointing) sees the forward's weights
+    supports_gradient_checkpointing: ClassVar[bool] = True
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = dict(options)

@@ -55,6 +55,9 @@ class EnsembleMethod(LoraMethod):
     modes = ("sample",)
     default_mode = "sample"
     stochastic = True
+    # each member's forward switches the active adapter and restores it before the shared backward, so
+    # a block recomputed there would run with the first member's weights
+    supports_gradient_checkpointing = False
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from ..layout import RunFolder
 
-__all__ = ["RESOLVED_AT_TRAINING", "SELECTION_RULES", "TrainConfig", "add_train_arguments", "config_from_args", "resolve"]
+__all__ = ["RESOLVED_AT_TRAINING", "SELECTION_RULES", "SPEED_AND_MEMORY_ONLY", "TrainConfig", "add_train_arguments", "config_from_args", "resolve"]
 
 SELECTION_RULES = ("last", "best-val-nll")
 
@@ -109,7 +109,10 @@ class TrainConfig:
             raise ValueError(f"--entropy-bonus must be >= 0, got {self.entropy_bonus}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if not self.head_lr_factor > 0:
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"--gradient-checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+        if isinstance(self.head_lr_factor, bool) or not isinstance(self.head_lr_factor, (int, float)) \
+                or not self.head_lr_factor > 0:
             raise ValueError(f"--head-lr-factor must be > 0, got {self.head_lr_factor}")
         if self.weight_decay is not None and not self.weight_decay >= 0:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
@@ -151,6 +154,9 @@ class TrainConfig:
 # Left unset, these are filled only once the model is loaded (the scoring protocol depends on its kind);
 # the run's config.json records the value used.
 RESOLVED_AT_TRAINING = ("scoring",)
+# Options that change memory and speed only, not what is trained: a resume may switch them, and a
+# benchmark cell does not count them as other settings.
+SPEED_AND_MEMORY_ONLY = ("gradient_checkpointing",)
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:

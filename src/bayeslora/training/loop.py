@@ -26,7 +26,7 @@ from ..evaluation import average_log_probs, compute_metrics, write_json_atomic
 from ..evaluation.predict import predict_examples
 from ..methods import get_method
 from ..models import load_base_model
-from ..scoring import make_scorer
+from ..scoring import make_scorer, restricts_logits
 from ..memory_estimate import estimate_training_memory
 from ..peak_memory import PeakMemory
 from ..seeding import mix_seed
@@ -144,6 +144,9 @@ class Trainer:
         loaded = load_base_model(cfg.model, dtype=cfg.dtype, kind=cfg.model_kind, quantize=cfg.quantize)
         self.kind, self.tokenizer = loaded.kind, loaded.tokenizer
         if cfg.gradient_checkpointing:
+            if not self.method.supports_gradient_checkpointing:
+                raise ValueError(f"--gradient-checkpointing is not supported by --method {cfg.method}: its "
+                                 "backward would recompute blocks with other weights than the forward's")
             enable_gradient_checkpointing(loaded.model)
         model = self.method.build(loaded.model, cfg.lora())
         scorer = make_scorer(loaded.kind, model, cfg.scoring)
@@ -185,6 +188,8 @@ class Trainer:
         head_positions = {"labels": 1, "pairs": 0}.get(protocol)
         if head_positions is None:  # choice log-likelihood: the continuation's K tokens and the one before
             head_positions = batch["continuation_mask"].shape[1] + 1
+        if head_positions and not restricts_logits(self.module.model):
+            head_positions = seq  # the scorer cannot restrict the head: it computes every position
         estimate = estimate_training_memory(
             self.module.model, rows=rows, seq=seq, train_samples=cfg.train_samples,
             activation_bytes=2 if cfg.mixed_precision in ("bf16", "fp16") else None,
