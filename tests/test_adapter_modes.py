@@ -152,6 +152,28 @@ def test_kl_breakdown_reports_flow_and_conditional_parts():
     assert any(s["mean_norm"] > 0 for s in stats if s["factor"] == "A")
 
 
+def test_a_prior_at_init_removes_the_pull_of_the_initial_mean_and_is_saved(tmp_path):
+    """With ``prior_at_init`` the flow KL's prior term is centred on T(m) at init, so at init (σ_U tiny)
+    the KL drops by ½‖T(m)‖² per factor; the centre is saved with the adapter, and only then."""
+    kl, centres = {}, {}
+    for on in (False, True):
+        model = llama_model(sigma_u_init=1e-4, prior_at_init=on)
+        outputs(model, inputs())
+        kl[on] = {(r["module"], r["factor"]): float(r["kl_flow"]) for r in bayeslora.kl_breakdown(model)}
+        refs = bayeslora.get_sampler(model).all_factors()
+        assert any(k.endswith("prior_mean") for k in model.state_dict()) == on
+        if on:
+            centres = {(r.name, r.which): r.factor.prior_mean.clone() for r in refs}
+            model.save_pretrained(tmp_path / "adapter")
+    assert centres and centres.keys() == kl[True].keys()
+    for key, centre in centres.items():
+        want = 0.5 * float(centre.square().sum())
+        assert want > 1.0 and kl[False][key] - kl[True][key] == pytest.approx(want, rel=0.02), key
+    reloaded = bayeslora.load(tiny("llama", 0), tmp_path / "adapter")
+    for r in bayeslora.get_sampler(reloaded).all_factors():
+        torch.testing.assert_close(r.factor.prior_mean, centres[(r.name, r.which)])
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):

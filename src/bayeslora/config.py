@@ -53,6 +53,10 @@ class BayesLoraConfig(LoraConfig):
     lambda_max: float = field(default=0.03, metadata={"help": "Upper clamp of λ (the paper's 0.03; unclamped, the ELBO drives λ up and the model to chance)."})
     sigma_u_init: float = field(default=1e-3, metadata={"help": "Initial inducing std σ_U."})
     sigma_u_max: float = field(default=1.0, metadata={"help": "Upper clamp of σ_U (1 = the prior's; the paper: 0.1)."})
+    prior_at_init: bool = field(
+        default=False, metadata={"help": "Centre each factor's prior at its initial posterior mean (T(m) at "
+                                 "init) instead of 0, so the KL pulls toward the initial adapter (PEFT's "
+                                 "random A, zero B) rather than shrinking A to zero; off = the paper's prior."})
     inducing_diag_init: float = field(default=1e-3, metadata={"help": "Initial D = softplus(δ)."})
     jitter: float = field(default=1e-5, metadata={"help": "Relative jitter added to K's diagonal."})
     inducing_dtype: str = field(

@@ -69,6 +69,7 @@ class InducingFactor(nn.Module):
         lambda_init: float,
         d_init: float = 1e-3,
         zero_mean: bool = False,
+        prior_at_init: bool = False,
     ) -> None:
         super().__init__()
         self.shape = shape
@@ -83,6 +84,15 @@ class InducingFactor(nn.Module):
         self.lambda_raw = nn.Parameter(torch.tensor(inverse_softplus(lambda_init)))
         self.flow = (RowFlow(cols, shape.flow_depth, shape.flow_hidden, identity=zero_mean)
                      if shape.flow_depth > 0 else None)
+        # the prior's mean on the whitened U_w (METHOD.md section 3 uses 0). With ``prior_at_init`` it is
+        # the initial posterior's transformed mean T(m), saved with the adapter; otherwise a zero buffer
+        # kept out of the state dict, so adapters saved without it load unchanged.
+        prior_mean = torch.zeros(rows, cols)
+        if prior_at_init:
+            with torch.no_grad():
+                prior_mean = self.flow(self.inducing_mean)[0] if self.flow is not None \
+                    else self.inducing_mean.detach().clone()
+        self.register_buffer("prior_mean", prior_mean.detach().clone(), persistent=prior_at_init)
 
     def sigma_u(self) -> torch.Tensor:
         """σ_U = clamp(softplus(ρ_U), max=sigma_u_max), in float32."""

@@ -41,6 +41,7 @@ class StackedFactors:
     d_rows: Tensor  # (G, R)  softplus(δ_r), before jitter
     d_cols: Tensor  # (G, C)
     lam: Tensor  # (G,)
+    prior_mean: Tensor  # (G, R, C)  the prior's mean of U_w (zero unless prior_at_init)
 
     @classmethod
     def of(cls, factors: list[InducingFactor], dtype: torch.dtype) -> "StackedFactors":
@@ -58,6 +59,7 @@ class StackedFactors:
             d_rows=softplus(stack("delta_rows")),
             d_cols=softplus(stack("delta_cols")),
             lam=softplus(stack("lambda_raw")).clamp(max=shape.lambda_max),
+            prior_mean=stack("prior_mean"),
         )
 
     def widened(self, scale: float) -> "StackedFactors":
@@ -206,7 +208,7 @@ def draw_group(
 
     lam = p.lam[:, None, None, None]
     weights = s.prior_scale * (_project(u - lam * u_prior, z_r, z_c, chol_r, chol_c) + lam * e1)
-    kl = flow_kl_sample(eps, p.sigma.log(), ladj, u_w)
+    kl = flow_kl_sample(eps, p.sigma.log(), ladj, u_w - p.prior_mean.unsqueeze(1))
     return GroupDraw(weights=weights, kl_flow=kl, failed=failed_r | failed_c)
 
 

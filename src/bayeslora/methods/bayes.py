@@ -32,7 +32,7 @@ POSTERIOR_FIELDS = {
     "inducing_rows": int, "inducing_cols": int, "flow_depth": int, "flow_hidden": int, "prior_std": float,
     "lambda_init": float, "lambda_max": float, "sigma_u_init": float, "sigma_u_max": float,
     "init_lora_weights": _flag, "inducing_diag_init": float, "jitter": float, "inducing_dtype": str,
-    "mean_samples": int,
+    "mean_samples": int, "prior_at_init": _flag,
 }
 
 # Parameter roles of an inducing factor, each with its own learning-rate multiplier (--<role>-lr-factor).
