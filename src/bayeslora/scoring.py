@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .data import CausalChoiceCollator, CausalCollator, EncoderCollator, regroup_pair_scores
 
-__all__ = ["CausalLoglikScorer", "CausalScorer", "ChoiceScorer", "EncoderScorer", "PROTOCOLS", "make_scorer", "restricts_logits",
+__all__ = ["CausalLoglikScorer", "CausalScorer", "ChoiceScorer", "EncoderScorer", "PROTOCOLS", "make_scorer",
            "SCORER_FILE", "default_protocol"]
 
 PROTOCOLS = {"causal": ("loglik", "loglik-norm", "labels"), "encoder": ("pairs",)}  # the first is the default
@@ -53,12 +53,6 @@ def _base_forward_params(model: nn.Module) -> frozenset[str]:
     return _forward_params(type(base))
 
 
-def restricts_logits(model: nn.Module) -> bool:
-    """Whether the model's forward takes ``logits_to_keep`` (then the causal scorers compute the head at
-    the positions they read only; otherwise at every position)."""
-    return "logits_to_keep" in _base_forward_params(model)
-
-
 class ChoiceScorer(nn.Module):
     """Base class: ``choice_logits(model, batch, num_samples)`` -> ((S, B, C) logits, (B, C) mask)."""
 
@@ -70,6 +64,11 @@ class ChoiceScorer(nn.Module):
 
     def choice_logits(self, model: nn.Module, batch: dict[str, Any], num_samples: int = 1) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def head_positions(self, model: nn.Module, batch: dict[str, Any]) -> int:
+        """Positions per row at which a forward computes the LM head's logits (for the memory estimate);
+        0 for a scorer that reads no LM head."""
+        return 0
 
     def save(self, directory: str | Path) -> None:
         """Write the scorer's parameters (if any) as safetensors into ``directory``."""
@@ -94,6 +93,9 @@ class CausalScorer(ChoiceScorer):
 
     def make_collator(self, tokenizer: Any, max_length: int | None = None) -> Callable:
         return CausalCollator(tokenizer, max_length)
+
+    def head_positions(self, model: nn.Module, batch: dict[str, Any]) -> int:
+        return 1 if "logits_to_keep" in _base_forward_params(model) else batch["input_ids"].shape[-1]
 
     def choice_logits(self, model: nn.Module, batch: dict[str, Any], num_samples: int = 1) -> tuple[Tensor, Tensor]:
         inputs = _repeat(batch, ("input_ids", "attention_mask", "position_ids"), num_samples)
@@ -125,6 +127,11 @@ class CausalLoglikScorer(ChoiceScorer):
 
     def make_collator(self, tokenizer: Any, max_length: int | None = None) -> Callable:
         return CausalChoiceCollator(tokenizer, max_length)
+
+    def head_positions(self, model: nn.Module, batch: dict[str, Any]) -> int:
+        if "logits_to_keep" in _base_forward_params(model):
+            return batch["continuation_mask"].shape[1] + 1  # the K continuation tokens and the one before
+        return batch["input_ids"].shape[-1]
 
     def choice_logits(self, model: nn.Module, batch: dict[str, Any], num_samples: int = 1) -> tuple[Tensor, Tensor]:
         inputs = _repeat(batch, ("input_ids", "attention_mask", "position_ids"), num_samples)

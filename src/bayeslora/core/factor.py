@@ -90,9 +90,8 @@ class InducingFactor(nn.Module):
         prior_mean = torch.zeros(rows, cols)
         if prior_at_init:
             with torch.no_grad():
-                prior_mean = self.flow(self.inducing_mean)[0] if self.flow is not None \
-                    else self.inducing_mean.detach().clone()
-        self.register_buffer("prior_mean", prior_mean.detach().clone(), persistent=prior_at_init)
+                prior_mean = self.flow(self.inducing_mean)[0] if self.flow is not None else self.inducing_mean.clone()
+        self.register_buffer("prior_mean", prior_mean, persistent=prior_at_init)
 
     def sigma_u(self) -> torch.Tensor:
         """σ_U = clamp(softplus(ρ_U), max=sigma_u_max), in float32."""

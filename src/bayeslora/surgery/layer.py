@@ -130,7 +130,7 @@ class BayesLoraLinear(LoraLinear):
             )
             return InducingFactor(shape, sigma_u_init=config.sigma_u_init, lambda_init=config.lambda_init,
                                   d_init=config.inducing_diag_init, zero_mean=zero_mean,
-                                  prior_at_init=getattr(config, "prior_at_init", False))
+                                  prior_at_init=config.prior_at_init)
 
         # init_lora_weights=True (PEFT's default: B = 0) means E[B] = 0, so the adapter starts at the
         # pretrained function in mean mode; False keeps the paper's random inducing mean for both.

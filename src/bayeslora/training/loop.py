@@ -26,7 +26,7 @@ from ..evaluation import average_log_probs, compute_metrics, write_json_atomic
 from ..evaluation.predict import predict_examples
 from ..methods import get_method
 from ..models import load_base_model
-from ..scoring import make_scorer, restricts_logits
+from ..scoring import make_scorer
 from ..memory_estimate import estimate_training_memory
 from ..peak_memory import PeakMemory
 from ..seeding import mix_seed
@@ -184,12 +184,7 @@ class Trainer:
         batch = self.collator(self.train_set[:64])  # the longest of the first rows, padded as training pads
         seq = max(t.shape[-1] for t in batch.values() if torch.is_tensor(t) and t.dim() >= 2)
         rows = cfg.batch_size * per_item * cfg.train_samples  # the scorers run S copies of each batch row
-        protocol = self.module.scorer.protocol
-        head_positions = {"labels": 1, "pairs": 0}.get(protocol)
-        if head_positions is None:  # choice log-likelihood: the continuation's K tokens and the one before
-            head_positions = batch["continuation_mask"].shape[1] + 1
-        if head_positions and not restricts_logits(self.module.model):
-            head_positions = seq  # the scorer cannot restrict the head: it computes every position
+        head_positions = self.module.scorer.head_positions(self.module.model, batch)
         estimate = estimate_training_memory(
             self.module.model, rows=rows, seq=seq, train_samples=cfg.train_samples,
             activation_bytes=2 if cfg.mixed_precision in ("bf16", "fp16") else None,
@@ -324,10 +319,9 @@ class Trainer:
             self.acc.print(f"epoch {epoch}: val acc {val['acc']:.4f} ece {val['ece']:.4f} nll {val['nll']:.4f}"
                            f" brier {val['brier']:.4f}")
             for module, values in entry["posterior"].items():
-                norms = (f" |E[W]| {values['mean_norm']:.3g} (prior draw {values['prior_norm']:.3g})"
-                         if "mean_norm" in values else "")
                 self.acc.print(f"  {module}: lambda {values['lambda']:.3g} mean sigma_U "
-                               f"{values['sigma_u_mean']:.3g}{norms}")
+                               f"{values['sigma_u_mean']:.3g} |E[W]| {values['mean_norm']:.3g} "
+                               f"(prior draw {values['prior_norm']:.3g})")
         self.acc.wait_for_everyone()
         self.history = _broadcast(self.acc, self.history)
 
