@@ -15,7 +15,9 @@ as interleaved rounds (each round runs every variant once, in turn) so they see 
   by Z; (Z_r e2 + D_r e4) replaced by L_r η of the same law) with the flows still by vmap;
 * ``after``: ``draw_group`` with the hand-batched MADE conditioners (``core.flow._batched_flows``);
 * ``sampler``: the whole ``PosteriorSampler.draw`` of the model (layer walk, grouping, every group),
-  forward only, which is what sample-mode evaluation pays per forward.
+  forward only, which is what sample-mode evaluation pays per forward;
+* ``label_rows`` (``--label-rows N``, default 5): ``after`` on the same model with its lm_head adapter
+  restricted to N output rows (``BayesLoraConfig.output_rows``): the lm_head B factor is N×r, not 32000×r.
 
 It prints the median milliseconds of each variant with min/max over rounds, and after/before.
 
@@ -40,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import build_pair, load_average  # noqa: E402
+from step_time import build_pair, label_rows, load_average  # noqa: E402
 
 from bayeslora.core import StackedFactors, draw_group  # noqa: E402
 from bayeslora.core import flow as flow_module  # noqa: E402
@@ -123,6 +125,11 @@ def measure(args, hidden: int, device: torch.device) -> dict:
         "after": lambda: training_draw(groups, draw_group),
         "sampler": lambda: _no_grad(sampler.draw),
     }
+    if args.label_rows:  # the same posterior work with the lm_head's B on label rows only
+        restricted, _, _ = build_pair(args, hidden, device, torch.float32, rows=label_rows(args))
+        restricted_sampler = bayeslora.get_sampler(restricted)
+        restricted_groups = restricted_sampler.groups(restricted_sampler.active_factors())
+        variants["label_rows"] = lambda: training_draw(restricted_groups, draw_group)
     times = {name: [] for name in variants}
     load_before = load_average()
     for round_ in range(args.warmup + args.rounds):
@@ -131,10 +138,15 @@ def measure(args, hidden: int, device: torch.device) -> dict:
             if round_ >= args.warmup:
                 times[name].append(t)
         bayes.zero_grad(set_to_none=True)
+        if args.label_rows:
+            restricted.zero_grad(set_to_none=True)
     out = {name: {"ms_median": 1e3 * statistics.median(t), "ms_min": 1e3 * min(t), "ms_max": 1e3 * max(t)}
            for name, t in times.items()}
     ratios = [a / b for a, b in zip(times["after"], times["before"])]
     out["after_over_before"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    if args.label_rows:
+        ratios = [a / b for a, b in zip(times["label_rows"], times["after"])]
+        out["label_rows_over_after"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
     out["groups"] = {str(k[0].key()): len(v) for k, v in groups.items()}
     out["load"] = [load_before, load_average()]
     return out
@@ -156,6 +168,8 @@ def main() -> None:
     p.add_argument("--alpha", type=int, default=16)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--label-rows", type=int, default=5,
+                   help="also time the draw with the lm_head's B on this many output rows (output_rows); 0 = skip")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (the sampler draws on 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -172,11 +186,14 @@ def main() -> None:
         results[f"hidden_{hidden}"] = r
         print(f"hidden {hidden} ({args.layers} layers, vocab {args.vocab}; groups {r['groups']}; load "
               f"{r['load'][0]:.1f} -> {r['load'][1]:.1f}):")
-        for name in ("before", "projection", "after", "sampler"):
-            v = r[name]
-            print(f"  {name:8s} {v['ms_median']:8.2f} ms  (min {v['ms_min']:.2f}, max {v['ms_max']:.2f})")
-        a = r["after_over_before"]
-        print(f"  after / before: x{a['median']:.3f} (min {a['min']:.3f}, max {a['max']:.3f})")
+        for name in ("before", "projection", "after", "sampler", "label_rows"):
+            if name in r:
+                v = r[name]
+                print(f"  {name:10s} {v['ms_median']:8.2f} ms  (min {v['ms_min']:.2f}, max {v['ms_max']:.2f})")
+        for name, what in (("after_over_before", "after / before"), ("label_rows_over_after", "label_rows / after")):
+            if name in r:
+                a = r[name]
+                print(f"  {what}: x{a['median']:.3f} (min {a['min']:.3f}, max {a['max']:.3f})")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -8,7 +8,10 @@ and deep-copied into two models that share the same base weights:
 
 * **bayeslora**: ``bayeslora.get_model`` with LoRA r=8, alpha=16 on q_proj, v_proj and lm_head, of which
   q_proj and lm_head are Bayesian (sample mode: every forward draws fresh factors);
-* **lora**: ``peft.get_peft_model`` with a ``peft.LoraConfig`` of the same targets, r and alpha.
+* **lora**: ``peft.get_peft_model`` with a ``peft.LoraConfig`` of the same targets, r and alpha;
+* **bayeslora, head on label rows** (``--label-rows N``, default 5): bayeslora whose lm_head adapter
+  changes only N output rows (``BayesLoraConfig.output_rows``, as ``--label-rows true`` sets for a
+  label-scored task): its B factor is N×r instead of 32000×r. Timed against the same LoRA model.
 
 A *training step* is zero_grad + forward + cross-entropy of next-token logits on random tokens
 (+ β·KL for bayeslora) + backward + ``torch.optim.AdamW`` step over the trainable parameters. At the
@@ -76,6 +79,9 @@ def parse_args() -> argparse.Namespace:
                    help="measured pairs (bayeslora, lora) per training measurement; the forward-only "
                         "measurement takes 2x and hidden sizes below 256 take 4x, their steps being short")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured pairs before each measurement")
+    p.add_argument("--label-rows", type=int, default=5,
+                   help="also time bayeslora with its lm_head adapter restricted to this many output rows "
+                        "(BayesLoraConfig.output_rows: the answer labels of a label-scored task); 0 = skip")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the base model")
@@ -109,11 +115,20 @@ def build_base(args: argparse.Namespace, hidden: int, device: torch.device, dtyp
     return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype), config
 
 
-def build_pair(args: argparse.Namespace, hidden: int, device: torch.device, dtype: torch.dtype):
-    """The same random base Llama wrapped twice: (bayeslora PeftModel, plain-LoRA PeftModel)."""
+def label_rows(args: argparse.Namespace) -> list[int]:
+    """``args.label_rows`` distinct vocabulary rows, seeded (label tokens sit anywhere in a vocabulary)."""
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    return sorted(torch.randperm(args.vocab, generator=gen)[: args.label_rows].tolist())
+
+
+def build_pair(args: argparse.Namespace, hidden: int, device: torch.device, dtype: torch.dtype,
+               rows: list[int] | None = None):
+    """The same random base Llama wrapped twice: (bayeslora PeftModel, plain-LoRA PeftModel); with
+    ``rows``, bayeslora's lm_head adapter changes only those output rows."""
     base, config = build_base(args, hidden, device, dtype)
     bayes_cfg = bayeslora.BayesLoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS,
-                                          bayesian_modules=BAYESIAN)
+                                          bayesian_modules=BAYESIAN,
+                                          output_rows=None if rows is None else {"lm_head": rows})
     lora_cfg = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS)
     bayes = bayeslora.get_model(copy.deepcopy(base), bayes_cfg)
     lora = peft.get_peft_model(copy.deepcopy(base), lora_cfg)
@@ -225,7 +240,7 @@ def main() -> None:
         "python": platform.python_version(), "device": str(device), "dtype": args.dtype,
         "threads": torch.get_num_threads(), "layers": args.layers, "heads": args.heads,
         "vocab": args.vocab, "seq": args.seq, "batch": args.batch, "rank": args.rank, "alpha": args.alpha,
-        "targets": TARGETS, "bayesian": BAYESIAN, "warmup": args.warmup,
+        "targets": TARGETS, "bayesian": BAYESIAN, "warmup": args.warmup, "label_rows": args.label_rows,
     }
     if device.type == "cuda":
         header["gpu"] = torch.cuda.get_device_name(device)
@@ -251,8 +266,15 @@ def main() -> None:
         if hidden == forward_hidden:
             entry["forward"] = interleaved(make_forward(bayes), make_forward(lora), args, device, 2 * steps)
             print(line(hidden, "forward (no grad)", entry["forward"]), flush=True)
+        del bayes
+        if args.label_rows:  # the same base and LoRA reference, bayeslora's lm_head on label rows only
+            restricted, _, _ = build_pair(args, hidden, device, dtype, rows=label_rows(args))
+            entry["train_label_rows"] = interleaved(make_train_step(restricted, True, args.vocab),
+                                                    make_train_step(lora, False, args.vocab), args, device, steps)
+            print(line(hidden, f"train, head {args.label_rows} rows", entry["train_label_rows"]), flush=True)
+            del restricted
         results.append(entry)
-        del bayes, lora
+        del lora
 
     if args.json:
         with open(args.json, "w") as handle:

@@ -351,3 +351,17 @@ def test_merge_uses_the_current_parameters():
         assert not torch.allclose(changed, before)  # the cache noticed the new tensor
         merged = model.merge_and_unload()
         assert torch.allclose(outputs(merged, batch), changed, atol=1e-5)
+
+
+def test_mean_init_std_scales_the_initial_inducing_means_and_nothing_else():
+    """The same seed draws the same stream: m is the default's times ``mean_init_std`` (B's stays 0 under
+    PEFT's default init), and every other parameter is unchanged."""
+    states = [llama_model(init_lora_weights=True, mean_init_std=std).state_dict() for std in (1.0, 3.5)]
+    means = [k for k in states[0] if k.endswith("inducing_mean")]
+    assert means and states[0].keys() == states[1].keys()
+    for key in states[0]:
+        want = states[0][key] * 3.5 if key in means else states[0][key]
+        torch.testing.assert_close(states[1][key], want, msg=key)
+    assert any(states[1][k].abs().sum() > 0 for k in means)
+    with pytest.raises(ValueError, match="mean_init_std"):
+        BayesLoraConfig(r=4, target_modules=["q_proj"], mean_init_std=0.0)

@@ -16,7 +16,8 @@ TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--vocab", "128"]
 
 @pytest.mark.parametrize("script, extra, keys", [
     ("step_time.py", ["--seq", "16", "--batch", "2", "--steps", "2", "--warmup", "1", "--threads", "1"], None),
-    ("draw_time.py", ["--rounds", "2", "--warmup", "1"], {"before", "after", "sampler", "after_over_before"}),
+    ("draw_time.py", ["--rounds", "2", "--warmup", "1"], {"before", "after", "sampler", "after_over_before",
+                                                      "label_rows", "label_rows_over_after"}),
 ])
 def test_the_script_runs_on_a_tiny_cpu_config_and_writes_its_json(tmp_path, script, extra, keys):
     out = tmp_path / "out.json"
@@ -25,5 +26,7 @@ def test_the_script_runs_on_a_tiny_cpu_config_and_writes_its_json(tmp_path, scri
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data and ("results" in data if keys is None else True), "no results written"
+    if keys is None:  # step_time: the label-rows variant is timed beside the full head, against the same LoRA
+        assert all(r["train_label_rows"]["pairs"] == r["train"]["pairs"] > 0 for r in data["results"])
     if keys is not None:
         assert keys <= set(data["hidden_32"]) and data["hidden_32"]["after"]["ms_median"] > 0

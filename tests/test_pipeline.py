@@ -330,3 +330,36 @@ def test_default_posterior_scales_move_tenfold_from_their_initial_values(workspa
         assert sigma < 0.99 * init.sigma_u_max, (module, values)  # the data, not the clamp, sets σ_U
         # λ is clamped at lambda_max by design (unclamped, the conditional KL over every weight drives the
         # model to chance; see the README's training notes), so it is not asked to stay off its clamp.
+
+
+def test_a_label_scored_head_restricted_to_the_label_rows(workspace, tmp_path, capsys):
+    """--label-rows true: the Bayesian lm_head adapts only the answer-label rows (its B is labels×r), the
+    run trains, evaluates in every mode and records the rows; refused where the protocol reads every row."""
+    from bayeslora.data import answer_label_rows
+    from transformers import AutoTokenizer
+
+    head = ["--scoring", "labels", "--target-modules", "q_proj", "v_proj", "lm_head",
+            "--bayesian-modules", "q_proj", "lm_head", "--max-steps", "2"]
+    run = tmp_path / "rows"
+    assert cli.main(train_args(workspace, "causal", "bayeslora", run, "--label-rows", "true", *head)) == 0
+    rows = answer_label_rows(AutoTokenizer.from_pretrained(workspace["causal"]))
+    assert 2 <= len(rows) < 26  # the tiny vocabulary has a few of the letters
+    from bayeslora.layout import RunFolder
+
+    adapter = json.loads((RunFolder(run).selected_adapter()[0] / "adapter_config.json").read_text())
+    assert adapter["output_rows"] == {"lm_head": rows}
+    assert json.loads((run / "config.json").read_text())["train"]["method_options"]["label_rows"] is True
+    nll = {}
+    for mode in ("sample", "mean", "merged"):
+        out = tmp_path / f"{mode}.json"
+        assert cli.main(["evaluate", "--run", str(run), "--task", "jsonl", "--data-file",
+                         str(workspace["data"]["causal"]), "--split", "train", "--mode", mode,
+                         "--output", str(out)]) == 0
+        nll[mode] = json.loads(out.read_text())["nll"]
+    assert nll["mean"] == pytest.approx(nll["merged"], abs=1e-4)
+    loglik = train_args(workspace, "causal", "bayeslora", tmp_path / "r2", "--label-rows", "true", *head[2:])
+    capsys.readouterr()
+    assert cli.main(loglik) == 2 and "needs --scoring labels" in capsys.readouterr().err
+    untargeted = train_args(workspace, "causal", "bayeslora", tmp_path / "r3", "--label-rows", "true",
+                            "--scoring", "labels", "--max-steps", "1")
+    assert cli.main(untargeted) == 2 and "not an adapter target" in capsys.readouterr().err

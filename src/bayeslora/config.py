@@ -43,6 +43,12 @@ class BayesLoraConfig(LoraConfig):
         metadata={"help": "Which targets are Bayesian (names, dotted suffixes or a regex, as target_modules). "
                   "None = every Linear/Conv1D target; [] = plain PEFT LoRA."},
     )
+    output_rows: Optional[dict[str, list[int]]] = field(
+        default=None,
+        metadata={"help": "Per Bayesian target (a name or dotted suffix, as target_modules): the only output rows "
+                  "its adapter changes, the rest keep the base weights. For an lm_head scored on answer-label "
+                  "tokens, the labels' token ids: B becomes labels×r instead of vocabulary×r."},
+    )
     inducing_rows: int = field(default=9, metadata={"help": "R: rows of each factor's inducing matrix."})
     inducing_cols: int = field(default=9, metadata={"help": "C: columns of the inducing matrix (flow width)."})
     flow_depth: int = field(default=1, metadata={"help": "Masked autoregressive flow layers; 0 = no flow."})
@@ -57,6 +63,10 @@ class BayesLoraConfig(LoraConfig):
         default=False, metadata={"help": "Centre each factor's prior at its initial posterior mean (T(m) at "
                                  "init) instead of 0, so the KL pulls toward the initial adapter (PEFT's "
                                  "random A, zero B) rather than shrinking A to zero; off = the paper's prior."})
+    mean_init_std: float = field(
+        default=1.0, metadata={"help": "Std of the inducing mean m at init (m ~ N(0, std²); METHOD.md: 1). At 1, "
+                               "|E[A]| starts near σ_p·|m| (R·C whitened directions), a third of PEFT's "
+                               "random A on a 384-wide input; E[B] starts at 0 either way by default."})
     inducing_diag_init: float = field(default=1e-3, metadata={"help": "Initial D = softplus(δ)."})
     jitter: float = field(default=1e-5, metadata={"help": "Relative jitter added to K's diagonal."})
     inducing_dtype: str = field(
@@ -86,7 +96,7 @@ class BayesLoraConfig(LoraConfig):
                 raise ValueError(f"BayesLoraConfig.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.flow_depth, int) or self.flow_depth < 0:
             raise ValueError(f"BayesLoraConfig.flow_depth must be an integer >= 0, got {self.flow_depth!r}")
-        for name in ("prior_std", "lambda_init", "lambda_max", "sigma_u_init", "sigma_u_max",
+        for name in ("prior_std", "mean_init_std", "lambda_init", "lambda_max", "sigma_u_init", "sigma_u_max",
                      "inducing_diag_init"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"BayesLoraConfig.{name} must be > 0, got {getattr(self, name)!r}")
@@ -106,6 +116,7 @@ class BayesLoraConfig(LoraConfig):
             )
         if self.bayesian_modules is not None and not isinstance(self.bayesian_modules, str):
             self.bayesian_modules = list(self.bayesian_modules)
+        self._validate_output_rows()
         if self.init_lora_weights not in (True, False):
             raise ValueError(
                 "BayesLoraConfig.init_lora_weights must be True (E[B] = 0: the adapter starts at the base "
@@ -113,6 +124,32 @@ class BayesLoraConfig(LoraConfig):
             )
         if self.use_dora:
             raise ValueError("BayesLoraConfig.use_dora: DoRA cannot be combined with Bayesian-LoRA")
+
+    def _validate_output_rows(self) -> None:
+        if self.output_rows is None:
+            return
+        if not isinstance(self.output_rows, dict) or not self.output_rows:
+            raise ValueError("BayesLoraConfig.output_rows must be None or a non-empty dict {target name: "
+                             f"[row, ...]}}, got {self.output_rows!r}")
+        clean = {}
+        for name, rows in self.output_rows.items():
+            if not isinstance(name, str) or isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
+                raise ValueError(f"BayesLoraConfig.output_rows[{name!r}] must be a list of row indices, got {rows!r}")
+            rows = list(rows)
+            if not rows or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in rows):
+                raise ValueError(f"BayesLoraConfig.output_rows[{name!r}] must be a non-empty list of integers "
+                                 f">= 0, got {rows!r}")
+            if len(set(rows)) != len(rows):
+                raise ValueError(f"BayesLoraConfig.output_rows[{name!r}] repeats a row: {rows!r}")
+            clean[name] = rows
+        self.output_rows = clean
+
+    def rows_of(self, key: str) -> Optional[list[int]]:
+        """The output rows the adapter of target ``key`` may change (None: all of them)."""
+        for name, rows in (self.output_rows or {}).items():
+            if matches_module([name], key):
+                return rows
+        return None
 
     def is_bayesian(self, key: str) -> bool:
         """Whether the target module called ``key`` carries a Bayesian adapter."""

@@ -54,7 +54,7 @@ class FactorShape:
 class InducingFactor(nn.Module):
     """Inducing mean m, std parameter ρ_U, locations Z_r, Z_c, diagonals δ_r, δ_c, noise scale ℓ, flow.
 
-    Initialisation (METHOD.md section 2): m ~ N(0, 1), or m = 0 with an identity flow when
+    Initialisation (METHOD.md section 2): m ~ N(0, 1) (× ``mean_init_std``), or m = 0 with an identity flow when
     ``zero_mean`` (E[W] = 0 at init, as LoRA's B = 0); σ_U = softplus(ρ_U) = sigma_u_init;
     Z_r ~ N(0, 1)/√R, Z_c ~ N(0, 1)/√C; softplus(δ) = d_init; λ = softplus(ℓ) = lambda_init.
     Parameters are created in float32 and draw from the global RNG in sequence, so same-shaped factors
@@ -70,11 +70,12 @@ class InducingFactor(nn.Module):
         d_init: float = 1e-3,
         zero_mean: bool = False,
         prior_at_init: bool = False,
+        mean_init_std: float = 1.0,
     ) -> None:
         super().__init__()
         self.shape = shape
         rows, cols = shape.rows, shape.cols
-        mean = torch.randn(rows, cols)  # drawn either way, so the global RNG stream does not depend on it
+        mean = torch.randn(rows, cols) * mean_init_std  # drawn either way: the RNG stream does not depend on it
         self.inducing_mean = nn.Parameter(mean.zero_() if zero_mean else mean)
         self.inducing_rho = nn.Parameter(torch.full((rows, cols), inverse_softplus(sigma_u_init)))
         self.z_rows = nn.Parameter(torch.randn(rows, shape.d_out) / math.sqrt(rows))

@@ -37,6 +37,7 @@ from .synthetic import SyntheticConfig
 from .tasks import TASKS, fit_and_val, load_task, read_questions, split_files
 
 _LAZY = {
+    "answer_label_rows": "collate",
     "CausalChoiceCollator": "collate",
     "CausalCollator": "collate",
     "EncoderCollator": "collate",
@@ -70,6 +71,7 @@ __all__ = [
     "SplitUnavailableError",
     "SyntheticConfig",
     "answer_cue",
+    "answer_label_rows",
     "causal_prompt",
     "default_data_dir",
     "encoder_pairs",

@@ -18,7 +18,10 @@ from typing import Any
 import torch
 
 from .example import MCExample
-from .prompts import answer_cue, causal_prompt_segments, encoder_pair_segments, label_strings, loglik_pair_segments
+from .prompts import (
+    ANSWER_CUE, BOOLQ_ANSWER_CUE, BOOLQ_LABELS, answer_cue, causal_prompt_segments, choice_letters,
+    encoder_pair_segments, label_strings, loglik_pair_segments,
+)
 from .truncation import fit_segments
 
 
@@ -47,6 +50,22 @@ def label_token_ids(tokenizer: Any, labels: Sequence[str], cue: str) -> list[int
         clash = [lab for lab, i in zip(labels, ids) if ids.count(i) > 1]
         raise ValueError(f"answer labels {clash} map to the same token for this tokenizer; they must be distinct")
     return ids
+
+
+def answer_label_rows(tokenizer: Any) -> list[int]:
+    """Every vocabulary id a prompt of this package can score as an answer label: " A" to " Z" after the
+    multiple-choice cue and BoolQ's " False", " True" after its own (the labels that are one token for this
+    tokenizer; an item needing another fails to collate anyway). The rows a label-scored lm_head needs."""
+    rows: set[int] = set()
+    for labels, cue in ((tuple(f" {c}" for c in choice_letters(26)), ANSWER_CUE), (BOOLQ_LABELS, BOOLQ_ANSWER_CUE)):
+        for label in labels:
+            try:
+                rows.update(label_token_ids(tokenizer, [label], cue))
+            except ValueError:
+                continue
+    if not rows:
+        raise ValueError("no answer label is a single token for this tokenizer; --scoring labels cannot work")
+    return sorted(rows)
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -32,8 +32,13 @@ POSTERIOR_FIELDS = {
     "inducing_rows": int, "inducing_cols": int, "flow_depth": int, "flow_hidden": int, "prior_std": float,
     "lambda_init": float, "lambda_max": float, "sigma_u_init": float, "sigma_u_max": float,
     "init_lora_weights": _flag, "inducing_diag_init": float, "jitter": float, "inducing_dtype": str,
-    "mean_samples": int, "prior_at_init": _flag,
+    "mean_samples": int, "prior_at_init": _flag, "mean_init_std": float,
 }
+
+LABEL_ROWS_HELP = ("true: the Bayesian output head (lm_head: add it to --target-modules and --bayesian-modules) "
+                   "changes only the rows of the answer-label tokens, so its B factor is labels×r instead of "
+                   "vocabulary×r, the largest draw of a causal LM; needs --scoring labels (the other protocols "
+                   "read every row)")
 
 # Parameter roles of an inducing factor, each with its own learning-rate multiplier (--<role>-lr-factor).
 ROLES = {"inducing_mean": "mean", "inducing_rho": "scale", "lambda_raw": "scale", "z_rows": "geometry",
@@ -81,6 +86,15 @@ def parameter_role(name: str) -> str | None:
     return ROLES.get(name.rsplit(".", 1)[-1])
 
 
+def _output_head_name(model: nn.Module) -> str:
+    """The module name of the model's output embeddings (``lm_head`` in most causal LMs)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = [n for n, m in model.named_modules() if m is head] if head is not None else []
+    if not names:
+        raise ValueError("--label-rows true needs a causal LM with an output head (get_output_embeddings)")
+    return names[0]
+
+
 @register_method
 class BayesLoraMethod(Method):
     name = "bayeslora"
@@ -97,6 +111,8 @@ class BayesLoraMethod(Method):
                                 "authors' posterior settings and recipe)")
         group.add_argument("--bayesian-modules", nargs="*", default=None,
                            help="which targets are Bayesian (default: all targets)")
+        group.add_argument("--label-rows", type=_flag, default=None,
+                           help=f"{LABEL_ROWS_HELP} (default false)")
         fields = BayesLoraConfig.__dataclass_fields__
         for name, kind in POSTERIOR_FIELDS.items():
             group.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
@@ -113,6 +129,8 @@ class BayesLoraMethod(Method):
         options = {name: getattr(args, name) for name in POSTERIOR_FIELDS if getattr(args, name) is not None}
         options["preset"] = args.preset
         options["bayesian_modules"] = args.bayesian_modules
+        if args.label_rows is not None:
+            options["label_rows"] = args.label_rows
         factors = {role: getattr(args, f"{role}_lr_factor") for role in LR_FACTOR_HELP}
         options["lr_factors"] = {k: v for k, v in factors.items() if v is not None}
         if args.scale_lr is not None:
@@ -134,13 +152,14 @@ class BayesLoraMethod(Method):
         posterior = {name: fields[name].default for name in POSTERIOR_FIELDS}
         given = {k: v for k, v in self.options.items() if k in POSTERIOR_FIELDS}
         unknown = sorted(set(self.options) - set(POSTERIOR_FIELDS)
-                         - {"preset", "bayesian_modules", "lr_factors", "scale_lr"})
+                         - {"preset", "bayesian_modules", "lr_factors", "scale_lr", "label_rows"})
         if unknown:
             raise ValueError(f"bayeslora: unknown method options {unknown}")
         return {
             **posterior, **preset.posterior, **given,
             "preset": self.options.get("preset", "default"),
             "bayesian_modules": self.options.get("bayesian_modules"),
+            "label_rows": bool(self.options.get("label_rows", False)),
             "lr_factors": {**preset.lr_factors, **self.options.get("lr_factors", {})},
             "scale_lr": self.options.get("scale_lr", preset.scale_lr),
         }
@@ -162,7 +181,20 @@ class BayesLoraMethod(Method):
         return out
 
     def build(self, base_model: nn.Module, lora: dict[str, Any]) -> nn.Module:
-        return surgery.get_model(base_model, self.config(lora))
+        config = self.config(lora)
+        if not self.resolved_options()["label_rows"]:
+            return surgery.get_model(base_model, config)
+        rows, head = lora.get("answer_rows"), _output_head_name(base_model)
+        if rows is None:
+            raise ValueError("--label-rows true needs --scoring labels: the choice log-likelihood protocols "
+                             "read every vocabulary row of the lm_head")
+        config.output_rows = {head: list(rows)}
+        config.validate()
+        model = surgery.get_model(base_model, config)
+        if not any(layer.output_rows(a) for _, layer in surgery.get_sampler(model).layers() for a in layer.lora_bayes):
+            raise ValueError(f"--label-rows true: the output head {head!r} is not an adapter target; add it to "
+                             "--target-modules and --bayesian-modules")
+        return model
 
     def load(self, base_model: nn.Module, directory: Path, lora: dict[str, Any]) -> nn.Module:
         return surgery.load(base_model, directory)

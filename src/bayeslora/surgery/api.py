@@ -221,17 +221,21 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     """Trainable parameters, and the overhead over plain LoRA of the same rank and targets.
 
     A Bayesian factor replaces a d_o×d_i LoRA matrix by its variational parameters, so
-    ``extra = Σ_factors (numel(factor parameters) − d_o·d_i)``; works on the meta device.
+    ``extra = Σ_factors (numel(factor parameters) − d_o·d_i)``, with LoRA's full d_o for a B whose rows are
+    restricted (``output_rows``: then ``extra`` is negative when the restriction saves more than the
+    inducing overhead costs); works on the meta device.
     """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     extra = 0
     bayes_factors = 0
     for module in model.modules():
         if isinstance(module, BayesLoraLinear):
-            for pair in module.lora_bayes.values():
-                for factor in pair.values():
+            for adapter, pair in module.lora_bayes.items():
+                for which, factor in pair.items():
                     bayes_factors += 1
                     extra += sum(p.numel() for p in factor.parameters())
-                    extra -= factor.shape.d_out * factor.shape.d_in
+                    # plain LoRA's B has every output row, also where this adapter restricts its rows
+                    d_out = module.out_features if which == "B" else factor.shape.d_out
+                    extra -= d_out * factor.shape.d_in
     return {"trainable": trainable, "plain_lora": trainable - extra, "extra": extra,
             "bayesian_factors": bayes_factors}

@@ -8,7 +8,9 @@ each forward, weights that the model-level :class:`~bayeslora.surgery.sampler.Po
 drew for every factor at once before the forward started. Without a sampler attached the layer draws
 its own factors (correct, but unbatched and not safe under gradient checkpointing).
 
-The merge delta of a Bayesian adapter is the posterior mean, scaling · E[B] E[A].
+The merge delta of a Bayesian adapter is the posterior mean, scaling · E[B] E[A]. A row-restricted
+adapter (``BayesLoraConfig.output_rows``, e.g. an lm_head scored on its answer-label rows only) has a B
+of those rows alone and adds its delta to them; every other output is the base layer's.
 
 PEFT names checkpoint tensors by stripping the adapter name where it is the last or second-to-last part
 of a key. A factor's parameters sit deeper (``lora_bayes.<adapter>.A.flow.transforms.0...``), so a
@@ -101,6 +103,7 @@ class BayesLoraLinear(LoraLinear):
             self.bayes_num_samples = 1
             self._bayes_draws: dict[str, dict[str, Tensor]] = {}
             self._bayes_mean_cache: dict[str, tuple[Any, dict[str, Tensor]]] = {}
+            self._bayes_row_index: dict[tuple[str, torch.device], Tensor] = {}
             self._warned_no_sampler = False
 
     # ----------------------------------------------------------------------------------- creation
@@ -108,8 +111,15 @@ class BayesLoraLinear(LoraLinear):
         self._ensure_bayes_state()
         target = kwargs.get("target_name", "")
         if not (isinstance(config, BayesLoraConfig) and config.is_bayesian(target)):
+            if isinstance(config, BayesLoraConfig) and config.rows_of(target) is not None:
+                raise ValueError(f"BayesLoraConfig.output_rows names {target!r}, a plain LoRA target: only a "
+                                 "Bayesian target's rows can be restricted (add it to bayesian_modules)")
             super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
             return
+        rows = config.rows_of(target)
+        if rows is not None and max(rows) >= self.out_features:
+            raise ValueError(f"BayesLoraConfig.output_rows for {target!r}: row {max(rows)} is outside its "
+                             f"{self.out_features} outputs")
         if r <= 0:
             raise ValueError(f"BayesLoraConfig.r must be a positive integer, got {r}")
         if config.lora_bias:
@@ -130,18 +140,20 @@ class BayesLoraLinear(LoraLinear):
             )
             return InducingFactor(shape, sigma_u_init=config.sigma_u_init, lambda_init=config.lambda_init,
                                   d_init=config.inducing_diag_init, zero_mean=zero_mean,
-                                  prior_at_init=config.prior_at_init)
+                                  prior_at_init=config.prior_at_init, mean_init_std=config.mean_init_std)
 
         # init_lora_weights=True (PEFT's default: B = 0) means E[B] = 0, so the adapter starts at the
         # pretrained function in mean mode; False keeps the paper's random inducing mean for both.
         zero_b = config.init_lora_weights is not False
-        pair = FactorPair({"A": factor(r, self.in_features), "B": factor(self.out_features, r, zero_b)})
+        d_out = self.out_features if rows is None else len(rows)  # a row-restricted B holds only its rows
+        pair = FactorPair({"A": factor(r, self.in_features), "B": factor(d_out, r, zero_b)})
         self.lora_bayes[adapter_name] = pair.float()
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.bayes_settings[adapter_name] = {
             "dtype": _DTYPES[config.inducing_dtype],
             "mean_samples": config.mean_samples,
             "seed": config.seed,
+            "rows": None if rows is None else tuple(rows),
         }
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -284,8 +296,23 @@ class BayesLoraLinear(LoraLinear):
         if self.disable_adapters or self.merged or not bayes_active:
             return result
         for adapter in bayes_active:
-            result = result + self._bayes_delta(adapter, x).to(result.dtype)
+            delta = self._bayes_delta(adapter, x).to(result.dtype)
+            index = self.output_row_index(adapter, result.device)
+            result = result + delta if index is None else result.index_add(result.dim() - 1, index, delta)
         return result
+
+    def output_rows(self, adapter: str) -> Optional[tuple[int, ...]]:
+        """The output rows a row-restricted Bayesian adapter changes (``BayesLoraConfig.output_rows``), or None."""
+        return self.bayes_settings[adapter].get("rows")
+
+    def output_row_index(self, adapter: str, device: torch.device) -> Optional[Tensor]:
+        rows = self.output_rows(adapter)
+        if rows is None:
+            return None
+        key = (adapter, device)
+        if key not in self._bayes_row_index:  # made once per device: no host-to-device copy per forward
+            self._bayes_row_index[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return self._bayes_row_index[key]
 
     # ----------------------------------------------------------------------------------- merging
     def get_delta_weight(self, adapter: str) -> Tensor:
@@ -293,7 +320,13 @@ class BayesLoraLinear(LoraLinear):
             return super().get_delta_weight(adapter)
         with torch.no_grad():
             means = self.mean_weights(adapter, refresh=True)
-            delta = transpose(means["B"] @ means["A"], self.fan_in_fan_out) * self.scaling[adapter]
+            delta = means["B"] @ means["A"]
+            rows = self.output_rows(adapter)
+            if rows is not None:  # the other rows of a row-restricted adapter keep the base weights
+                full = delta.new_zeros(self.out_features, self.in_features)
+                full[list(rows)] = delta
+                delta = full
+            delta = transpose(delta, self.fan_in_fan_out) * self.scaling[adapter]
         weight = self.get_base_layer().weight
         return delta if weight.dtype in (torch.uint8, torch.int8) else delta.to(weight.dtype)
 

@@ -21,12 +21,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..data import file_records, fit_and_val, load_task, split_files
+from ..data import answer_label_rows, file_records, fit_and_val, load_task, split_files
 from ..evaluation import average_log_probs, compute_metrics, write_json_atomic
 from ..evaluation.predict import predict_examples
 from ..methods import get_method
 from ..models import load_base_model
-from ..scoring import make_scorer
+from ..scoring import default_protocol, make_scorer
 from ..memory_estimate import estimate_training_memory
 from ..peak_memory import PeakMemory
 from ..seeding import mix_seed
@@ -148,8 +148,11 @@ class Trainer:
                 raise ValueError(f"--gradient-checkpointing is not supported by --method {cfg.method}: its "
                                  "backward would recompute blocks with other weights than the forward's")
             enable_gradient_checkpointing(loaded.model)
-        model = self.method.build(loaded.model, cfg.lora())
-        scorer = make_scorer(loaded.kind, model, cfg.scoring)
+        protocol = cfg.scoring or default_protocol(loaded.kind)
+        # the vocabulary rows a label-scored head reads: a method may restrict its lm_head adapter to them
+        answer_rows = answer_label_rows(loaded.tokenizer) if protocol == "labels" else None
+        model = self.method.build(loaded.model, {**cfg.lora(), "answer_rows": answer_rows})
+        scorer = make_scorer(loaded.kind, model, protocol)
         self.cfg = cfg = dataclasses.replace(cfg, scoring=scorer.protocol)  # recorded as resolved
         self.module = TrainModule(self.method, model, scorer).to(self.acc.device)
         self.collator = scorer.make_collator(self.tokenizer, cfg.max_length)
