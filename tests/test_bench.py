@@ -259,3 +259,13 @@ def test_a_built_wheel_ships_the_suites(tmp_path):
 
     launch = {Path(n).stem for n in names if n.startswith("bayeslora/launch/") and n.endswith(".yaml")}
     assert launch == set(LAUNCH_CONFIGS)
+
+
+def test_the_report_says_the_commit_is_unknown_outside_a_git_checkout():
+    from bayeslora.bench.report import _header
+
+    rows = [{"suite": "s", "split": "dev", "status": "error", "unit": u, "commit": c}
+            for u, c in (("a", None), ("b", "abc123"))]
+    header = "\n".join(_header(rows, None))
+    assert "`abc123`" in header and "`unknown (not a git checkout; see versions)`" in header
+    assert "None" not in header

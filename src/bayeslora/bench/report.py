@@ -19,7 +19,8 @@ def _header(rows: list[dict[str, Any]], description: Optional[str]) -> list[str]
     lines = [f"# Benchmark: {', '.join(suites)}", ""]
     if description:
         lines += [description.strip(), ""]
-    commits = sorted({str(r.get("commit")) for r in rows})
+    # no commit: run from an installed wheel, or from a copy that is not a git checkout
+    commits = sorted({r.get("commit") or "unknown (not a git checkout; see versions)" for r in rows})
     splits = sorted({r["split"] for r in rows})
     lines.append(f"Reported on `{', '.join(splits)}`; commit(s) {', '.join(f'`{c}`' for c in commits)}; "
                  f"{len({r['unit'] for r in ok})} units finished, {len({r['unit'] for r in rows if r['status'] == 'error'})} failed.")
