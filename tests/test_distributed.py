@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,59 @@ def test_two_process_run_equals_single_process(tmp_path):
     base_a = json.loads((single / "history.json").read_text())[-1]["val"]
     base_b = json.loads((double / "history.json").read_text())[-1]["val"]
     assert base_a["nll"] == pytest.approx(base_b["nll"], abs=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not installed")
+def test_a_killed_two_process_run_resumes_to_the_single_process_result(tmp_path):
+    """SIGKILL every rank of a 2-process run mid-epoch, resume it with 2 processes: its history equals an
+    uninterrupted single-process run with the same global batch (each rank restores its own RNGs)."""
+    data = write_task(tmp_path / "train.jsonl", n=32, kind="causal")
+    examples = load_task("jsonl", "train", file=data)
+    model_dir = save_tiny_causal(tmp_path / "model", [causal_prompt(e) for e in examples])
+
+    def args(out: Path, batch_size: int) -> list[str]:
+        return ["train", "--model", model_dir, "--task", "jsonl", "--train-file", str(data), "--val-file",
+                str(data), "--method", "bayeslora", "--output", str(out), "--batch-size", str(batch_size),
+                "--epochs", "3", "--save-steps", "1", "--lr", "1e-3", "--scale-lr", "1e-2", "--no-progress",
+                "--target-modules", *TARGETS["causal"], "--sigma-u-init", "0.05", "--lambda-init", "0.02"]
+
+    single = tmp_path / "single"
+    assert cli.main(args(single, 8)) == 0
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = [shutil.which("accelerate"), "launch", "--config_file", str(launch_config("ddp")), "--num_processes",
+              "2", "-m", "bayeslora.cli"]
+    proc = subprocess.Popen([*launch, *args(killed, 4)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    state_file = killed / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            position = json.loads(state_file.read_text())["position"]
+        except (json.JSONDecodeError, OSError, KeyError):
+            position = None
+        if position and position["epoch"] >= 1 and position["batch"] > 0:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-epoch"
+    position = json.loads(state_file.read_text())["position"]
+    assert position["epoch"] >= 1 and position["batch"] > 0
+    assert len(json.loads((killed / "checkpoint" / "rng.json").read_text())) == 2  # one RNG state per rank
+
+    resumed = subprocess.run([*launch, "train", "--resume", "--output", str(killed), "--no-progress"], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ours = json.loads((killed / "history.json").read_text())
+    theirs = json.loads((single / "history.json").read_text())
+    assert [h["epoch"] for h in ours] == [h["epoch"] for h in theirs] == [0, 1, 2]
+    for a, b in zip(ours, theirs):
+        assert a["val"]["nll"] == pytest.approx(b["val"]["nll"], abs=1e-5), a["epoch"]
+    a, b = logits_of(single, examples[:8]), logits_of(killed, examples[:8])
+    for mode in a:
+        assert torch.allclose(a[mode], b[mode], atol=1e-5), (mode, (a[mode] - b[mode]).abs().max())
 
 
 def test_shipped_launch_configs_load_in_accelerate():
