@@ -5,10 +5,11 @@ the test suite itself launches with::
         --num_processes 4 -m bayeslora.cli train ...
 
 
-Only configs that a test runs are shipped: ``ddp`` (data parallel; tested on CPU with 2 gloo processes).
-FSDP and DeepSpeed ZeRO-3 shard parameters outside each wrapped block's forward, while the posterior
-sampler draws every factor once per forward at the model's root, so they need the Bayesian factors kept
-unsharded; that is not built (README, "Scale-out").
+Only configs that a test runs are shipped: ``ddp`` (data parallel; tested on CPU with 2 gloo processes,
+and a killed run resumed). FSDP and DeepSpeed ZeRO-3 shard parameters outside each wrapped block's
+forward, while the posterior sampler draws every factor once per forward at the model's root, so they
+need the Bayesian factors kept unsharded; that is not built, and Accelerate runs an FSDP config as
+plain DDP without a GPU, so no CPU test could check it (README, "Scale-out").
 """
 
 from __future__ import annotations
