@@ -108,3 +108,14 @@ def test_rows_beyond_the_layer_or_on_a_plain_target_are_refused_by_name():
         head_model(rows=[0, VOCAB])
     with pytest.raises(ValueError, match="plain LoRA target"):
         head_model(bayesian_modules=["q_proj"])
+
+
+def test_add_weighted_adapter_spreads_a_restricted_mean_over_a_full_plain_b():
+    model = head_model()
+    head = model.base_model.model.lm_head
+    delta = head.get_delta_weight("default")
+    model.add_weighted_adapter(["default"], [0.5], "mix", combination_type="cat")
+    assert "mix" in head.lora_A and "mix" not in head.lora_bayes
+    assert model.peft_config["mix"].output_rows is None
+    torch.testing.assert_close(head.get_delta_weight("mix"), 0.5 * delta, rtol=1e-5, atol=1e-6)
+    assert delta[other_rows()].abs().max() == 0 and delta[ROWS].abs().max() > 0

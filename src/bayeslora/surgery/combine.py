@@ -35,7 +35,8 @@ def _as_plain_adapter(lora_model: LoraModel, adapter: str) -> str:
     name = adapter + _SUFFIX
     if name in lora_model.peft_config:
         raise ValueError(f"add_weighted_adapter: adapter name {name!r} is taken; it is needed for a temporary")
-    lora_model.peft_config[name] = dataclasses.replace(lora_model.peft_config[adapter], bayesian_modules=[])
+    lora_model.peft_config[name] = dataclasses.replace(lora_model.peft_config[adapter], bayesian_modules=[],
+                                                       output_rows=None)
     lora_model.inject_adapter(lora_model.model, name)
     with torch.no_grad():
         for layer in _layers(lora_model):
@@ -50,7 +51,12 @@ def _as_plain_adapter(lora_model: LoraModel, adapter: str) -> str:
                 continue
             target_a, target_b = layer.lora_A[name].weight, layer.lora_B[name].weight
             target_a.copy_(source_a.to(target_a.dtype))
-            target_b.copy_(source_b.to(target_b.dtype))
+            rows = layer.output_rows(adapter) if adapter in layer.lora_bayes else None
+            if rows is None:
+                target_b.copy_(source_b.to(target_b.dtype))
+            else:  # a row-restricted mean fills its rows of a full-size plain B; the others stay 0
+                target_b.zero_()
+                target_b[list(rows)] = source_b.to(target_b.dtype)
     return name
 
 
