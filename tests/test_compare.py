@@ -64,6 +64,12 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
     for field in ("head_lr_factor", "gradient_checkpointing"):
         config["train"].pop(field)
     folder.config.write_text(json.dumps(config))
+    # and a Bayesian-LoRA run trained before a method option existed takes that option's default
+    bayes = RunFolder(plan.run_dir(*next(r for r in plan.runs() if r[2].method == "bayeslora")))
+    config = json.loads(bayes.config.read_text())
+    for option in ("label_rows", "mean_init_std"):
+        config["train"]["method_options"].pop(option)
+    bayes.config.write_text(json.dumps(config))
     older: list[str] = []
     run_plan(plan, log=older.append)
     assert not any(line.endswith(": training") for line in older)

@@ -219,6 +219,7 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
     on each of its sets in each mode, fit its calibrations and evaluate through them; skips what exists."""
     from .runs import evaluate_run
     from .training import TrainConfig, resolve, train
+    from .methods import get_method
     from .training.config import RESOLVED_AT_TRAINING, SPEED_AND_MEMORY_ONLY
 
     folder = RunFolder(plan.run_dir(budget, task, cell, seed))
@@ -226,6 +227,8 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
     # a run trained before a field existed has the field's default
     stored = (TrainConfig.from_dict(folder.read_config()["train"], str(folder.config)).to_dict()
               if folder.config.exists() else wanted)
+    # and a method option it predates takes the method's default too
+    stored["method_options"] = get_method(stored["method"], stored["method_options"]).resolved_options()
     changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k)
                      and k not in SPEED_AND_MEMORY_ONLY
                      and not (k in RESOLVED_AT_TRAINING and wanted.get(k) is None))
