@@ -190,3 +190,12 @@ def test_blob_draws_are_seeded_batched_equals_sequential_and_mean_mode_is_the_po
     (tmp_path / "blob_rho.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="posterior scales"):
         method.load(tiny("llama"), tmp_path, LORA)
+
+
+def test_a_boolean_bayeslora_option_from_a_json_cell_is_parsed_not_truth_tested():
+    from bayeslora.methods import get_method
+
+    assert get_method("bayeslora", {"label_rows": "false"}).resolved_options()["label_rows"] is False
+    assert get_method("bayeslora", {"label_rows": "true"}).resolved_options()["label_rows"] is True
+    with pytest.raises(ValueError, match="label_rows"):
+        get_method("bayeslora", {"label_rows": "maybe"}).resolved_options()

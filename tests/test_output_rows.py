@@ -103,11 +103,35 @@ def test_bad_rows_are_refused_naming_the_field(rows, message):
         BayesLoraConfig(r=4, target_modules=["lm_head"], output_rows=rows)
 
 
-def test_rows_beyond_the_layer_or_on_a_plain_target_are_refused_by_name():
+def test_rows_beyond_the_layer_or_on_a_plain_or_missing_target_are_refused_by_name():
     with pytest.raises(ValueError, match=rf"row {VOCAB} is outside .*{VOCAB} outputs"):
         head_model(rows=[0, VOCAB])
-    with pytest.raises(ValueError, match="plain LoRA target"):
+    with pytest.raises(ValueError, match="output_rows: 'lm_head' is not a Bayesian target"):
         head_model(bayesian_modules=["q_proj"])
+    with pytest.raises(ValueError, match="output_rows: 'lm_haed' is not a Bayesian target"):
+        bayeslora.get_model(tiny("llama"), BayesLoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                           output_rows={"lm_haed": [1, 2]}))
+
+
+def test_an_adapter_deleted_and_added_again_adds_to_its_new_rows():
+    """The row index is cached per device: an adapter re-added under the same name with other rows must
+    not reuse the old index (which would add the new delta to the old rows)."""
+    model = head_model(target_modules=["lm_head"], bayesian_modules=["lm_head"], rows=[1, 2, 3])
+    batch = inputs()
+    with torch.no_grad(), bayeslora.using_mode(model, "mean"):
+        outputs(model, batch)  # caches the index of rows 1-3
+        model.add_adapter("other", BayesLoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
+        model.set_adapter("other")
+        model.delete_adapter("default")
+        config = BayesLoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights=False,
+                                 output_rows={"lm_head": [60, 61, 62]})
+        model.add_adapter("default", config)
+        model.set_adapter("default")
+        with model.disable_adapter():
+            base = outputs(model, batch)
+        got = outputs(model, batch)
+    changed = (got - base).abs().amax(dim=(0, 1)) > 0
+    assert changed.nonzero().flatten().tolist() == [60, 61, 62]
 
 
 def test_add_weighted_adapter_spreads_a_restricted_mean_over_a_full_plain_b():

@@ -362,4 +362,4 @@ def test_a_label_scored_head_restricted_to_the_label_rows(workspace, tmp_path, c
     assert cli.main(loglik) == 2 and "needs --scoring labels" in capsys.readouterr().err
     untargeted = train_args(workspace, "causal", "bayeslora", tmp_path / "r3", "--label-rows", "true",
                             "--scoring", "labels", "--max-steps", "1")
-    assert cli.main(untargeted) == 2 and "not an adapter target" in capsys.readouterr().err
+    assert cli.main(untargeted) == 2 and "is not a Bayesian target" in capsys.readouterr().err

@@ -27,6 +27,18 @@ def _flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _as_flag(value: Any, name: str) -> bool:
+    """A boolean option given as a bool or, from a JSON cell or suite, as "true"/"false"."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return _flag(value)
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f"bayeslora option {name}: {err}") from None
+    raise ValueError(f"bayeslora option {name} must be true or false, got {value!r}")
+
+
 # BayesLoraConfig fields on the command line as --<name with dashes>; default and help come from the config.
 POSTERIOR_FIELDS = {
     "inducing_rows": int, "inducing_cols": int, "flow_depth": int, "flow_hidden": int, "prior_std": float,
@@ -159,7 +171,7 @@ class BayesLoraMethod(Method):
             **posterior, **preset.posterior, **given,
             "preset": self.options.get("preset", "default"),
             "bayesian_modules": self.options.get("bayesian_modules"),
-            "label_rows": bool(self.options.get("label_rows", False)),
+            "label_rows": _as_flag(self.options.get("label_rows", False), "label_rows"),
             "lr_factors": {**preset.lr_factors, **self.options.get("lr_factors", {})},
             "scale_lr": self.options.get("scale_lr", preset.scale_lr),
         }
@@ -184,17 +196,19 @@ class BayesLoraMethod(Method):
         config = self.config(lora)
         if not self.resolved_options()["label_rows"]:
             return surgery.get_model(base_model, config)
-        rows, head = lora.get("answer_rows"), _output_head_name(base_model)
+        rows = lora.get("answer_rows")
         if rows is None:
             raise ValueError("--label-rows true needs --scoring labels: the choice log-likelihood protocols "
                              "read every vocabulary row of the lm_head")
+        head = _output_head_name(base_model)
         config.output_rows = {head: list(rows)}
         config.validate()
-        model = surgery.get_model(base_model, config)
-        if not any(layer.output_rows(a) for _, layer in surgery.get_sampler(model).layers() for a in layer.lora_bayes):
-            raise ValueError(f"--label-rows true: the output head {head!r} is not an adapter target; add it to "
-                             "--target-modules and --bayesian-modules")
-        return model
+        try:
+            surgery.resolve_targets(base_model, config)  # before the model is touched
+        except ValueError as err:
+            raise ValueError(f"--label-rows true: the output head {head!r} is not a Bayesian target; add it to "
+                             f"--target-modules and --bayesian-modules ({err})") from err
+        return surgery.get_model(base_model, config)
 
     def load(self, base_model: nn.Module, directory: Path, lora: dict[str, Any]) -> nn.Module:
         return surgery.load(base_model, directory)

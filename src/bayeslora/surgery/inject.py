@@ -85,6 +85,10 @@ def resolve_targets(model: nn.Module, config: BayesLoraConfig) -> list[str]:
                     f"BayesLoraConfig.bayesian_modules: {pattern!r} is not among the targeted modules "
                     f"({', '.join(sorted(keys)[:8])}{', ...' if len(keys) > 8 else ''})"
                 )
+    for name in config.output_rows or {}:
+        if not any(matches_module([name], k) and config.is_bayesian(k) for k in keys):
+            raise ValueError(f"BayesLoraConfig.output_rows: {name!r} is not a Bayesian target of the model "
+                             "(add it to target_modules and bayesian_modules)")
     return keys
 
 

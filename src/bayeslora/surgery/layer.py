@@ -103,7 +103,7 @@ class BayesLoraLinear(LoraLinear):
             self.bayes_num_samples = 1
             self._bayes_draws: dict[str, dict[str, Tensor]] = {}
             self._bayes_mean_cache: dict[str, tuple[Any, dict[str, Tensor]]] = {}
-            self._bayes_row_index: dict[tuple[str, torch.device], Tensor] = {}
+            self._bayes_row_index: dict[tuple[str, tuple[int, ...], torch.device], Tensor] = {}
             self._warned_no_sampler = False
 
     # ----------------------------------------------------------------------------------- creation
@@ -309,7 +309,7 @@ class BayesLoraLinear(LoraLinear):
         rows = self.output_rows(adapter)
         if rows is None:
             return None
-        key = (adapter, device)
+        key = (adapter, rows, device)  # the rows too: an adapter deleted and re-added may have others
         if key not in self._bayes_row_index:  # made once per device: no host-to-device copy per forward
             self._bayes_row_index[key] = torch.tensor(rows, dtype=torch.long, device=device)
         return self._bayes_row_index[key]
