@@ -365,3 +365,25 @@ def test_mean_init_std_scales_the_initial_inducing_means_and_nothing_else():
     assert any(states[1][k].abs().sum() > 0 for k in means)
     with pytest.raises(ValueError, match="mean_init_std"):
         BayesLoraConfig(r=4, target_modules=["q_proj"], mean_init_std=0.0)
+
+
+def test_gradient_checkpointing_on_a_bf16_base_gives_the_same_float32_gradients():
+    """A bf16 base with non-reentrant checkpointing: the inducing parameters stay float32, and the
+    recomputed blocks read the step's one draw, so the gradients equal those without checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        config = BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bayesian_modules=["q_proj"],
+                                 sigma_u_init=0.05, lambda_init=0.02, init_lora_weights=False)
+        model = bayeslora.get_model(tiny("llama", 0, dtype=torch.bfloat16), config)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        torch.manual_seed(5)
+        logits = outputs(model, inputs())
+        assert logits.dtype == torch.bfloat16
+        (logits.float().square().mean() + 1e-3 * bayeslora.kl_divergence(model)).backward()
+        bayes = {n: p for n, p in model.named_parameters() if "lora_bayes" in n}
+        assert bayes and all(p.dtype == torch.float32 and p.grad is not None for p in bayes.values())
+        grads.append({n: p.grad.clone() for n, p in bayes.items()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-5, msg=name)
