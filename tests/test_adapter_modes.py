@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -387,3 +388,22 @@ def test_gradient_checkpointing_on_a_bf16_base_gives_the_same_float32_gradients(
         grads.append({n: p.grad.clone() for n, p in bayes.items()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("d_in, r", [(64, 8), (384, 8), (576, 4), (2048, 16)])
+def test_mean_init_std_lora_starts_the_a_factor_at_peft_s_norm_at_any_width(d_in, r):
+    """``mean_init_std="lora"``: |E[A]| at init within 25% of PEFT's kaiming-uniform A norm √(r/3), where
+    METHOD.md's m ~ N(0, 1) falls short by a factor that grows with the width."""
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=d_in, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=4))
+    norms = {}
+    for std in (1.0, "lora"):
+        torch.manual_seed(0)
+        model = bayeslora.get_model(copy.deepcopy(base), BayesLoraConfig(r=r, target_modules=["q_proj"],
+                                                                         mean_init_std=std))
+        norms[std] = [s["mean_norm"] for s in bayeslora.posterior_stats(model) if s["factor"] == "A"]
+    lora = math.sqrt(r / 3)
+    assert all(abs(n / lora - 1) < 0.25 for n in norms["lora"]), (norms, lora)
+    assert all(n < 0.75 * lora for n in norms[1.0])
+    with pytest.raises(ValueError, match="mean_init_std must be > 0 or 'lora'"):
+        BayesLoraConfig(r=4, target_modules=["q_proj"], mean_init_std="peft")

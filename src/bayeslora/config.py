@@ -63,10 +63,11 @@ class BayesLoraConfig(LoraConfig):
         default=False, metadata={"help": "Centre each factor's prior at its initial posterior mean (T(m) at "
                                  "init) instead of 0, so the KL pulls toward the initial adapter (PEFT's "
                                  "random A, zero B) rather than shrinking A to zero; off = the paper's prior."})
-    mean_init_std: float = field(
-        default=1.0, metadata={"help": "Std of the inducing mean m at init (m ~ N(0, std²); METHOD.md: 1). At 1, "
-                               "|E[A]| starts near σ_p·|m| (R·C whitened directions), a third of PEFT's "
-                               "random A on a 384-wide input; E[B] starts at 0 either way by default."})
+    mean_init_std: Union[float, str] = field(
+        default=1.0, metadata={"help": "Std of the inducing mean m at init (m ~ N(0, std²); METHOD.md: 1), or "
+                               "'lora': per A factor, the std that starts |E[A]| near PEFT's random A (√(r/3); "
+                               "at 1 it is a third of that on a 384-wide input, a tenth at 2048). E[B] starts "
+                               "at 0 under PEFT's default init either way."})
     inducing_diag_init: float = field(default=1e-3, metadata={"help": "Initial D = softplus(δ)."})
     jitter: float = field(default=1e-5, metadata={"help": "Relative jitter added to K's diagonal."})
     inducing_dtype: str = field(
@@ -96,7 +97,10 @@ class BayesLoraConfig(LoraConfig):
                 raise ValueError(f"BayesLoraConfig.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.flow_depth, int) or self.flow_depth < 0:
             raise ValueError(f"BayesLoraConfig.flow_depth must be an integer >= 0, got {self.flow_depth!r}")
-        for name in ("prior_std", "mean_init_std", "lambda_init", "lambda_max", "sigma_u_init", "sigma_u_max",
+        if self.mean_init_std != "lora" and (isinstance(self.mean_init_std, (bool, str))
+                                             or not self.mean_init_std > 0):
+            raise ValueError(f"BayesLoraConfig.mean_init_std must be > 0 or 'lora', got {self.mean_init_std!r}")
+        for name in ("prior_std", "lambda_init", "lambda_max", "sigma_u_init", "sigma_u_max",
                      "inducing_diag_init"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"BayesLoraConfig.{name} must be > 0, got {getattr(self, name)!r}")

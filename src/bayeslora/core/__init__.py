@@ -3,7 +3,7 @@
 Nothing in this package knows about Hugging Face or PEFT.
 """
 
-from .factor import FactorShape, InducingFactor, inverse_softplus
+from .factor import FactorShape, InducingFactor, inverse_softplus, lora_matching_std
 from .flow import RowFlow, apply_flows
 from .kl import conditional_kl, flow_kl_sample
 from .posterior import (
@@ -31,6 +31,7 @@ __all__ = [
     "flow_kl_sample",
     "geometry",
     "inverse_softplus",
+    "lora_matching_std",
     "mean_flow_noise",
     "mean_group",
 ]

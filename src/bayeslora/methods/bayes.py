@@ -27,6 +27,15 @@ def _flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _std_or_lora(text: str) -> float | str:
+    if text == "lora":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'lora', got {text!r}") from None
+
+
 def _as_flag(value: Any, name: str) -> bool:
     """A boolean option given as a bool or, from a JSON cell or suite, as "true"/"false"."""
     if isinstance(value, bool):
@@ -44,7 +53,7 @@ POSTERIOR_FIELDS = {
     "inducing_rows": int, "inducing_cols": int, "flow_depth": int, "flow_hidden": int, "prior_std": float,
     "lambda_init": float, "lambda_max": float, "sigma_u_init": float, "sigma_u_max": float,
     "init_lora_weights": _flag, "inducing_diag_init": float, "jitter": float, "inducing_dtype": str,
-    "mean_samples": int, "prior_at_init": _flag, "mean_init_std": float,
+    "mean_samples": int, "prior_at_init": _flag, "mean_init_std": _std_or_lora,
 }
 
 LABEL_ROWS_HELP = ("true: the Bayesian output head (lm_head: add it to --target-modules and --bayesian-modules) "

@@ -32,7 +32,7 @@ from peft.utils.other import transpose
 from torch import Tensor, nn
 
 from ..config import BayesLoraConfig
-from ..core import FactorShape, InducingFactor, StackedFactors, draw_group, mean_group
+from ..core import FactorShape, InducingFactor, StackedFactors, draw_group, lora_matching_std, mean_group
 
 __all__ = ["BayesLoraLinear", "FactorPair", "MODES"]
 
@@ -133,20 +133,23 @@ class BayesLoraLinear(LoraLinear):
         self.use_dora[adapter_name] = False
         self.scaling[adapter_name] = lora_alpha / (r**0.5 if config.use_rslora else r)
 
-        def factor(d_out: int, d_in: int, zero_mean: bool = False) -> InducingFactor:
+        def factor(d_out: int, d_in: int, zero_mean: bool = False, lora_a: bool = False) -> InducingFactor:
             shape = FactorShape(
                 d_out, d_in, config.inducing_rows, config.inducing_cols, config.flow_depth,
                 config.flow_hidden, config.prior_std, config.sigma_u_max, config.lambda_max, config.jitter,
             )
+            std = config.mean_init_std
+            if std == "lora":  # A at PEFT's norm; a random B (init_lora_weights=False) keeps METHOD.md's 1
+                std = lora_matching_std(shape) if lora_a else 1.0
             return InducingFactor(shape, sigma_u_init=config.sigma_u_init, lambda_init=config.lambda_init,
                                   d_init=config.inducing_diag_init, zero_mean=zero_mean,
-                                  prior_at_init=config.prior_at_init, mean_init_std=config.mean_init_std)
+                                  prior_at_init=config.prior_at_init, mean_init_std=std)
 
         # init_lora_weights=True (PEFT's default: B = 0) means E[B] = 0, so the adapter starts at the
         # pretrained function in mean mode; False keeps the paper's random inducing mean for both.
         zero_b = config.init_lora_weights is not False
         d_out = self.out_features if rows is None else len(rows)  # a row-restricted B holds only its rows
-        pair = FactorPair({"A": factor(r, self.in_features), "B": factor(d_out, r, zero_b)})
+        pair = FactorPair({"A": factor(r, self.in_features, lora_a=True), "B": factor(d_out, r, zero_b)})
         self.lora_bayes[adapter_name] = pair.float()
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.bayes_settings[adapter_name] = {
