@@ -72,9 +72,10 @@ def test_two_process_run_equals_single_process(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not installed")
-def test_a_killed_two_process_run_resumes_to_the_single_process_result(tmp_path):
-    """SIGKILL every rank of a 2-process run mid-epoch, resume it with 2 processes: its history equals an
-    uninterrupted single-process run with the same global batch (each rank restores its own RNGs)."""
+def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL every rank of a 2-process run mid-epoch, resume it with 2 processes: its history and logits
+    equal an uninterrupted 2-process run's (each rank restores its own RNGs). The reference is a 2-process
+    run, not a single process: over 12 steps the all-reduce's summation order alone parts those by ~1e-4."""
     data = write_task(tmp_path / "train.jsonl", n=32, kind="causal")
     examples = load_task("jsonl", "train", file=data)
     model_dir = save_tiny_causal(tmp_path / "model", [causal_prompt(e) for e in examples])
@@ -85,13 +86,14 @@ def test_a_killed_two_process_run_resumes_to_the_single_process_result(tmp_path)
                 "--epochs", "3", "--save-steps", "1", "--lr", "1e-3", "--scale-lr", "1e-2", "--no-progress",
                 "--target-modules", *TARGETS["causal"], "--sigma-u-init", "0.05", "--lambda-init", "0.02"]
 
-    single = tmp_path / "single"
-    assert cli.main(args(single, 8)) == 0
-
-    killed = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch = [shutil.which("accelerate"), "launch", "--config_file", str(launch_config("ddp")), "--num_processes",
               "2", "-m", "bayeslora.cli"]
+    single = tmp_path / "uninterrupted"
+    reference = subprocess.run([*launch, *args(single, 4)], env=env, capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    killed = tmp_path / "killed"
     proc = subprocess.Popen([*launch, *args(killed, 4)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     state_file = killed / "checkpoint" / "state.json"
