@@ -139,8 +139,9 @@ class BayesLoraMethod(Method):
                            help=f"{LABEL_ROWS_HELP} (default false)")
         fields = BayesLoraConfig.__dataclass_fields__
         for name, kind in POSTERIOR_FIELDS.items():
+            default = PRESETS["default"].posterior.get(name, fields[name].default)  # what an unset flag gets
             group.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                               help=f"{fields[name].metadata.get('help')} (default {fields[name].default})")
+                               help=f"{fields[name].metadata.get('help')} (default {default})")
         for role, what in LR_FACTOR_HELP.items():
             group.add_argument(f"--{role}-lr-factor", type=float, default=None,
                                help=f"learning-rate multiplier of the {what} "
