@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import build_pair, label_rows, load_average  # noqa: E402
+from step_time import build_bayes, build_pair, label_rows, load_average  # noqa: E402
 
 from bayeslora.core import StackedFactors, draw_group  # noqa: E402
 from bayeslora.core import flow as flow_module  # noqa: E402
@@ -116,7 +116,7 @@ def timed(fn, device: torch.device) -> float:
 
 
 def measure(args, hidden: int, device: torch.device) -> dict:
-    bayes, _, _ = build_pair(args, hidden, device, torch.float32)
+    bayes, _, base = build_pair(args, hidden, device, torch.float32)
     sampler = bayeslora.get_sampler(bayes)
     groups = sampler.groups(sampler.active_factors())
     variants = {
@@ -126,7 +126,7 @@ def measure(args, hidden: int, device: torch.device) -> dict:
         "sampler": lambda: _no_grad(sampler.draw),
     }
     if args.label_rows:  # the same posterior work with the lm_head's B on label rows only
-        restricted, _, _ = build_pair(args, hidden, device, torch.float32, rows=label_rows(args))
+        restricted = build_bayes(args, base, rows=label_rows(args))
         restricted_sampler = bayeslora.get_sampler(restricted)
         restricted_groups = restricted_sampler.groups(restricted_sampler.active_factors())
         variants["label_rows"] = lambda: training_draw(restricted_groups, draw_group)

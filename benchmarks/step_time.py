@@ -121,18 +121,20 @@ def label_rows(args: argparse.Namespace) -> list[int]:
     return sorted(torch.randperm(args.vocab, generator=gen)[: args.label_rows].tolist())
 
 
-def build_pair(args: argparse.Namespace, hidden: int, device: torch.device, dtype: torch.dtype,
-               rows: list[int] | None = None):
-    """The same random base Llama wrapped twice: (bayeslora PeftModel, plain-LoRA PeftModel); with
-    ``rows``, bayeslora's lm_head adapter changes only those output rows."""
-    base, config = build_base(args, hidden, device, dtype)
+def build_bayes(args: argparse.Namespace, base, rows: list[int] | None = None):
+    """bayeslora on a copy of ``base``; with ``rows``, its lm_head adapter changes only those output rows."""
     bayes_cfg = bayeslora.BayesLoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS,
                                           bayesian_modules=BAYESIAN,
                                           output_rows=None if rows is None else {"lm_head": rows})
+    return bayeslora.get_model(copy.deepcopy(base), bayes_cfg)
+
+
+def build_pair(args: argparse.Namespace, hidden: int, device: torch.device, dtype: torch.dtype):
+    """The same random base Llama wrapped twice: (bayeslora PeftModel, plain-LoRA PeftModel, the base)."""
+    base, _ = build_base(args, hidden, device, dtype)
     lora_cfg = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS)
-    bayes = bayeslora.get_model(copy.deepcopy(base), bayes_cfg)
     lora = peft.get_peft_model(copy.deepcopy(base), lora_cfg)
-    return bayes, lora, config
+    return build_bayes(args, base), lora, base
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -251,7 +253,8 @@ def main() -> None:
 
     results = []
     for hidden in args.hidden:
-        bayes, lora, config = build_pair(args, hidden, device, dtype)
+        bayes, lora, base = build_pair(args, hidden, device, dtype)
+        config = base.config
         counts = bayeslora.count_parameters(bayes)
         lora_trainable = sum(p.numel() for p in trainable(lora))
         print(f"hidden {hidden:4d}: intermediate {config.intermediate_size}, "
@@ -268,13 +271,13 @@ def main() -> None:
             print(line(hidden, "forward (no grad)", entry["forward"]), flush=True)
         del bayes
         if args.label_rows:  # the same base and LoRA reference, bayeslora's lm_head on label rows only
-            restricted, _, _ = build_pair(args, hidden, device, dtype, rows=label_rows(args))
+            restricted = build_bayes(args, base, rows=label_rows(args))
             entry["train_label_rows"] = interleaved(make_train_step(restricted, True, args.vocab),
                                                     make_train_step(lora, False, args.vocab), args, device, steps)
             print(line(hidden, f"train, head {args.label_rows} rows", entry["train_label_rows"]), flush=True)
             del restricted
         results.append(entry)
-        del lora
+        del lora, base
 
     if args.json:
         with open(args.json, "w") as handle:

@@ -35,31 +35,44 @@ def logits_of(run: Path, examples) -> dict[str, torch.Tensor]:
     return out
 
 
+def tiny_task(root: Path):
+    """The tiny causal task and model of the test suite: (data file, its examples, model folder)."""
+    data = write_task(root / "train.jsonl", n=32, kind="causal")
+    examples = load_task("jsonl", "train", file=data)
+    return data, examples, save_tiny_causal(root / "model", [causal_prompt(e) for e in examples])
+
+
+def bayes_train_args(model_dir: str, data: Path, out: Path, batch_size: int, *budget: str) -> list[str]:
+    # lr 1e-3 with the default 10x on the means (and scales at 1e-2) is the step these tests always took;
+    # at 10x that, 1- and 2-process runs parted by ~2e-4 (measured), most likely Adam turning the
+    # reduction-order differences of the all-reduce on near-zero gradients into full-size steps.
+    return ["train", "--model", model_dir, "--task", "jsonl", "--train-file", str(data), "--val-file",
+            str(data), "--method", "bayeslora", "--output", str(out), "--batch-size", str(batch_size),
+            *budget, "--lr", "1e-3", "--scale-lr", "1e-2", "--no-progress",
+            "--target-modules", *TARGETS["causal"], "--sigma-u-init", "0.05", "--lambda-init", "0.02"]
+
+
+def two_processes() -> list[str]:
+    """accelerate launch of 2 processes with the shipped DDP config (MULTI_GPU: accelerate's torch.distributed
+    launcher; without a GPU the trainer's Accelerator(cpu=True) takes the MULTI_CPU path with gloo)."""
+    return [shutil.which("accelerate"), "launch", "--config_file", str(launch_config("ddp")), "--num_processes",
+            "2", "-m", "bayeslora.cli"]
+
+
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not installed")
 def test_two_process_run_equals_single_process(tmp_path):
-    data = write_task(tmp_path / "train.jsonl", n=32, kind="causal")
-    examples = load_task("jsonl", "train", file=data)
-    model_dir = save_tiny_causal(tmp_path / "model", [causal_prompt(e) for e in examples])
+    data, examples, model_dir = tiny_task(tmp_path)
 
     def args(out: Path, batch_size: int) -> list[str]:
-        return ["train", "--model", model_dir, "--task", "jsonl", "--train-file", str(data), "--val-file",
-                str(data), "--method", "bayeslora", "--output", str(out), "--batch-size", str(batch_size),
-                "--max-steps", "4", "--lr", "1e-3", "--scale-lr", "1e-2", "--no-progress",
-                "--target-modules", *TARGETS["causal"], "--sigma-u-init", "0.05", "--lambda-init", "0.02"]
-    # lr 1e-3 with the default 10x on the means (and scales at 1e-2) is the step this test always took;
-    # at 10x that the two runs parted by ~2e-4 (measured), most likely Adam turning the reduction-order
-    # differences of the all-reduce on near-zero gradients into full-size steps.
+        return bayes_train_args(model_dir, data, out, batch_size, "--max-steps", "4")
 
     single = tmp_path / "single"
     assert cli.main(args(single, 8)) == 0
 
     double = tmp_path / "double"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    # Without a GPU the trainer's Accelerator(cpu=True) takes the MULTI_CPU path with the gloo backend.
-    # the shipped DDP config (MULTI_GPU: accelerate's torch.distributed launcher)
-    launch = [shutil.which("accelerate"), "launch", "--config_file", str(launch_config("ddp")), "--num_processes",
-              "2", "-m", "bayeslora.cli", *args(double, 4)]
-    proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*two_processes(), *args(double, 4)], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((double / "config.json").read_text())["num_processes"] == 2
 
@@ -76,19 +89,13 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(tmp_path):
     """SIGKILL every rank of a 2-process run mid-epoch, resume it with 2 processes: its history and logits
     equal an uninterrupted 2-process run's (each rank restores its own RNGs). The reference is a 2-process
     run, not a single process: over 12 steps the all-reduce's summation order alone parts those by ~1e-4."""
-    data = write_task(tmp_path / "train.jsonl", n=32, kind="causal")
-    examples = load_task("jsonl", "train", file=data)
-    model_dir = save_tiny_causal(tmp_path / "model", [causal_prompt(e) for e in examples])
+    data, examples, model_dir = tiny_task(tmp_path)
 
     def args(out: Path, batch_size: int) -> list[str]:
-        return ["train", "--model", model_dir, "--task", "jsonl", "--train-file", str(data), "--val-file",
-                str(data), "--method", "bayeslora", "--output", str(out), "--batch-size", str(batch_size),
-                "--epochs", "3", "--save-steps", "1", "--lr", "1e-3", "--scale-lr", "1e-2", "--no-progress",
-                "--target-modules", *TARGETS["causal"], "--sigma-u-init", "0.05", "--lambda-init", "0.02"]
+        return bayes_train_args(model_dir, data, out, batch_size, "--epochs", "3", "--save-steps", "1")
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    launch = [shutil.which("accelerate"), "launch", "--config_file", str(launch_config("ddp")), "--num_processes",
-              "2", "-m", "bayeslora.cli"]
+    launch = two_processes()
     single = tmp_path / "uninterrupted"
     reference = subprocess.run([*launch, *args(single, 4)], env=env, capture_output=True, text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr[-3000:]

@@ -189,10 +189,10 @@ class BayesLoraMethod(Method):
             "scale_lr": self.options.get("scale_lr", preset.scale_lr),
         }
 
-    def config(self, lora: dict[str, Any]) -> BayesLoraConfig:
+    def config(self, lora: dict[str, Any], output_rows: dict[str, list[int]] | None = None) -> BayesLoraConfig:
         options = self.resolved_options()
         fields = {k: v for k, v in options.items() if k in POSTERIOR_FIELDS or k == "bayesian_modules"}
-        return BayesLoraConfig(**lora_config_kwargs(lora), **fields)
+        return BayesLoraConfig(**lora_config_kwargs(lora), **fields, output_rows=output_rows)
 
     def lr_factors(self, model: nn.Module, lr: float) -> dict[str, float]:
         options = self.resolved_options()
@@ -206,16 +206,14 @@ class BayesLoraMethod(Method):
         return out
 
     def build(self, base_model: nn.Module, lora: dict[str, Any]) -> nn.Module:
-        config = self.config(lora)
         if not self.resolved_options()["label_rows"]:
-            return surgery.get_model(base_model, config)
+            return surgery.get_model(base_model, self.config(lora))
         rows = lora.get("answer_rows")
         if rows is None:
             raise ValueError("--label-rows true needs --scoring labels: the choice log-likelihood protocols "
                              "read every vocabulary row of the lm_head")
         head = _output_head_name(base_model)
-        config.output_rows = {head: list(rows)}
-        config.validate()
+        config = self.config(lora, output_rows={head: list(rows)})
         try:
             surgery.resolve_targets(base_model, config)  # before the model is touched
         except ValueError as err:

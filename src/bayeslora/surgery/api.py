@@ -230,7 +230,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     bayes_factors = 0
     for module in model.modules():
         if isinstance(module, BayesLoraLinear):
-            for adapter, pair in module.lora_bayes.items():
+            for pair in module.lora_bayes.values():
                 for which, factor in pair.items():
                     bayes_factors += 1
                     extra += sum(p.numel() for p in factor.parameters())

@@ -44,19 +44,14 @@ def _as_plain_adapter(lora_model: LoraModel, adapter: str) -> str:
                 continue
             if adapter in layer.lora_bayes:
                 means = layer.mean_weights(adapter, refresh=True)
-                source_a, source_b = means["A"], means["B"]
+                source_a, source_b = means["A"], layer.full_rows(adapter, means["B"])
             elif adapter in layer.lora_A:
                 source_a, source_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             else:
                 continue
             target_a, target_b = layer.lora_A[name].weight, layer.lora_B[name].weight
             target_a.copy_(source_a.to(target_a.dtype))
-            rows = layer.output_rows(adapter) if adapter in layer.lora_bayes else None
-            if rows is None:
-                target_b.copy_(source_b.to(target_b.dtype))
-            else:  # a row-restricted mean fills its rows of a full-size plain B; the others stay 0
-                target_b.zero_()
-                target_b[list(rows)] = source_b.to(target_b.dtype)
+            target_b.copy_(source_b.to(target_b.dtype))
     return name
 
 

@@ -308,6 +308,16 @@ class BayesLoraLinear(LoraLinear):
         """The output rows a row-restricted Bayesian adapter changes (``BayesLoraConfig.output_rows``), or None."""
         return self.bayes_settings[adapter].get("rows")
 
+    def full_rows(self, adapter: str, weight_b: Tensor) -> Tensor:
+        """A B weight over every output row: a row-restricted adapter's rows in place, zeros elsewhere (the
+        rows it leaves to the base); any other B unchanged. Merging and combining read B through this."""
+        rows = self.output_rows(adapter)
+        if rows is None:
+            return weight_b
+        full = weight_b.new_zeros(self.out_features, weight_b.shape[-1])
+        full[list(rows)] = weight_b
+        return full
+
     def output_row_index(self, adapter: str, device: torch.device) -> Optional[Tensor]:
         rows = self.output_rows(adapter)
         if rows is None:
@@ -323,12 +333,7 @@ class BayesLoraLinear(LoraLinear):
             return super().get_delta_weight(adapter)
         with torch.no_grad():
             means = self.mean_weights(adapter, refresh=True)
-            delta = means["B"] @ means["A"]
-            rows = self.output_rows(adapter)
-            if rows is not None:  # the other rows of a row-restricted adapter keep the base weights
-                full = delta.new_zeros(self.out_features, self.in_features)
-                full[list(rows)] = delta
-                delta = full
+            delta = self.full_rows(adapter, means["B"]) @ means["A"]
             delta = transpose(delta, self.fan_in_fan_out) * self.scaling[adapter]
         weight = self.get_base_layer().weight
         return delta if weight.dtype in (torch.uint8, torch.int8) else delta.to(weight.dtype)
