@@ -5,14 +5,17 @@ What it measures
 The Bayesian factors of the ``step_time.py`` model (a random Llama, LoRA r=8 on q_proj, v_proj and
 lm_head, q_proj and lm_head Bayesian) are grouped as the sampler groups them. One *draw* is what a
 training step spends on the posterior: stack each group's parameters, draw every factor's weights and
-its flow KL, and backpropagate a scalar of the weights into the posterior parameters. Variants, timed
+its flow KL, and backpropagate a fixed gradient of the weights (what the LoRA forward's backward
+hands them) and the KL into the posterior parameters. Variants, timed
 as interleaved rounds (each round runs every variant once, in turn) so they see the same machine:
 
 * ``before``: the draw as it was (T_r = Z_rᵀK_r⁻¹ and T_c = K_c⁻¹Z_c formed by Cholesky solves with
   d-sized right-hand sides; the prior inducing draw with its d_o×C noise e2; the flows by
   ``torch.func.vmap`` over zuko), kept here as the reference;
-* ``projection``: :func:`bayeslora.core.draw_group` (solves on R×C matrices only, then the projections
-  by Z; (Z_r e2 + D_r e4) replaced by L_r η of the same law) with the flows still by vmap;
+* ``projection``: :func:`bayeslora.core.draw_group` (solves on R×C matrices only, every small product
+  on the R×C core before one d-sized product by Z per wide side, Z Zᵀ with a one-product backward, a
+  lone factor's parameters as views, not stacked copies; (Z_r e2 + D_r e4) replaced by L_r η of the
+  same law) with the flows still by vmap;
 * ``after``: ``draw_group`` with the hand-batched MADE conditioners (``core.flow._batched_flows``);
 * ``sampler``: the whole ``PosteriorSampler.draw`` of the model (layer walk, grouping, every group),
   forward only, which is what sample-mode evaluation pays per forward;
@@ -95,14 +98,25 @@ def with_vmap(fn):
     return run
 
 
+_UPSTREAM: dict = {}  # (group key, weights shape) -> a fixed gradient for the drawn weights
+
+
 def training_draw(groups, draw) -> None:
-    """Stack, draw, and backpropagate: a training step's posterior work."""
-    total = 0.0
+    """Stack, draw, and backpropagate: a training step's posterior work.
+
+    The drawn weights receive a fixed upstream gradient, as the LoRA forward's backward hands them one
+    in a training step, so no stand-in loss adds work of its own (a loss such as ``W.square().mean()``
+    would add three passes over a 32k-row B factor to every variant)."""
+    outputs, grads = [], []
     for key, refs in groups.items():
         stacked = StackedFactors.of([r.factor for r in refs], key[1])
         out = draw(stacked, 1)
-        total = total + out.weights.square().mean() + out.kl_flow.sum()
-    total.backward()
+        upstream = _UPSTREAM.get((key, out.weights.shape))
+        if upstream is None:
+            upstream = _UPSTREAM[(key, out.weights.shape)] = torch.randn_like(out.weights.detach()) * 1e-3
+        outputs += [out.weights, out.kl_flow.sum()]
+        grads += [upstream, torch.ones((), dtype=out.kl_flow.dtype, device=out.kl_flow.device)]
+    torch.autograd.backward(outputs, grads)
 
 
 def timed(fn, device: torch.device) -> float:

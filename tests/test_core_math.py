@@ -11,6 +11,7 @@ from bayeslora.core import (
     FactorShape, InducingFactor, RowFlow, StackedFactors, apply_flows, conditional_kl, draw_group,
     geometry, inverse_softplus, mean_flow_noise, mean_group,
 )
+from bayeslora.core.posterior import _Gram, _project
 
 N_DRAWS = 50_000
 
@@ -152,6 +153,44 @@ def test_float32_draws_stay_linear_in_the_spread_for_narrow_and_wide_factors(d_o
     # float32 with D = 1e-3 leaves ~1e-4 of the deviation's scale (the pre-change T form did the same);
     # solving on the R×C matrix of a narrow factor left 5e-3
     assert (wide - 3.0 * base).abs().max() <= 1e-3 * base.abs().max()
+
+
+@pytest.mark.parametrize("d_out, d_in, rows, cols", [
+    (2, 3, 3, 4),    # both sides narrow: both T formed
+    (40, 3, 3, 4),   # wide rows only
+    (2, 50, 3, 4),   # wide columns only
+    (40, 50, 3, 4),  # both wide, (R×d_i) is the smaller intermediate
+    (5, 50, 4, 3),   # both wide, (d_o×C) is the smaller intermediate
+])
+def test_projection_in_any_order_equals_t_rows_x_t_cols(d_out, d_in, rows, cols):
+    """However :func:`_project` orders its products, it computes scale · T_r X T_c, and its gradients
+    (through the custom Z Zᵀ backward too) are autograd's of the explicit formula."""
+    f = make_factor(d_out=d_out, d_in=d_in, rows=rows, cols=cols)
+    x = torch.randn(1, 2, rows, cols, dtype=torch.float64)
+
+    def projected(explicit: bool):
+        for t in f.parameters():
+            t.grad = None
+        p = StackedFactors.of([f], torch.float64)
+        geo = geometry(p)
+        if explicit:
+            out = 0.7 * geo.proj_rows.unsqueeze(1) @ x @ geo.proj_cols.unsqueeze(1)
+        else:
+            out = _project(x, p.z_rows.unsqueeze(1), p.z_cols.unsqueeze(1), geo.chol_rows.unsqueeze(1),
+                           geo.chol_cols.unsqueeze(1), 0.7)
+        out.sin().sum().backward()
+        return out.detach(), [t.grad.clone() for t in (f.z_rows, f.z_cols, f.delta_rows, f.delta_cols)]
+
+    (ours, our_grads), (theirs, their_grads) = projected(False), projected(True)
+    assert ours.shape == (1, 2, d_out, d_in)
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+    for a, b in zip(our_grads, their_grads):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_gram_backward_is_autograds():
+    z = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_Gram.apply, (z,))
 
 
 def test_conditional_kl_closed_form_matches_gaussian_kl():

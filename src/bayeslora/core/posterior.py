@@ -45,7 +45,9 @@ class StackedFactors:
 
     @classmethod
     def of(cls, factors: list[InducingFactor], dtype: torch.dtype) -> "StackedFactors":
-        def stack(name: str) -> Tensor:
+        def stack(name: str) -> Tensor:  # a lone factor is a view: no copy forward, none backward
+            if len(factors) == 1:
+                return getattr(factors[0], name).unsqueeze(0).to(dtype)
             return torch.stack([getattr(f, name) for f in factors]).to(dtype)
 
         shape = factors[0].shape
@@ -93,12 +95,27 @@ NOT_POSITIVE_DEFINITE = ("inducing kernel K = Z Zᵀ + D² is not positive defin
                          "check the learning rate or raise `jitter`")
 
 
+class _Gram(torch.autograd.Function):
+    """Z Zᵀ with a one-product backward, (G + Gᵀ) Z, where autograd's own takes two products of
+    Z's size and a sum: on a 32k-row lm_head B factor Z is the largest tensor of the draw."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:
+        ctx.save_for_backward(z)
+        return z @ z.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (z,) = ctx.saved_tensors
+        return (grad + grad.transpose(-1, -2)) @ z
+
+
 def _kernel(z: Tensor, diag: Tensor, jitter: float, defer: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """K = Z Zᵀ + D² + jitter·mean(diag K)·I, its Cholesky factor, the jittered D, and whether any
     factorisation failed (a 0-d bool tensor). On the CPU a failure raises at once unless ``defer``; on
     accelerators it never does here (that would sync the host): the caller checks the flag when it
     chooses (:meth:`PosteriorSampler.check_posterior`)."""
-    gram = z @ z.transpose(-1, -2)
+    gram = _Gram.apply(z)
     d2 = diag.square()
     jit = jitter * (gram.diagonal(dim1=-2, dim2=-1) + d2).mean(-1, keepdim=True)
     d2 = d2 + jit
@@ -139,30 +156,45 @@ def _whitened(p: StackedFactors, eps: Tensor) -> tuple[Tensor, Tensor]:
     return apply_flows(flows, u0)
 
 
-def _left(x: Tensor, z: Tensor, chol: Tensor) -> Tensor:
-    """Zᵀ K⁻¹ X for X (..., R, C) and Z (..., R, d): (..., d, C).
+def _narrow(z: Tensor) -> bool:
+    """Whether a side's width d is at most its inducing size (Z is (..., R, d)).
 
     With d ≤ R, K = Z Zᵀ + D² is nearly rank-deficient (D is small), so K⁻¹X would blow the parts of X
-    outside Z's range up by 1/D² before Zᵀ cancels them, in rounding; T = Zᵀ K⁻¹ = (K⁻¹ Z)ᵀ stays
-    in range and costs only R²·d, so it is formed. With d > R (a wide layer, where forming T costs a
+    outside Z's range up by 1/D² before Zᵀ cancels them, in rounding; T = Zᵀ K⁻¹ = (K⁻¹ Z)ᵀ stays in
+    range and costs only R²·d, so it is formed. With d > R (a wide layer, where forming T costs a
     solve with d right-hand sides) the solve runs on X, which is then well conditioned."""
-    if z.shape[-1] <= z.shape[-2]:
-        return torch.cholesky_solve(z, chol).transpose(-1, -2) @ x
-    return z.transpose(-1, -2) @ torch.cholesky_solve(x, chol)
+    return z.shape[-1] <= z.shape[-2]
 
 
-def _right(x: Tensor, z: Tensor, chol: Tensor) -> Tensor:
-    """X K⁻¹ Z for X (..., A, C) and Z (..., C, d): (..., A, d); the same choice as :func:`_left`."""
-    if z.shape[-1] <= z.shape[-2]:
-        return x @ torch.cholesky_solve(z, chol)
-    return torch.cholesky_solve(x.transpose(-1, -2), chol).transpose(-1, -2) @ z
+def _project(x: Tensor, z_rows: Tensor, z_cols: Tensor, chol_rows: Tensor, chol_cols: Tensor,
+             scale: float = 1.0) -> Tensor:
+    """scale · T_r X T_c = scale · Z_rᵀ [K_r⁻¹ X K_c⁻¹] Z_c for X (..., R, C): (..., d_o, d_i).
 
-
-def _project(x: Tensor, z_rows: Tensor, z_cols: Tensor, chol_rows: Tensor, chol_cols: Tensor) -> Tensor:
-    """T_r X T_c = Z_rᵀ [K_r⁻¹ X K_c⁻¹] Z_c for X (..., R, C). On a wide side the solve runs on the R×C
-    matrix and Z projects afterwards, so T (d×R) is never formed by a solve with d right-hand sides;
-    on a narrow side (a LoRA rank below R or C) T is formed, cheaply and stably (see :func:`_left`)."""
-    return _right(_left(x, z_rows, chol_rows), z_cols, chol_cols)
+    Every product that stays small runs first, on the R×C core: the solves of a wide side (see
+    :func:`_narrow`), the formed T of a narrow side and ``scale``; only then does Z of each wide side
+    multiply, the cheaper order first when both are wide. So a wide side costs one d-sized product
+    (and one in backward), e.g. a 32k-row lm_head B is one (d_o×R)(R×d_i) product, not two."""
+    wide_rows, wide_cols = not _narrow(z_rows), not _narrow(z_cols)
+    if wide_rows:
+        x = torch.cholesky_solve(x, chol_rows)
+    else:
+        x = torch.cholesky_solve(z_rows, chol_rows).transpose(-1, -2) @ x
+    if wide_cols:
+        x = torch.cholesky_solve(x.transpose(-1, -2), chol_cols).transpose(-1, -2)
+    else:
+        x = x @ torch.cholesky_solve(z_cols, chol_cols)
+    x = x * scale
+    if wide_rows and wide_cols:
+        d_o, d_i = z_rows.shape[-1], z_cols.shape[-1]
+        rows, cols = x.shape[-2:]
+        if rows * d_i <= d_o * cols:  # the smaller intermediate: (R×d_i) before (d_o×C)
+            return z_rows.transpose(-1, -2) @ (x @ z_cols)
+        return (z_rows.transpose(-1, -2) @ x) @ z_cols
+    if wide_rows:
+        return z_rows.transpose(-1, -2) @ x
+    if wide_cols:
+        return x @ z_cols
+    return x
 
 
 def draw_group(
@@ -207,7 +239,7 @@ def draw_group(
     u_prior = (z_r @ e1 + d_r * e3) @ z_c.transpose(-1, -2) + (chol_r @ eta) * d_c
 
     lam = p.lam[:, None, None, None]
-    weights = s.prior_scale * (_project(u - lam * u_prior, z_r, z_c, chol_r, chol_c) + lam * e1)
+    weights = torch.addcmul(_project(u - lam * u_prior, z_r, z_c, chol_r, chol_c, s.prior_scale), s.prior_scale * lam, e1)
     kl = flow_kl_sample(eps, p.sigma.log(), ladj, u_w - p.prior_mean.unsqueeze(1))
     return GroupDraw(weights=weights, kl_flow=kl, failed=failed_r | failed_c)
 
@@ -247,7 +279,7 @@ def mean_group(p: StackedFactors, mean_samples: int, seed: int) -> Tensor:
     chol_r, _, _, _ = _kernel(p.z_rows, p.d_rows, p.shape.jitter)
     chol_c, _, _, _ = _kernel(p.z_cols, p.d_cols, p.shape.jitter)
     u = chol_r @ mean_w @ chol_c.transpose(-1, -2)
-    return p.shape.prior_scale * _project(u, p.z_rows, p.z_cols, chol_r, chol_c)
+    return _project(u, p.z_rows, p.z_cols, chol_r, chol_c, p.shape.prior_scale)
 
 
 def conditional_kl_group(p: StackedFactors) -> Tensor:
