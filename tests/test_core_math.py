@@ -11,7 +11,7 @@ from bayeslora.core import (
     FactorShape, InducingFactor, RowFlow, StackedFactors, apply_flows, conditional_kl, draw_group,
     geometry, inverse_softplus, mean_flow_noise, mean_group,
 )
-from bayeslora.core.posterior import _Gram, _project
+from bayeslora.core.posterior import _Gram, _PlusScaledNoise, _project
 
 N_DRAWS = 50_000
 
@@ -191,6 +191,14 @@ def test_projection_in_any_order_equals_t_rows_x_t_cols(d_out, d_in, rows, cols)
 def test_gram_backward_is_autograds():
     z = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_Gram.apply, (z,))
+
+
+def test_scaled_noise_backward_is_autograds():
+    p = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.rand(2, 1, 1, 1, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_PlusScaledNoise.apply, (p, c, e))
+    torch.testing.assert_close(_PlusScaledNoise.apply(p, c, e), p + c * e)
 
 
 def test_conditional_kl_closed_form_matches_gaussian_kl():
