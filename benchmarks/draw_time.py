@@ -11,7 +11,8 @@ as interleaved rounds (each round runs every variant once, in turn) so they see 
 
 * ``before``: the draw as it was (T_r = Z_rᵀK_r⁻¹ and T_c = K_c⁻¹Z_c formed by Cholesky solves with
   d-sized right-hand sides; the prior inducing draw with its d_o×C noise e2; the flows by
-  ``torch.func.vmap`` over zuko), kept here as the reference;
+  ``torch.func.vmap`` over zuko), kept here as the reference; it shares the current kernel (Z Zᵀ with its
+  one-product backward) and stacking (a lone factor as views), so after/before understates those;
 * ``projection``: :func:`bayeslora.core.draw_group` (solves on R×C matrices only, every small product
   on the R×C core before one d-sized product by Z per wide side, Z Zᵀ with a one-product backward, a
   lone factor's parameters as views, not stacked copies; (Z_r e2 + D_r e4) replaced by L_r η of the

@@ -159,8 +159,9 @@ def test_float32_draws_stay_linear_in_the_spread_for_narrow_and_wide_factors(d_o
     (2, 3, 3, 4),    # both sides narrow: both T formed
     (40, 3, 3, 4),   # wide rows only
     (2, 50, 3, 4),   # wide columns only
-    (40, 50, 3, 4),  # both wide, (R×d_i) is the smaller intermediate
-    (5, 50, 4, 3),   # both wide, (d_o×C) is the smaller intermediate
+    (40, 50, 3, 4),  # both wide, (R×d_i) first is cheaper
+    (5, 50, 4, 3),   # both wide, (d_o×C) first is cheaper
+    (9, 9, 9, 9),    # d = R: both narrow, at the boundary
 ])
 def test_projection_in_any_order_equals_t_rows_x_t_cols(d_out, d_in, rows, cols):
     """However :func:`_project` orders its products, it computes scale · T_r X T_c, and its gradients

@@ -209,7 +209,7 @@ def _project(x: Tensor, z_rows: Tensor, z_cols: Tensor, chol_rows: Tensor, chol_
     if wide_rows and wide_cols:
         d_o, d_i = z_rows.shape[-1], z_cols.shape[-1]
         rows, cols = x.shape[-2:]
-        if rows * d_i <= d_o * cols:  # the smaller intermediate: (R×d_i) before (d_o×C)
+        if rows * d_i * (cols + d_o) <= d_o * cols * (rows + d_i):  # multiply-adds of each order
             return z_rows.transpose(-1, -2) @ (x @ z_cols)
         return (z_rows.transpose(-1, -2) @ x) @ z_cols
     if wide_rows:
