@@ -189,7 +189,7 @@ def _narrow(z: Tensor) -> bool:
 
 
 def _project(x: Tensor, z_rows: Tensor, z_cols: Tensor, chol_rows: Tensor, chol_cols: Tensor,
-             scale: float = 1.0) -> Tensor:
+             scale: float) -> Tensor:
     """scale · T_r X T_c = scale · Z_rᵀ [K_r⁻¹ X K_c⁻¹] Z_c for X (..., R, C): (..., d_o, d_i).
 
     Every product that stays small runs first, on the R×C core: the solves of a wide side (see
@@ -206,16 +206,14 @@ def _project(x: Tensor, z_rows: Tensor, z_cols: Tensor, chol_rows: Tensor, chol_
     else:
         x = x @ torch.cholesky_solve(z_cols, chol_cols)
     x = x * scale
-    if wide_rows and wide_cols:
-        d_o, d_i = z_rows.shape[-1], z_cols.shape[-1]
-        rows, cols = x.shape[-2:]
-        if rows * d_i * (cols + d_o) <= d_o * cols * (rows + d_i):  # multiply-adds of each order
+    if wide_rows and wide_cols:  # Z_c first when that order takes fewer multiply-adds
+        (rows, cols), d_o, d_i = x.shape[-2:], z_rows.shape[-1], z_cols.shape[-1]
+        if rows * d_i * (cols + d_o) <= d_o * cols * (rows + d_i):
             return z_rows.transpose(-1, -2) @ (x @ z_cols)
-        return (z_rows.transpose(-1, -2) @ x) @ z_cols
     if wide_rows:
-        return z_rows.transpose(-1, -2) @ x
+        x = z_rows.transpose(-1, -2) @ x
     if wide_cols:
-        return x @ z_cols
+        x = x @ z_cols
     return x
 
 
