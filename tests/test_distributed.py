@@ -1,4 +1,6 @@
-"""Data parallelism: a 2-process CPU run (gloo) equals a single process with the same global batch."""
+"""Data parallelism, DDP and FSDP2: a 2-process CPU run (gloo) equals a single process with the same global
+batch, and a killed one resumes to the uninterrupted result. Under FSDP the frozen base is sharded (each
+rank holds half of it) while the adapter stays whole (bayeslora.training.sharding)."""
 
 from __future__ import annotations
 
@@ -52,15 +54,21 @@ def bayes_train_args(model_dir: str, data: Path, out: Path, batch_size: int, *bu
             "--target-modules", *TARGETS["causal"], "--sigma-u-init", "0.05", "--lambda-init", "0.02"]
 
 
-def two_processes() -> list[str]:
-    """accelerate launch of 2 processes with the shipped DDP config (MULTI_GPU: accelerate's torch.distributed
-    launcher; without a GPU the trainer's Accelerator(cpu=True) takes the MULTI_CPU path with gloo)."""
-    return [shutil.which("accelerate"), "launch", "--config_file", str(launch_config("ddp")), "--num_processes",
+def two_processes(engine: str) -> list[str]:
+    """accelerate launch of 2 processes with a shipped config: ``ddp`` (MULTI_GPU: accelerate's
+    torch.distributed launcher; without a GPU the trainer's Accelerator(cpu=True) takes the MULTI_CPU path
+    with gloo) or ``fsdp`` (FSDP2, which the trainer runs over gloo too)."""
+    return [shutil.which("accelerate"), "launch", "--config_file", str(launch_config(engine)), "--num_processes",
             "2", "-m", "bayeslora.cli"]
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not installed")
-def test_two_process_run_equals_single_process(tmp_path):
+ENGINES = pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+NEEDS_LAUNCHER = pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not installed")
+
+
+@NEEDS_LAUNCHER
+@ENGINES
+def test_two_process_run_equals_single_process(tmp_path, engine):
     data, examples, model_dir = tiny_task(tmp_path)
 
     def args(out: Path, batch_size: int) -> list[str]:
@@ -71,10 +79,17 @@ def test_two_process_run_equals_single_process(tmp_path):
 
     double = tmp_path / "double"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([*two_processes(), *args(double, 4)], env=env, capture_output=True, text=True,
+    proc = subprocess.run([*two_processes(engine), *args(double, 4)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((double / "config.json").read_text())["num_processes"] == 2
+    config = json.loads((double / "config.json").read_text())
+    assert config["num_processes"] == 2
+    assert config["distributed"] == {"ddp": "MULTI_CPU", "fsdp": "FSDP"}[engine]
+    frozen, held = config["parameters"] - config["trainable_parameters"], config["parameters_held_per_process"]
+    if engine == "fsdp":  # rank 0 holds the whole adapter and half the base (rounded up per tensor row)
+        assert config["trainable_parameters"] + frozen // 2 <= held <= config["trainable_parameters"] + 0.55 * frozen
+    else:
+        assert held == config["parameters"]
 
     a, b = logits_of(single, examples[:8]), logits_of(double, examples[:8])
     for mode in a:
@@ -84,8 +99,9 @@ def test_two_process_run_equals_single_process(tmp_path):
     assert base_a["nll"] == pytest.approx(base_b["nll"], abs=1e-5)
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not installed")
-def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(tmp_path):
+@NEEDS_LAUNCHER
+@ENGINES
+def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(tmp_path, engine):
     """SIGKILL every rank of a 2-process run mid-epoch, resume it with 2 processes: its history and logits
     equal an uninterrupted 2-process run's (each rank restores its own RNGs). The reference is a 2-process
     run, not a single process: over 12 steps the all-reduce's summation order alone parts those by ~1e-4."""
@@ -95,7 +111,7 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(tmp_path):
         return bayes_train_args(model_dir, data, out, batch_size, "--epochs", "3", "--save-steps", "1")
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    launch = two_processes()
+    launch = two_processes(engine)
     single = tmp_path / "uninterrupted"
     reference = subprocess.run([*launch, *args(single, 4)], env=env, capture_output=True, text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -138,8 +154,12 @@ def test_shipped_launch_configs_load_in_accelerate():
 
     from bayeslora.launch import LAUNCH_CONFIGS
 
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP"}
+    assert set(LAUNCH_CONFIGS) == set(expected)
     for name in LAUNCH_CONFIGS:
         config = load_config_from_file(str(launch_config(name)))
-        assert config.distributed_type.value == "MULTI_GPU" and config.num_machines == 1
-    with pytest.raises(ValueError, match="unknown launch config 'fsdp'"):
-        launch_config("fsdp")
+        assert config.distributed_type.value == expected[name] and config.num_machines == 1
+    fsdp = load_config_from_file(str(launch_config("fsdp"))).fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_cpu_ram_efficient_loading"] is False
+    with pytest.raises(ValueError, match="unknown launch config 'zero3'"):
+        launch_config("zero3")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 __all__ = ["LAUNCH_CONFIGS", "launch_config"]
 
-LAUNCH_CONFIGS = ("ddp",)
+LAUNCH_CONFIGS = ("ddp", "fsdp")
 
 
 def launch_config(name: str) -> Path:

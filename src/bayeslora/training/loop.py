@@ -1,4 +1,5 @@
-"""The training loop on Hugging Face Accelerate: CPU, one GPU or many (``accelerate launch``).
+"""The training loop on Hugging Face Accelerate: CPU, one GPU or many (``accelerate launch``; DDP or FSDP2,
+see :mod:`.sharding`).
 
 Data order is a permutation seeded by (seed, epoch); each optimizer step takes the next global batch
 (batch_size × processes rows) and rank r takes its slice, so a run resumes at an exact position and
@@ -34,6 +35,7 @@ from ..layout import RunFolder
 from .checkpoint import atomic_dir, existing_dir, load_checkpoint, rng_state, save_checkpoint
 from .config import TrainConfig, resolve
 from .recipes import RECIPES, StepContext
+from .sharding import Sharding
 
 __all__ = ["TrainModule", "train", "versions"]
 
@@ -48,6 +50,12 @@ class TrainModule(nn.Module):
     def forward(self, batch: dict[str, Any], num_samples: int) -> dict[str, Any]:
         out = self.method.train_outputs(self.model, self.scorer, batch, num_samples)
         return {"log_probs": out.log_probs, "kl_flow": out.kl_flow, "kl_cond": out.kl_cond}
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """What FSDP's transformer-based auto wrap makes a unit each: the model's blocks, then the model
+        itself (its embeddings and head), so a forward of the model alone (validation) un-shards them."""
+        return [*(getattr(self.model, "_no_split_modules", None) or []), type(self.model).__name__]
 
 
 def versions() -> dict[str, str]:
@@ -138,6 +146,7 @@ class Trainer:
         self.cfg, self.folder = cfg, RunFolder(cfg.output)
         # cpu=True without an accelerator, so a multi-process launch on CPUs takes the gloo backend
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        self.sharding = Sharding.setup(self.acc)
         set_seed(cfg.seed)
         self.method = get_method(cfg.method, cfg.method_options)
         self.recipe = RECIPES[cfg.recipe]
@@ -171,12 +180,13 @@ class Trainer:
         self.memory = self._estimate_memory()
         self.history: list[dict[str, Any]] = []
         self.position = Position()
-        if resume:
+        self.sharding.exclude_trainable(self.module)
+        self.wrapped, self.optimizer = self.acc.prepare(self.module, self.optimizer)
+        if resume:  # after prepare: FSDP re-keys the optimizer to the parameters it registered
             state = load_checkpoint(self.folder.root, self.module, self.optimizer, self.scheduler,
                                     rank=self.acc.process_index)
             self.position = Position(**state["position"])
             self.history = state["history"]
-        self.wrapped, self.optimizer = self.acc.prepare(self.module, self.optimizer)
         if not resume:
             self._write_run_config()
 
@@ -206,9 +216,12 @@ class Trainer:
                  for split, file in (("train", cfg.train_file), ("val", cfg.val_file or cfg.train_file))}
         write_json_atomic(self.folder.config, {
             "train": cfg.to_dict(), "versions": versions(), "seed": cfg.seed, "data_files": files,
-            "model_kind": self.kind, "num_processes": self.acc.num_processes, "n_train": len(self.train_set),
+            "model_kind": self.kind, "num_processes": self.acc.num_processes,
+            "distributed": self.acc.distributed_type.value, "n_train": len(self.train_set),
             "n_val": len(self.val_set), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "trainable_parameters": sum(p.numel() for p in self.module.parameters() if p.requires_grad),
+            "parameters": sum(p.numel() for p in self.module.parameters()),
+            "parameters_held_per_process": Sharding.held_parameters(self.module),  # less under FSDP
             "memory_estimate_bytes": self.memory.to_dict(),
         })
 
@@ -262,6 +275,7 @@ class Trainer:
             for key in ("kl_flow", "kl_cond"):
                 value = getattr(parts, key)
                 logs[key] += 0.0 if value is None else float(value.detach()) * weight
+        self.sharding.reduce_gradients(self.module)
         if self.cfg.max_grad_norm > 0:
             self.acc.clip_grad_norm_(self.wrapped.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
@@ -310,8 +324,9 @@ class Trainer:
 
     def _end_epoch(self, epoch: int) -> None:
         self.method.check_health(self.module.model)  # every rank, before anything is validated or saved
+        # a sharded forward is a collective: under FSDP every rank validates (the same rows), rank 0 writes
+        val = self.evaluate_val() if self.acc.is_main_process or self.sharding.sharded else None
         if self.acc.is_main_process:
-            val = self.evaluate_val()
             adapter = self._save_adapter(epoch)
             # timing: this epoch's optimizer steps in this process (after a resume, only the steps it ran)
             entry = {"epoch": epoch, "step": self.position.step, "val": val, "adapter": adapter,
