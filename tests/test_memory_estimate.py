@@ -72,3 +72,25 @@ def test_a_run_prints_and_records_its_estimate(tmp_path, capsys):
     assert "memory estimate" in printed and "16 rows" in printed  # batch 4 × 4 choices × 1 draw
     recorded = RunFolder(tmp_path / "run").read_config()["memory_estimate_bytes"]
     assert recorded["total"] > recorded["base"] > 0
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_a_sharded_base_holds_its_shard_plus_the_units_it_gathers(shards):
+    """FSDP: 1/N of the frozen base, plus whole copies of the model's own unit and two blocks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    m = bayeslora.get_model(base, bayeslora.BayesLoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                            bayesian_modules=["q_proj"]))
+    whole = estimate_training_memory(m, rows=2, seq=8)
+    sharded = estimate_training_memory(m, rows=2, seq=8, base_shards=shards)
+    names = set(m._no_split_modules)
+    blocks = [sum(p.numel() * p.element_size() for p in b.parameters() if not p.requires_grad)
+              for b in m.modules() if type(b).__name__ in names]
+    assert len(blocks) == 6
+    outside = whole.base - sum(blocks)
+    assert sharded.base == whole.base // shards + (outside + 2 * max(blocks)) * (shards - 1) // shards
+    assert sharded.base < whole.base and sharded.trainable == whole.trainable  # adapters stay whole
+    assert sharded.to_dict()["total"] == whole.total - whole.base + sharded.base

@@ -12,6 +12,10 @@ logits, their log-softmax, and the gradients of both (the positions are every to
 loss, the last one for answer-label scoring, the continuation for choice log-likelihood) (an adapted head adds its delta to the logits). Each row is one sequence the model runs: an encoder scoring (context, choice)
 pairs and a causal LM scoring choice log-likelihoods run one row per choice.
 
+Under FSDP (``base_shards`` = processes) each process stores 1/N of the frozen base and gathers whole
+copies of what is running: the model's own unit (embeddings, head; gathered for the whole forward and
+backward) and up to two blocks (the current one and the prefetched next).
+
 It is an estimate, checked against measured peaks by ``benchmarks/memory_estimate.py`` (README,
 Performance): allocator caching and framework overhead come on top.
 """
@@ -65,7 +69,8 @@ def _config_value(config, *names: str) -> Optional[int]:
 
 def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_samples: int = 1,
                              activation_bytes: Optional[int] = None, full_logits: bool = False,
-                             checkpointing: bool = False, head_positions: int = 0) -> MemoryEstimate:
+                             checkpointing: bool = False, head_positions: int = 0,
+                             base_shards: int = 1) -> MemoryEstimate:
     """Estimate the peak of one training step of ``model`` (a PEFT-wrapped transformers model).
 
     Args:
@@ -83,6 +88,7 @@ def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_sam
             ``head_positions = seq``).
         checkpointing: gradient checkpointing per block: each block keeps only its input (tokens ×
             hidden values) and one block at a time holds its full activations during the backward.
+        base_shards: processes the frozen base is sharded over (FSDP; module docstring), 1 otherwise.
     """
     from .surgery.layer import BayesLoraLinear
 
@@ -90,6 +96,8 @@ def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_sam
     trainable = [p for p in model.parameters() if p.requires_grad]
     base = sum(p.numel() * p.element_size() for p in frozen) + sum(b.numel() * b.element_size()
                                                                    for b in model.buffers())
+    if base_shards > 1:
+        base = _sharded_base(model, base, base_shards)
     train_bytes = sum(p.numel() * p.element_size() for p in trainable)
     optimizer = sum(2 * p.numel() * max(4, p.element_size()) for p in trainable)
     draws = 0
@@ -117,3 +125,13 @@ def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_sam
     activations += LOGITS_TENSORS * rows * positions * vocab * 4
     return MemoryEstimate(base=base, trainable=train_bytes, gradients=train_bytes, optimizer=optimizer,
                           draws=draws, activations=activations)
+
+
+def _sharded_base(model: nn.Module, whole: int, shards: int) -> int:
+    """Bytes of the frozen base one FSDP process holds at its peak (module docstring)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [sum(p.numel() * p.element_size() for p in m.parameters() if not p.requires_grad)
+              for m in model.modules() if type(m).__name__ in names]
+    outside = whole - sum(blocks)
+    gathered = (outside + 2 * max(blocks, default=0)) * (shards - 1) // shards  # beyond its own shard
+    return whole // shards + gathered

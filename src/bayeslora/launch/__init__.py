@@ -5,11 +5,10 @@ the test suite itself launches with::
         --num_processes 4 -m bayeslora.cli train ...
 
 
-Only configs that a test runs are shipped: ``ddp`` (data parallel; tested on CPU with 2 gloo processes,
-and a killed run resumed). FSDP and DeepSpeed ZeRO-3 shard parameters outside each wrapped block's
-forward, while the posterior sampler draws every factor once per forward at the model's root, so they
-need the Bayesian factors kept unsharded; that is not built, and Accelerate runs an FSDP config as
-plain DDP without a GPU, so no CPU test could check it (README, "Scale-out").
+Only configs that a test runs are shipped: ``ddp`` (data parallel) and ``fsdp`` (FSDP2 full shard of the
+frozen base, the adapter whole on every rank: :mod:`bayeslora.training.sharding`), each tested on CPU with
+2 gloo processes against one process, and a killed run resumed. DeepSpeed is not built (README,
+"Scale-out").
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ LAUNCH_CONFIGS = ("ddp", "fsdp")
 
 
 def launch_config(name: str) -> Path:
-    """Path of a shipped accelerate config file (``ddp``)."""
+    """Path of a shipped accelerate config file (``ddp`` or ``fsdp``)."""
     if name not in LAUNCH_CONFIGS:
         raise ValueError(f"unknown launch config {name!r}; shipped: {', '.join(LAUNCH_CONFIGS)}")
     return Path(str(resources.files(__package__) / f"{name}.yaml"))

@@ -201,7 +201,8 @@ class Trainer:
         estimate = estimate_training_memory(
             self.module.model, rows=rows, seq=seq, train_samples=cfg.train_samples,
             activation_bytes=2 if cfg.mixed_precision in ("bf16", "fp16") else None,
-            checkpointing=cfg.gradient_checkpointing, head_positions=head_positions)
+            checkpointing=cfg.gradient_checkpointing, head_positions=head_positions,
+            base_shards=self.acc.num_processes if self.sharding.sharded else 1)
         self.acc.print(f"{estimate.describe()} (per process; {rows} rows of {seq} tokens, the longest of the "
                        "first 64 training items)")
         return estimate
