@@ -163,3 +163,42 @@ def test_shipped_launch_configs_load_in_accelerate():
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_cpu_ram_efficient_loading"] is False
     with pytest.raises(ValueError, match="unknown launch config 'zero3'"):
         launch_config("zero3")
+
+
+def _reduce_on_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from bayeslora.training.sharding import Sharding
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    module = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 2), "b": torch.nn.Linear(2, 2), "c": torch.nn.Linear(2, 1)})
+    module["c"].bias.requires_grad_(False)
+    for name, value in (("a", 1.0 + rank), ("b", 4.0)):
+        if name == "b" and rank == 0:
+            continue  # rank 0's backward never reached b: its buffer must still match rank 1's
+        for p in module[name].parameters():
+            p.grad = torch.full_like(p, value)
+    sharding = Sharding.__new__(Sharding)
+    sharding.sharded, sharding.acc = True, type("Acc", (), {"num_processes": 2})()
+    sharding.reduce_gradients(module)
+    torch.save({n: None if p.grad is None else p.grad.clone() for n, p in module.named_parameters()}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_fsdp_gradient_average_survives_ranks_that_reached_different_parameters(tmp_path):
+    """The flat all-reduce of whole (trainable) parameters' gradients: the mean over ranks, a gradient one
+    rank lacks counts as zero there, and a parameter no rank reached keeps ``grad = None``."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "grads")
+    mp.spawn(_reduce_on_rank, args=(port, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        grads = torch.load(f"{out}.{rank}", weights_only=True)
+        assert torch.equal(grads["a.weight"], torch.full((2, 3), 1.5))
+        assert torch.equal(grads["b.bias"], torch.full((2,), 2.0))
+        assert grads["c.weight"] is None and grads["c.bias"] is None

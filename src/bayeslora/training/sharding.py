@@ -79,16 +79,25 @@ class Sharding:
         return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters())
 
     def reduce_gradients(self, module: nn.Module) -> None:
-        """Average the unsharded (trainable) parameters' gradients over ranks: one flat all-reduce."""
+        """Average the unsharded (trainable) parameters' gradients over ranks: one flat all-reduce.
+
+        Every trainable parameter takes part in a fixed order (a missing gradient as zeros), so the
+        buffer has the same size on every rank whatever each one's backward reached; a parameter no rank
+        reached keeps ``grad = None`` (AdamW then skips it, as one process would)."""
         if not self.sharded:
             return
-        grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
-        if not grads:
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
             return
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        device = params[0].device
+        reached = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+        flat = torch.cat([reached] + [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                                      for p in params])
         torch.distributed.all_reduce(flat)
-        flat /= self.acc.num_processes
+        reached, values = flat[:len(params)], flat[len(params):] / self.acc.num_processes
         offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        for p, any_rank in zip(params, reached.tolist()):
+            part = values[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if any_rank:
+                p.grad = part.to(p.dtype).clone() if p.grad is None else p.grad.copy_(part)
