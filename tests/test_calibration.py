@@ -100,7 +100,8 @@ def test_the_posterior_scale_multiplies_every_deviation_from_the_mean():
     bayeslora.set_posterior_scale(model, 3.0)
     wide = drawn(model, seed=5)
     for m, b, w in zip(means, base, wide):
-        assert torch.allclose(w - m, 3.0 * (b - m), atol=1e-6, rtol=1e-5)
+        # float32 draws: subtracting the mean leaves rounding on the scale of |w|, not of w - m
+        assert torch.allclose(w - m, 3.0 * (b - m), atol=1e-6 * float(w.abs().max()), rtol=1e-5)
         assert not torch.allclose(w, b)
     bayeslora.set_posterior_scale(model, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(base, drawn(model, seed=5)))
