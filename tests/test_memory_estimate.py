@@ -94,3 +94,15 @@ def test_a_sharded_base_holds_its_shard_plus_the_units_it_gathers(shards):
     assert sharded.base == whole.base // shards + (outside + 2 * max(blocks)) * (shards - 1) // shards
     assert sharded.base < whole.base and sharded.trainable == whole.trainable  # adapters stay whole
     assert sharded.to_dict()["total"] == whole.total - whole.base + sharded.base
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_zero2_partitions_the_adam_moments_and_its_float32_masters(shards):
+    """DeepSpeed ZeRO-2: each rank holds 1/N of AdamW's two moments plus 1/N float32 master weights; the
+    base, the adapter weights and (counted whole) the gradients do not change."""
+    m = model()
+    whole = estimate_training_memory(m, rows=2, seq=8)
+    zero = estimate_training_memory(m, rows=2, seq=8, optimizer_shards=shards)
+    trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert zero.optimizer == (2 * 4 * trainable + 4 * trainable) // shards
+    assert (zero.base, zero.trainable, zero.gradients) == (whole.base, whole.trainable, whole.gradients)

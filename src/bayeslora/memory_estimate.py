@@ -14,7 +14,9 @@ pairs and a causal LM scoring choice log-likelihoods run one row per choice.
 
 Under FSDP (``base_shards`` = processes) each process stores 1/N of the frozen base and gathers whole
 copies of what is running: the model's own unit (embeddings, head; gathered for the whole forward and
-backward) and up to two blocks (the current one and the prefetched next).
+backward) and up to two blocks (the current one and the prefetched next). Under DeepSpeed ZeRO-2
+(``optimizer_shards`` = processes) each holds 1/N of the AdamW moments plus 1/N float32 master weights;
+gradients are counted whole (the backward makes them whole before they are reduced into partitions).
 
 It is an estimate, checked against measured peaks by ``benchmarks/memory_estimate.py`` (README,
 Performance): allocator caching and framework overhead come on top.
@@ -70,7 +72,7 @@ def _config_value(config, *names: str) -> Optional[int]:
 def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_samples: int = 1,
                              activation_bytes: Optional[int] = None, full_logits: bool = False,
                              checkpointing: bool = False, head_positions: int = 0,
-                             base_shards: int = 1) -> MemoryEstimate:
+                             base_shards: int = 1, optimizer_shards: int = 1) -> MemoryEstimate:
     """Estimate the peak of one training step of ``model`` (a PEFT-wrapped transformers model).
 
     Args:
@@ -89,6 +91,8 @@ def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_sam
         checkpointing: gradient checkpointing per block: each block keeps only its input (tokens ×
             hidden values) and one block at a time holds its full activations during the backward.
         base_shards: processes the frozen base is sharded over (FSDP; module docstring), 1 otherwise.
+        optimizer_shards: processes the trainable parameters' gradients and AdamW state are partitioned
+            over (DeepSpeed ZeRO-2, which also keeps a float32 master copy of its partition), 1 otherwise.
     """
     from .surgery.layer import BayesLoraLinear
 
@@ -100,6 +104,8 @@ def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_sam
         base = _sharded_base(model, base, base_shards)
     train_bytes = sum(p.numel() * p.element_size() for p in trainable)
     optimizer = sum(2 * p.numel() * max(4, p.element_size()) for p in trainable)
+    if optimizer_shards > 1:  # ZeRO: 1/N of the moments plus 1/N float32 master weights
+        optimizer = (optimizer + sum(4 * p.numel() for p in trainable)) // optimizer_shards
     draws = 0
     for module in model.modules():
         if isinstance(module, BayesLoraLinear):

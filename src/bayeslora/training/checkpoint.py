@@ -94,13 +94,14 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, position: dict[str, Any],
-                    rng_states: list[dict[str, Any]] | None = None) -> None:
-    """Write the checkpoint; ``rng_states`` holds one RNG state per data-parallel rank (default: ours)."""
+def save_checkpoint(run_dir: Path, module: nn.Module, optimizer_state: dict[str, Any], scheduler,
+                    position: dict[str, Any], rng_states: list[dict[str, Any]] | None = None) -> None:
+    """Write the checkpoint; ``optimizer_state`` is a ``state_dict()`` in torch's single-process format
+    (gathered first where an engine partitions it), ``rng_states`` one RNG state per data-parallel rank."""
     def write(tmp: Path) -> None:
         save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
         tensors: dict[str, torch.Tensor] = {}
-        meta = encode_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tensors)
+        meta = encode_state({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tensors)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(meta))
         _save_rng(tmp, rng_states or [rng_state()])
@@ -117,7 +118,8 @@ def existing_dir(target: Path) -> Path:
 
 
 def load_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this rank's RNGs; returns the saved position."""
+    """Restore weights, then the optimizer (anything with ``load_state_dict``; it may read the weights
+    just restored), scheduler and this rank's RNGs; returns the saved position."""
     folder = existing_dir(RunFolder(run_dir).checkpoint)
     if not (folder / "state.json").exists():
         raise FileNotFoundError(f"{folder}: no checkpoint to resume from")

@@ -1,5 +1,5 @@
-"""The training loop on Hugging Face Accelerate: CPU, one GPU or many (``accelerate launch``; DDP or FSDP2,
-see :mod:`.sharding`).
+"""The training loop on Hugging Face Accelerate: CPU, one GPU or many (``accelerate launch``; DDP, FSDP2 or
+DeepSpeed ZeRO-2, see :mod:`.sharding`).
 
 Data order is a permutation seeded by (seed, epoch); each optimizer step takes the next global batch
 (batch_size × processes rows) and rank r takes its slice, so a run resumes at an exact position and
@@ -14,7 +14,6 @@ import dataclasses
 import math
 import platform
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -35,7 +34,7 @@ from ..layout import RunFolder
 from .checkpoint import atomic_dir, existing_dir, load_checkpoint, rng_state, save_checkpoint
 from .config import TrainConfig, resolve
 from .recipes import RECIPES, StepContext
-from .sharding import Sharding
+from .sharding import engine_for, held_parameters
 
 __all__ = ["TrainModule", "train", "versions"]
 
@@ -146,7 +145,7 @@ class Trainer:
         self.cfg, self.folder = cfg, RunFolder(cfg.output)
         # cpu=True without an accelerator, so a multi-process launch on CPUs takes the gloo backend
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-        self.sharding = Sharding.setup(self.acc)
+        self.engine = engine_for(self.acc)  # how state is spread over ranks: .sharding
         set_seed(cfg.seed)
         self.method = get_method(cfg.method, cfg.method_options)
         self.recipe = RECIPES[cfg.recipe]
@@ -180,10 +179,11 @@ class Trainer:
         self.memory = self._estimate_memory()
         self.history: list[dict[str, Any]] = []
         self.position = Position()
-        self.sharding.exclude_trainable(self.module)
+        self.engine.before_prepare(self.module, self.optimizer, cfg)
         self.wrapped, self.optimizer = self.acc.prepare(self.module, self.optimizer)
-        if resume:  # after prepare: FSDP re-keys the optimizer to the parameters it registered
-            state = load_checkpoint(self.folder.root, self.module, self.optimizer, self.scheduler,
+        if resume:  # after prepare: FSDP re-keys the optimizer, ZeRO partitions it
+            state = load_checkpoint(self.folder.root, self.module,
+                                    self.engine.checkpointable(self.module, self.optimizer), self.scheduler,
                                     rank=self.acc.process_index)
             self.position = Position(**state["position"])
             self.history = state["history"]
@@ -202,7 +202,7 @@ class Trainer:
             self.module.model, rows=rows, seq=seq, train_samples=cfg.train_samples,
             activation_bytes=2 if cfg.mixed_precision in ("bf16", "fp16") else None,
             checkpointing=cfg.gradient_checkpointing, head_positions=head_positions,
-            base_shards=self.acc.num_processes if self.sharding.sharded else 1)
+            base_shards=self.engine.base_shards, optimizer_shards=self.engine.optimizer_shards)
         self.acc.print(f"{estimate.describe()} (per process; {rows} rows of {seq} tokens, the longest of the "
                        "first 64 training items)")
         return estimate
@@ -222,7 +222,7 @@ class Trainer:
             "n_val": len(self.val_set), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "trainable_parameters": sum(p.numel() for p in self.module.parameters() if p.requires_grad),
             "parameters": sum(p.numel() for p in self.module.parameters()),
-            "parameters_held_per_process": Sharding.held_parameters(self.module),  # less under FSDP
+            "parameters_held_per_process": held_parameters(self.module),  # less under FSDP
             "memory_estimate_bytes": self.memory.to_dict(),
         })
 
@@ -268,20 +268,16 @@ class Trainer:
             self.method.before_step(self.module.model, mix_seed(self.cfg.seed, epoch, index + j))
             weight = len(rows) / total  # a short last micro-batch counts by its rows, as in one big batch
             last = j == len(micro_batches) - 1
-            with (nullcontext() if last else self.acc.no_sync(self.wrapped)):
+            with self.engine.no_sync(self.wrapped, last):
                 parts = self._loss(self._local(rows), epoch, self.position.step)
-                self.acc.backward(parts.loss * weight)
+                self.engine.backward(parts.loss * weight, last)
             logs["loss"] += float(parts.loss.detach()) * weight
             logs["nll"] += float(parts.nll) * weight
             for key in ("kl_flow", "kl_cond"):
                 value = getattr(parts, key)
                 logs[key] += 0.0 if value is None else float(value.detach()) * weight
-        self.sharding.reduce_gradients(self.module)
-        if self.cfg.max_grad_norm > 0:
-            self.acc.clip_grad_norm_(self.wrapped.parameters(), self.cfg.max_grad_norm)
-        self.optimizer.step()
+        self.engine.step(self.module, self.wrapped, self.optimizer, self.cfg.max_grad_norm)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.position.step += 1
         return logs
 
@@ -326,7 +322,7 @@ class Trainer:
     def _end_epoch(self, epoch: int) -> None:
         self.method.check_health(self.module.model)  # every rank, before anything is validated or saved
         # a sharded forward is a collective: under FSDP every rank validates (the same rows), rank 0 writes
-        val = self.evaluate_val() if self.acc.is_main_process or self.sharding.sharded else None
+        val = self.evaluate_val() if self.acc.is_main_process or self.engine.validates_on_every_rank else None
         if self.acc.is_main_process:
             adapter = self._save_adapter(epoch)
             # timing: this epoch's optimizer steps in this process (after a resume, only the steps it ran)
@@ -346,13 +342,14 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         states = [rng_state()]
+        optimizer_state = self.engine.checkpointable(self.module, self.optimizer).state_dict()  # may gather
         if self.acc.num_processes > 1:  # every rank's dropout RNG, so a resume replays each one
             from accelerate.utils import gather_object
 
             states = gather_object(states)
         if self.acc.is_main_process:
             position = {"epoch": self.position.epoch, "batch": self.position.batch, "step": self.position.step}
-            save_checkpoint(self.folder.root, self.module, self.optimizer, self.scheduler,
+            save_checkpoint(self.folder.root, self.module, optimizer_state, self.scheduler,
                             {"position": position, "history": self.history}, rng_states=states)
         self.acc.wait_for_everyone()
 

@@ -1,0 +1,222 @@
+"""DeepSpeed ZeRO (stages 1 and 2) for adapter training: ``accelerate launch --config_file zero2.yaml``.
+
+ZeRO-2 partitions the trainable parameters' gradients and their AdamW state (moments and DeepSpeed's
+float32 master copy) across ranks; the frozen base and the adapter weights stay whole on every rank, so
+the posterior sampler reads every factor as one process would. DeepSpeed's engine averages the gradients
+over ranks (the KL term, added identically on every rank, counts once per step), clips them by the global
+norm (``--max-grad-norm`` becomes its ``gradient_clipping``) and steps; the trainer keeps its own
+micro-batch accumulation (row-weighted losses, DeepSpeed's gradient-accumulation boundary on the last one)
+and its own learning-rate schedule (on the AdamW object DeepSpeed wraps).
+
+Checkpoints stay the single-process format: :class:`GatheredZeroState` assembles each parameter's
+moments from the ranks' partitions (one all-reduce) and scatters them back on load, through the
+parameter-to-partition map DeepSpeed itself keeps for universal checkpoints (``param._hp_mapping``). A
+ZeRO-2 run therefore resumes with any number of processes, or under another engine, and nothing is
+pickled (DeepSpeed's own ``save_checkpoint`` is ``torch.save``).
+
+ZeRO-3 is refused: it partitions the adapter's parameters too, and the sampler draws every Bayesian
+factor at the model's root, outside the modules whose hooks would gather them. FSDP2 (``fsdp.yaml``) is
+the engine that shards the base.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .sharding import Replicated
+
+__all__ = ["GatheredZeroState", "ZeroRedundancy"]
+
+SUPPORTED_STAGES = (1, 2)
+
+
+class ZeroRedundancy(Replicated):
+    """The trainer's engine under a DeepSpeed launch config (module doc)."""
+
+    name = "deepspeed"
+
+    @property
+    def optimizer_shards(self) -> int:
+        return self.acc.num_processes
+
+    @property
+    def plugin(self):
+        return self.acc.state.deepspeed_plugin
+
+    @classmethod
+    def switch_accelerate(cls, acc) -> None:
+        """On CPUs, turn Accelerate's MULTI_CPU fallback into DeepSpeed with the launch config's plugin;
+        DeepSpeed's communication layer wraps the gloo process group Accelerate already started."""
+        import deepspeed
+        from accelerate.state import AcceleratorState, PartialState
+        from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+        deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        plugin = DeepSpeedPlugin()  # reads the launch config's ACCELERATE_DEEPSPEED_* variables
+        plugin.set_mixed_precision(acc.mixed_precision)
+        plugin.select(_from_accelerator_state=True)
+        state = AcceleratorState()
+        state.deepspeed_plugins = plugin
+        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+        acc.deepspeed_engine_wrapped = None
+
+    def check(self) -> None:
+        stage = self.plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
+        if stage == 3:
+            raise ValueError("DeepSpeed ZeRO-3 partitions the adapter's own parameters, which the posterior "
+                             "sampler reads at the model's root: launch with zero2.yaml (ZeRO-2) or with "
+                             "fsdp.yaml, which shards the frozen base")
+        if stage not in SUPPORTED_STAGES:
+            raise ValueError(f"DeepSpeed zero_optimization.stage {stage!r}: the trainer supports stages "
+                             f"{' and '.join(map(str, SUPPORTED_STAGES))} (zero2.yaml)")
+
+    def before_prepare(self, module: nn.Module, optimizer, cfg) -> None:
+        """The DeepSpeed config from the run's options, which are the one home of these settings."""
+        config = self.plugin.deepspeed_config
+        accumulation = config.get("gradient_accumulation_steps", "auto")
+        if accumulation not in ("auto", 1):
+            raise ValueError(f"DeepSpeed config: gradient_accumulation_steps {accumulation!r}; set it to 1 (or "
+                             "auto) and pass --grad-accum: the trainer accumulates micro-batches itself")
+        clipping = config.get("gradient_clipping", "auto")
+        if clipping not in ("auto", None, cfg.max_grad_norm):
+            raise ValueError(f"DeepSpeed config: gradient_clipping {clipping!r} differs from --max-grad-norm "
+                             f"{cfg.max_grad_norm}; leave it out of the config and pass --max-grad-norm")
+        config.update(train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=1,
+                      train_batch_size=cfg.batch_size * self.acc.num_processes,
+                      gradient_clipping=float(cfg.max_grad_norm))
+        self.groups = [list(group["params"]) for group in optimizer.param_groups]
+        self._broadcast_scalars(module)
+
+    @staticmethod
+    def _broadcast_scalars(module: nn.Module) -> None:
+        """DeepSpeed's engine broadcasts rank 0's parameters as bytes (``p.view(torch.uint8)``), which a
+        0-d tensor (each factor's λ) cannot do: broadcast those here and mark them so the engine skips them
+        (``ds_optim_param`` is the mark it gives parameters it must not broadcast). The engine still
+        broadcasts every other parameter."""
+        scalars = [p for p in module.parameters() if p.dim() == 0]
+        for p in scalars:
+            if torch.distributed.is_initialized():
+                torch.distributed.broadcast(p.data, src=0)
+            p.ds_optim_param = True
+
+    @property
+    def engine(self):
+        return self.acc.deepspeed_engine_wrapped.engine
+
+    def no_sync(self, wrapped: nn.Module, last: bool):
+        from contextlib import nullcontext
+
+        return nullcontext()  # the accumulation boundary (below) tells DeepSpeed when to reduce
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(is_boundary=last)
+        self.engine.backward(loss)
+
+    def step(self, module: nn.Module, wrapped: nn.Module, optimizer, max_grad_norm: float) -> None:
+        self.engine.step()  # reduce (at the boundary), clip, AdamW step, zero the gradients
+
+    def checkpointable(self, module: nn.Module, optimizer) -> "GatheredZeroState":
+        return GatheredZeroState(self.engine.optimizer, self.groups)
+
+
+class GatheredZeroState:
+    """A ZeRO-partitioned AdamW state read and written in torch's single-process ``state_dict`` format.
+
+    ``groups`` are the trainer's parameter groups as built (before DeepSpeed flattened them); group i is
+    DeepSpeed's flat partition i. Each rank holds, per group, one flat float32 partition and its AdamW
+    state; ``param._hp_mapping`` says which slice of a parameter lies in this rank's partition and where.
+    Both calls are collective: every rank makes them, in the same order."""
+
+    def __init__(self, zero_optimizer, groups: list[list[nn.Parameter]]) -> None:
+        self.zero, self.groups = zero_optimizer, groups
+        self.base = zero_optimizer.optimizer  # the torch AdamW the trainer built
+        partitions = zero_optimizer.single_partition_of_fp32_groups
+        if len(partitions) != len(groups):
+            raise ValueError(f"DeepSpeed holds {len(partitions)} parameter groups, the trainer built {len(groups)}")
+        self.partitions = partitions
+
+    @staticmethod
+    def _slices(p: nn.Parameter):
+        """(slice of the flattened parameter, slice of this rank's partition), or None if none is here."""
+        m = getattr(p, "_hp_mapping", None)
+        if m is None:
+            return None
+        lp, hp = m.lp_fragment_address, m.hp_fragment_address
+        return slice(lp.start, lp.start + lp.numel), slice(hp.start, hp.start + hp.numel)
+
+    def state_dict(self) -> dict[str, Any]:
+        states = [self.base.state.get(flat, {}) for flat in self.partitions]
+        keys = [sorted(k for k, v in s.items() if torch.is_tensor(v) and v.shape == flat.shape)
+                for s, flat in zip(states, self.partitions)]
+        sizes = [p.numel() for params, ks in zip(self.groups, keys) for _ in ks for p in params]
+        device = self.partitions[0].device if self.partitions else torch.device("cpu")
+        flat_all = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+        offset = 0
+        for params, ks, s in zip(self.groups, keys, states):
+            for k in ks:
+                for p in params:
+                    where = self._slices(p)
+                    if where is not None:
+                        flat_all[offset:offset + p.numel()][where[0]] = s[k][where[1]]
+                    offset += p.numel()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flat_all)  # every element lies in exactly one rank's partition
+        state: dict[int, dict[str, Any]] = {}
+        param_groups, index, offset = [], 0, 0
+        for gi, (params, ks, s) in enumerate(zip(self.groups, keys, states)):
+            ids = list(range(index, index + len(params)))
+            per_param: list[dict[str, Any]] = [{} for _ in params]
+            for k in ks:
+                for j, p in enumerate(params):
+                    per_param[j][k] = flat_all[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
+                    offset += p.numel()
+            scalars = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in s.items() if k not in ks}
+            for j in range(len(params)):
+                if per_param[j]:
+                    state[ids[j]] = {**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in scalars.items()},
+                                     **per_param[j]}
+            group = {k: v for k, v in self.base.param_groups[gi].items() if k != "params"}
+            param_groups.append({**group, "params": ids})
+            index += len(params)
+        return {"state": state, "param_groups": param_groups}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Set the float32 masters from the module's (already loaded) weights, then each partition's
+        AdamW state from the full per-parameter state and the groups' hyperparameters."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        if len(saved["param_groups"]) != len(self.groups):
+            raise ValueError(f"optimizer state: {len(saved['param_groups'])} parameter groups saved, "
+                             f"the run has {len(self.groups)}")
+        for params, group in zip(self.groups, saved["param_groups"]):
+            if len(group["params"]) != len(params):
+                raise ValueError(f"optimizer state: a group of {len(group['params'])} parameters saved where the "
+                                 f"run has {len(params)}")
+        for params in self.groups:
+            for p in params:
+                safe_set_full_fp32_param(p, p.detach().float())
+        for gi, (params, group, flat) in enumerate(zip(self.groups, saved["param_groups"], self.partitions)):
+            entries = [saved["state"].get(i) for i in group["params"]]
+            self.base.param_groups[gi].update({k: v for k, v in group.items() if k != "params"})
+            if not any(entries):
+                self.base.state.pop(flat, None)  # saved before the first step: AdamW starts it lazily
+                continue
+            first = next(e for e in entries if e)
+            new: dict[str, Any] = {}
+            for k, v in first.items():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    buffer = torch.zeros_like(flat)
+                    for p, e in zip(params, entries):
+                        where = self._slices(p)
+                        if where is not None and e:
+                            buffer[where[1]] = e[k].reshape(-1)[where[0]].to(buffer.dtype)
+                    new[k] = buffer
+                else:
+                    new[k] = v.to(flat.device) if torch.is_tensor(v) else v
+            self.base.state[flat] = new
+        if hasattr(self.zero, "_hp_optimizer_states_linked"):
+            # DeepSpeed relinks its per-parameter views onto these new tensors after its next step
+            self.zero._hp_optimizer_states_linked = False
