@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sys
 import time
 from pathlib import Path
 
@@ -257,11 +258,23 @@ def _zero_engine(config: dict, processes: int = 2):
     return ZeroRedundancy(acc)
 
 
-@pytest.mark.parametrize("stage, message", [(3, "ZeRO-3 partitions the adapter"), (0, "supports stages 1 and 2")])
-def test_zero_stages_the_sampler_cannot_run_under_are_refused_by_name(stage, message):
+@pytest.mark.parametrize("config, message", [
+    ({"zero_optimization": {"stage": 3}}, "ZeRO-3 partitions the adapter"),
+    ({"zero_optimization": {"stage": 0}}, "supports stages 1 and 2"),
+    # DeepSpeed maps parameters to round-robin partitions in the original order: checkpoints would be wrong
+    ({"zero_optimization": {"stage": 2, "round_robin_gradients": True}}, "round_robin_gradients"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer.device 'cpu'"),
+    ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}, "fp16 is not supported"),
+])
+def test_zero_settings_the_trainer_cannot_honour_are_refused_by_name(config, message):
     with pytest.raises(ValueError, match=message):
-        _zero_engine({"zero_optimization": {"stage": stage}}).check()
-    _zero_engine({"zero_optimization": {"stage": 2}}).check()
+        _zero_engine(config).check()
+
+
+def test_the_shipped_zero2_settings_pass_the_checks():
+    _zero_engine({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"},
+                                        "offload_param": {"device": "none"}}, "fp16": {"enabled": False},
+                  "bf16": {"enabled": True}}).check()
 
 
 def test_a_deepspeed_config_cannot_override_the_run_s_accumulation_or_clipping():
@@ -273,7 +286,38 @@ def test_a_deepspeed_config_cannot_override_the_run_s_accumulation_or_clipping()
         _zero_engine({"gradient_accumulation_steps": 4}).before_prepare(module, optimizer, cfg)
     with pytest.raises(ValueError, match="gradient_clipping 0.5 differs from --max-grad-norm 1.0"):
         _zero_engine({"gradient_clipping": 0.5}).before_prepare(module, optimizer, cfg)
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu 16 differs from the run's 4"):
+        _zero_engine({"train_micro_batch_size_per_gpu": 16}).before_prepare(module, optimizer, cfg)
     config = {"gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto"}
     _zero_engine(config, processes=3).before_prepare(module, optimizer, cfg)
     assert config == {"gradient_accumulation_steps": 1, "train_micro_batch_size_per_gpu": 4, "train_batch_size": 12,
                       "gradient_clipping": 1.0}
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(tmp_path_factory):
+    """The tiny task and one bf16 process's val NLL after 2 steps (its own process: Accelerate's precision
+    setting is process-global)."""
+    root = tmp_path_factory.mktemp("bf16")
+    data, _, model_dir = tiny_task(root)
+    single = root / "single"
+    proc = subprocess.run([sys.executable, "-m", "bayeslora.cli",
+                           *bayes_train_args(model_dir, data, single, 8, "--max-steps", "2", "--mixed-precision", "bf16")],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return data, model_dir, json.loads((single / "history.json").read_text())[-1]["val"]["nll"]
+
+
+@NEEDS_LAUNCHER
+@ENGINES
+def test_bf16_mixed_precision_trains_under_every_engine(tmp_path, engine, bf16_reference):
+    """--mixed-precision bf16 on 2 processes (FSDP2's mixed-precision policy, DeepSpeed's bf16 mode with
+    float32 masters): the run finishes and its val NLL is a single bf16 process's, to bf16 accuracy."""
+    data, model_dir, reference = bf16_reference
+    double = tmp_path / "double"
+    proc = subprocess.run([*two_processes(engine), *bayes_train_args(model_dir, data, double, 4, "--max-steps", "2",
+                                                                     "--mixed-precision", "bf16")],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((double / "config.json").read_text())["distributed"] == DISTRIBUTED_TYPE[engine]
+    assert json.loads((double / "history.json").read_text())[-1]["val"]["nll"] == pytest.approx(reference, abs=5e-3)

@@ -94,12 +94,13 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, module: nn.Module, optimizer_state: dict[str, Any], scheduler,
+def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any], scheduler,
                     position: dict[str, Any], rng_states: list[dict[str, Any]] | None = None) -> None:
-    """Write the checkpoint; ``optimizer_state`` is a ``state_dict()`` in torch's single-process format
-    (gathered first where an engine partitions it), ``rng_states`` one RNG state per data-parallel rank."""
+    """Write the checkpoint: ``weights`` the trainable tensors by name (:func:`trainable_state`),
+    ``optimizer_state`` a ``state_dict()`` in torch's single-process format (both gathered first where an
+    engine partitions them), ``rng_states`` one RNG state per data-parallel rank."""
     def write(tmp: Path) -> None:
-        save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
+        save_file(weights, str(tmp / "trainable.safetensors"))
         tensors: dict[str, torch.Tensor] = {}
         meta = encode_state({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tensors)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -117,9 +118,10 @@ def existing_dir(target: Path) -> Path:
     return old if not target.exists() and old.exists() else target
 
 
-def load_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
-    """Restore weights, then the optimizer (anything with ``load_state_dict``; it may read the weights
-    just restored), scheduler and this rank's RNGs; returns the saved position."""
+def load_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler,
+                    rank: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore weights, the optimizer (anything with ``load_state_dict``), scheduler and this rank's RNGs;
+    returns the saved position and the weights as stored (float32 where the module may hold a rounded copy)."""
     folder = existing_dir(RunFolder(run_dir).checkpoint)
     if not (folder / "state.json").exists():
         raise FileNotFoundError(f"{folder}: no checkpoint to resume from")
@@ -148,4 +150,4 @@ def load_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, rank
                       "order is replayed, dropout and draws are not bit-identical)")
     else:
         set_rng_state(state)
-    return json.loads((folder / "state.json").read_text())
+    return json.loads((folder / "state.json").read_text()), weights

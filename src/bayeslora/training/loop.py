@@ -182,9 +182,10 @@ class Trainer:
         self.engine.before_prepare(self.module, self.optimizer, cfg)
         self.wrapped, self.optimizer = self.acc.prepare(self.module, self.optimizer)
         if resume:  # after prepare: FSDP re-keys the optimizer, ZeRO partitions it
-            state = load_checkpoint(self.folder.root, self.module,
-                                    self.engine.checkpointable(self.module, self.optimizer), self.scheduler,
-                                    rank=self.acc.process_index)
+            state, weights = load_checkpoint(self.folder.root, self.module,
+                                             self.engine.checkpointable(self.module, self.optimizer),
+                                             self.scheduler, rank=self.acc.process_index)
+            self.engine.after_load(self.module, weights)
             self.position = Position(**state["position"])
             self.history = state["history"]
         if not resume:
@@ -343,13 +344,14 @@ class Trainer:
     def _checkpoint(self) -> None:
         states = [rng_state()]
         optimizer_state = self.engine.checkpointable(self.module, self.optimizer).state_dict()  # may gather
+        weights = self.engine.trainable_state(self.module)  # (every rank: collectives)
         if self.acc.num_processes > 1:  # every rank's dropout RNG, so a resume replays each one
             from accelerate.utils import gather_object
 
             states = gather_object(states)
         if self.acc.is_main_process:
             position = {"epoch": self.position.epoch, "batch": self.position.batch, "step": self.position.step}
-            save_checkpoint(self.folder.root, self.module, optimizer_state, self.scheduler,
+            save_checkpoint(self.folder.root, weights, optimizer_state, self.scheduler,
                             {"position": position, "history": self.history}, rng_states=states)
         self.acc.wait_for_everyone()
 

@@ -98,6 +98,15 @@ class Replicated:
         ``load_state_dict`` in torch's single-process format). Every rank calls it: it may gather."""
         return optimizer
 
+    def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The trainable weights a checkpoint stores, by parameter name. Every rank calls it: it may gather."""
+        from .checkpoint import trainable_state
+
+        return trainable_state(module)
+
+    def after_load(self, module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """After a resume restored ``weights`` into the module (and the optimizer state)."""
+
 
 class FullyShardedBase(Replicated):
     """FSDP2 with the base sharded and the trainable tensors whole (module doc)."""

@@ -14,9 +14,14 @@ parameter-to-partition map DeepSpeed itself keeps for universal checkpoints (``p
 ZeRO-2 run therefore resumes with any number of processes, or under another engine, and nothing is
 pickled (DeepSpeed's own ``save_checkpoint`` is ``torch.save``).
 
-ZeRO-3 is refused: it partitions the adapter's parameters too, and the sampler draws every Bayesian
-factor at the model's root, outside the modules whose hooks would gather them. FSDP2 (``fsdp.yaml``) is
-the engine that shards the base.
+Checkpoints store DeepSpeed's float32 master weights (under bf16 the module holds rounded copies) and
+a resume restores them (:meth:`ZeroRedundancy.after_load`).
+
+Refused by name (:meth:`ZeroRedundancy.check`): ZeRO-3, which partitions the adapter's parameters too
+while the sampler draws every Bayesian factor at the model's root, outside the modules whose hooks would
+gather them (FSDP2, ``fsdp.yaml``, is the engine that shards the base); ``round_robin_gradients``, under
+which DeepSpeed's parameter-to-partition map does not match its layout; offload (untested); fp16, whose
+loss scale is not checkpointed and whose skipped overflow steps the trainer's schedule would count.
 """
 
 from __future__ import annotations
@@ -72,10 +77,31 @@ class ZeroRedundancy(Replicated):
         if stage not in SUPPORTED_STAGES:
             raise ValueError(f"DeepSpeed zero_optimization.stage {stage!r}: the trainer supports stages "
                              f"{' and '.join(map(str, SUPPORTED_STAGES))} (zero2.yaml)")
+        zero = self.plugin.deepspeed_config.get("zero_optimization", {})
+        if zero.get("round_robin_gradients"):
+            # DeepSpeed then lays the partitions out in round-robin order but maps parameters to them in
+            # the original order (unless parameters are padded): checkpoints would gather the wrong slices
+            raise ValueError("DeepSpeed config: zero_optimization.round_robin_gradients is not supported "
+                             "(checkpoints read each parameter's partition through DeepSpeed's map, which is "
+                             "wrong in that layout); remove it")
+        for key in ("offload_optimizer", "offload_param"):
+            device = (zero.get(key) or {}).get("device", "none")
+            if device not in (None, "none"):
+                raise ValueError(f"DeepSpeed config: zero_optimization.{key}.device {device!r}: offload is not "
+                                 "supported by the trainer yet (untested); set it to none")
+        if (self.plugin.deepspeed_config.get("fp16") or {}).get("enabled") is True:
+            raise ValueError("DeepSpeed fp16 is not supported: its dynamic loss scale is not checkpointed and it "
+                             "skips overflowing steps the trainer's schedule would count; use --mixed-precision "
+                             "bf16 or no")
 
     def before_prepare(self, module: nn.Module, optimizer, cfg) -> None:
         """The DeepSpeed config from the run's options, which are the one home of these settings."""
         config = self.plugin.deepspeed_config
+        for key, value in (("train_micro_batch_size_per_gpu", cfg.batch_size),
+                           ("train_batch_size", cfg.batch_size * self.acc.num_processes)):
+            if config.get(key, "auto") not in ("auto", value):
+                raise ValueError(f"DeepSpeed config: {key} {config[key]!r} differs from the run's {value} "
+                                 "(--batch-size per process); leave it out of the config")
         accumulation = config.get("gradient_accumulation_steps", "auto")
         if accumulation not in ("auto", 1):
             raise ValueError(f"DeepSpeed config: gradient_accumulation_steps {accumulation!r}; set it to 1 (or "
@@ -121,6 +147,20 @@ class ZeroRedundancy(Replicated):
     def checkpointable(self, module: nn.Module, optimizer) -> "GatheredZeroState":
         return GatheredZeroState(self.engine.optimizer, self.groups)
 
+    def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The float32 master weights (under bf16 the module's own are rounded copies): collective."""
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        masters = GatheredZeroState(self.engine.optimizer, self.groups).masters([p for _, p in named])
+        return {n: m.cpu().contiguous() for (n, _), m in zip(named, masters)}
+
+    def after_load(self, module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """The float32 masters from the checkpoint's float32 weights (not from the rounded module copy)."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                safe_set_full_fp32_param(p, weights[name].to(p.device, torch.float32))
+
 
 class GatheredZeroState:
     """A ZeRO-partitioned AdamW state read and written in torch's single-process ``state_dict`` format.
@@ -147,32 +187,45 @@ class GatheredZeroState:
         lp, hp = m.lp_fragment_address, m.hp_fragment_address
         return slice(lp.start, lp.start + lp.numel), slice(hp.start, hp.start + hp.numel)
 
+    def _gather(self, pieces: list[tuple[nn.Parameter, torch.Tensor]]) -> list[torch.Tensor]:
+        """Whole float32 tensors from per-partition flat tensors: ``pieces`` pairs a parameter with the
+        flat tensor (its group's partition, or a state of that size) its slice is read from. One
+        all-reduce: every element lies in exactly one rank's partition."""
+        device = self.partitions[0].device if self.partitions else torch.device("cpu")
+        flat_all = torch.zeros(sum(p.numel() for p, _ in pieces), dtype=torch.float32, device=device)
+        offset = 0
+        for p, source in pieces:
+            where = self._slices(p)
+            if where is not None:
+                flat_all[offset:offset + p.numel()][where[0]] = source[where[1]]
+            offset += p.numel()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flat_all)
+        out, offset = [], 0
+        for p, _ in pieces:
+            out.append(flat_all[offset:offset + p.numel()].view(p.shape).clone())
+            offset += p.numel()
+        return out
+
+    def masters(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """Each parameter's float32 master weights, whole."""
+        group_of = {id(p): gi for gi, group in enumerate(self.groups) for p in group}
+        return self._gather([(p, self.partitions[group_of[id(p)]]) for p in params])
+
     def state_dict(self) -> dict[str, Any]:
         states = [self.base.state.get(flat, {}) for flat in self.partitions]
         keys = [sorted(k for k, v in s.items() if torch.is_tensor(v) and v.shape == flat.shape)
                 for s, flat in zip(states, self.partitions)]
-        sizes = [p.numel() for params, ks in zip(self.groups, keys) for _ in ks for p in params]
-        device = self.partitions[0].device if self.partitions else torch.device("cpu")
-        flat_all = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
-        offset = 0
-        for params, ks, s in zip(self.groups, keys, states):
-            for k in ks:
-                for p in params:
-                    where = self._slices(p)
-                    if where is not None:
-                        flat_all[offset:offset + p.numel()][where[0]] = s[k][where[1]]
-                    offset += p.numel()
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flat_all)  # every element lies in exactly one rank's partition
+        gathered = iter(self._gather([(p, s[k]) for params, ks, s in zip(self.groups, keys, states)
+                                      for k in ks for p in params]))
         state: dict[int, dict[str, Any]] = {}
-        param_groups, index, offset = [], 0, 0
+        param_groups, index = [], 0
         for gi, (params, ks, s) in enumerate(zip(self.groups, keys, states)):
             ids = list(range(index, index + len(params)))
             per_param: list[dict[str, Any]] = [{} for _ in params]
             for k in ks:
-                for j, p in enumerate(params):
-                    per_param[j][k] = flat_all[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
-                    offset += p.numel()
+                for j in range(len(params)):
+                    per_param[j][k] = next(gathered)  # float32, as AdamW keeps it for float32 weights
             scalars = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in s.items() if k not in ks}
             for j in range(len(params)):
                 if per_param[j]:
@@ -184,10 +237,8 @@ class GatheredZeroState:
         return {"state": state, "param_groups": param_groups}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        """Set the float32 masters from the module's (already loaded) weights, then each partition's
-        AdamW state from the full per-parameter state and the groups' hyperparameters."""
-        from deepspeed.utils import safe_set_full_fp32_param
-
+        """Each partition's AdamW state from the full per-parameter state, and the groups'
+        hyperparameters (the float32 masters are :meth:`ZeroRedundancy.after_load`'s)."""
         if len(saved["param_groups"]) != len(self.groups):
             raise ValueError(f"optimizer state: {len(saved['param_groups'])} parameter groups saved, "
                              f"the run has {len(self.groups)}")
@@ -195,9 +246,6 @@ class GatheredZeroState:
             if len(group["params"]) != len(params):
                 raise ValueError(f"optimizer state: a group of {len(group['params'])} parameters saved where the "
                                  f"run has {len(params)}")
-        for params in self.groups:
-            for p in params:
-                safe_set_full_fp32_param(p, p.detach().float())
         for gi, (params, group, flat) in enumerate(zip(self.groups, saved["param_groups"], self.partitions)):
             entries = [saved["state"].get(i) for i in group["params"]]
             self.base.param_groups[gi].update({k: v for k, v in group.items() if k != "params"})
