@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import sys
 import time
 from pathlib import Path
 
@@ -265,6 +264,11 @@ def _zero_engine(config: dict, processes: int = 2):
     ({"zero_optimization": {"stage": 2, "round_robin_gradients": True}}, "round_robin_gradients"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer.device 'cpu'"),
     ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}, "fp16 is not supported"),
+    ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": "true"}}, "fp16 is not supported"),
+    ({"zero_optimization": {"stage": 2, "cpu_offload": True}}, "cpu_offload"),
+    ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True, "bf16_master_weights_and_grads": True}},
+     "bf16_master_weights_and_grads"),
+    ({"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}, "BF16_Optimizer"),
 ])
 def test_zero_settings_the_trainer_cannot_honour_are_refused_by_name(config, message):
     with pytest.raises(ValueError, match=message):
@@ -321,3 +325,19 @@ def test_bf16_mixed_precision_trains_under_every_engine(tmp_path, engine, bf16_r
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((double / "config.json").read_text())["distributed"] == DISTRIBUTED_TYPE[engine]
     assert json.loads((double / "history.json").read_text())[-1]["val"]["nll"] == pytest.approx(reference, abs=5e-3)
+
+
+def test_a_step_deepspeed_skipped_stops_the_run_instead_of_counting():
+    """DeepSpeed skips a step whose gradient norm is not finite; the trainer's schedule and position would
+    still advance, so the engine raises (one process would have written NaN weights)."""
+    class Engine:
+        def step(self):
+            pass
+
+        def was_step_applied(self):
+            return False
+
+    zero = _zero_engine({})
+    zero.acc.deepspeed_engine_wrapped = type("Wrapped", (), {"engine": Engine()})()
+    with pytest.raises(FloatingPointError, match="skipped an optimizer step"):
+        zero.step(None, None, None, 1.0)

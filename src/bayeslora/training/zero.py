@@ -38,6 +38,11 @@ __all__ = ["GatheredZeroState", "ZeroRedundancy"]
 SUPPORTED_STAGES = (1, 2)
 
 
+def _on(value) -> bool:
+    """A DeepSpeed config flag as DeepSpeed reads it (True or the string "true")."""
+    return str(value).lower() == "true"
+
+
 class ZeroRedundancy(Replicated):
     """The trainer's engine under a DeepSpeed launch config (module doc)."""
 
@@ -89,10 +94,19 @@ class ZeroRedundancy(Replicated):
             if device not in (None, "none"):
                 raise ValueError(f"DeepSpeed config: zero_optimization.{key}.device {device!r}: offload is not "
                                  "supported by the trainer yet (untested); set it to none")
-        if (self.plugin.deepspeed_config.get("fp16") or {}).get("enabled") is True:
-            raise ValueError("DeepSpeed fp16 is not supported: its dynamic loss scale is not checkpointed and it "
-                             "skips overflowing steps the trainer's schedule would count; use --mixed-precision "
-                             "bf16 or no")
+        if _on(zero.get("cpu_offload")):
+            raise ValueError("DeepSpeed config: zero_optimization.cpu_offload (offload) is not supported by the "
+                             "trainer yet (untested); remove it")
+        config = self.plugin.deepspeed_config
+        if _on((config.get("fp16") or {}).get("enabled")):
+            raise ValueError("DeepSpeed fp16 is not supported: its dynamic loss scale is not checkpointed; use "
+                             "--mixed-precision bf16 or no")
+        if _on((config.get("bf16") or {}).get("bf16_master_weights_and_grads")):
+            raise ValueError("DeepSpeed config: bf16.bf16_master_weights_and_grads keeps bf16 masters; the "
+                             "trainer checkpoints float32 masters: remove it")
+        if "grad_accum_dtype" in (config.get("data_types") or {}):
+            raise ValueError("DeepSpeed config: data_types.grad_accum_dtype selects DeepSpeed's BF16_Optimizer, "
+                             "whose partitions the trainer's checkpoints cannot read; remove it")
 
     def before_prepare(self, module: nn.Module, optimizer, cfg) -> None:
         """The DeepSpeed config from the run's options, which are the one home of these settings."""
@@ -143,6 +157,11 @@ class ZeroRedundancy(Replicated):
 
     def step(self, module: nn.Module, wrapped: nn.Module, optimizer, max_grad_norm: float) -> None:
         self.engine.step()  # reduce (at the boundary), clip, AdamW step, zero the gradients
+        if not self.engine.was_step_applied():
+            # DeepSpeed skips a step whose gradient norm is not finite; one process would write NaNs. Either
+            # way the run is lost, and a silently skipped step would still advance the schedule
+            raise FloatingPointError("DeepSpeed skipped an optimizer step: the gradient norm is not finite "
+                                     "(NaN or inf gradients); lower --lr or check the data")
 
     def checkpointable(self, module: nn.Module, optimizer) -> "GatheredZeroState":
         return GatheredZeroState(self.engine.optimizer, self.groups)
@@ -168,12 +187,16 @@ class GatheredZeroState:
     ``groups`` are the trainer's parameter groups as built (before DeepSpeed flattened them); group i is
     DeepSpeed's flat partition i. Each rank holds, per group, one flat float32 partition and its AdamW
     state; ``param._hp_mapping`` says which slice of a parameter lies in this rank's partition and where.
-    Both calls are collective: every rank makes them, in the same order."""
+    :meth:`state_dict` and :meth:`masters` are collective (every rank calls them, in the same order);
+    :meth:`load_state_dict` is local."""
 
     def __init__(self, zero_optimizer, groups: list[list[nn.Parameter]]) -> None:
         self.zero, self.groups = zero_optimizer, groups
         self.base = zero_optimizer.optimizer  # the torch AdamW the trainer built
-        partitions = zero_optimizer.single_partition_of_fp32_groups
+        partitions = getattr(zero_optimizer, "single_partition_of_fp32_groups", None)
+        if partitions is None:
+            raise TypeError(f"DeepSpeed chose {type(zero_optimizer).__name__}, not its ZeRO-1/2 optimizer: the "
+                            "trainer's checkpoints cannot read its partitions")
         if len(partitions) != len(groups):
             raise ValueError(f"DeepSpeed holds {len(partitions)} parameter groups, the trainer built {len(groups)}")
         self.partitions = partitions
