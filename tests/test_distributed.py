@@ -70,7 +70,7 @@ def _has_deepspeed() -> bool:
 
 
 NEEDS_DEEPSPEED = pytest.mark.skipif(not _has_deepspeed(), reason="DeepSpeed is not installed "
-                                     "(pip install --no-build-isolation deepspeed)")
+                                     "(pip install \"bayeslora[deepspeed]\"; the dev extra includes it)")
 ENGINES = pytest.mark.parametrize("engine", ["ddp", "fsdp", pytest.param("zero2", marks=NEEDS_DEEPSPEED)])
 DISTRIBUTED_TYPE = {"ddp": "MULTI_CPU", "fsdp": "FSDP", "zero2": "DEEPSPEED"}  # what the trainer ran on CPU
 NEEDS_LAUNCHER = pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not installed")

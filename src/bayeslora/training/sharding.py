@@ -60,7 +60,6 @@ def held_parameters(module: nn.Module) -> int:
 class Replicated:
     """One process or DDP: every rank holds everything; Accelerate does the rest."""
 
-    name = "replicated"
     validates_on_every_rank = False  # rank 0 alone runs validation
 
     def __init__(self, acc) -> None:
@@ -111,7 +110,6 @@ class Replicated:
 class FullyShardedBase(Replicated):
     """FSDP2 with the base sharded and the trainable tensors whole (module doc)."""
 
-    name = "fsdp"
     validates_on_every_rank = True  # a sharded forward is a collective
 
     @property

@@ -21,11 +21,12 @@ Refused by name (:meth:`ZeroRedundancy.check`): ZeRO-3, which partitions the ada
 while the sampler draws every Bayesian factor at the model's root, outside the modules whose hooks would
 gather them (FSDP2, ``fsdp.yaml``, is the engine that shards the base); ``round_robin_gradients``, under
 which DeepSpeed's parameter-to-partition map does not match its layout; offload (untested); fp16, whose
-loss scale is not checkpointed and whose skipped overflow steps the trainer's schedule would count.
+loss scale is not checkpointed. A step DeepSpeed skips (a non-finite gradient norm) stops the run.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -45,8 +46,6 @@ def _on(value) -> bool:
 
 class ZeroRedundancy(Replicated):
     """The trainer's engine under a DeepSpeed launch config (module doc)."""
-
-    name = "deepspeed"
 
     @property
     def optimizer_shards(self) -> int:
@@ -74,7 +73,9 @@ class ZeroRedundancy(Replicated):
         acc.deepspeed_engine_wrapped = None
 
     def check(self) -> None:
-        stage = self.plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
+        config = self.plugin.deepspeed_config
+        zero = config.get("zero_optimization", {})
+        stage = zero.get("stage")
         if stage == 3:
             raise ValueError("DeepSpeed ZeRO-3 partitions the adapter's own parameters, which the posterior "
                              "sampler reads at the model's root: launch with zero2.yaml (ZeRO-2) or with "
@@ -82,7 +83,6 @@ class ZeroRedundancy(Replicated):
         if stage not in SUPPORTED_STAGES:
             raise ValueError(f"DeepSpeed zero_optimization.stage {stage!r}: the trainer supports stages "
                              f"{' and '.join(map(str, SUPPORTED_STAGES))} (zero2.yaml)")
-        zero = self.plugin.deepspeed_config.get("zero_optimization", {})
         if zero.get("round_robin_gradients"):
             # DeepSpeed then lays the partitions out in round-robin order but maps parameters to them in
             # the original order (unless parameters are padded): checkpoints would gather the wrong slices
@@ -97,7 +97,6 @@ class ZeroRedundancy(Replicated):
         if _on(zero.get("cpu_offload")):
             raise ValueError("DeepSpeed config: zero_optimization.cpu_offload (offload) is not supported by the "
                              "trainer yet (untested); remove it")
-        config = self.plugin.deepspeed_config
         if _on((config.get("fp16") or {}).get("enabled")):
             raise ValueError("DeepSpeed fp16 is not supported: its dynamic loss scale is not checkpointed; use "
                              "--mixed-precision bf16 or no")
@@ -147,8 +146,6 @@ class ZeroRedundancy(Replicated):
         return self.acc.deepspeed_engine_wrapped.engine
 
     def no_sync(self, wrapped: nn.Module, last: bool):
-        from contextlib import nullcontext
-
         return nullcontext()  # the accumulation boundary (below) tells DeepSpeed when to reduce
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
@@ -249,7 +246,7 @@ class GatheredZeroState:
             for k in ks:
                 for j in range(len(params)):
                     per_param[j][k] = next(gathered)  # float32, as AdamW keeps it for float32 weights
-            scalars = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in s.items() if k not in ks}
+            scalars = {k: v for k, v in s.items() if k not in ks}  # AdamW's step count
             for j in range(len(params)):
                 if per_param[j]:
                     state[ids[j]] = {**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in scalars.items()},
