@@ -19,7 +19,10 @@ a resume restores them (:meth:`ZeroRedundancy.after_load`).
 
 Refused by name (:meth:`ZeroRedundancy.check`): ZeRO-3, which partitions the adapter's parameters too
 while the sampler draws every Bayesian factor at the model's root, outside the modules whose hooks would
-gather them (FSDP2, ``fsdp.yaml``, is the engine that shards the base); ``round_robin_gradients``, under
+gather them, and whose set-up broadcasts every parameter as bytes, which a factor's 0-d λ cannot be (so
+supporting it means a 1-element λ, the trainable parameters registered as external parameters of the
+sampler's root with the draw hooked after DeepSpeed's fetch, and checkpoints gathered parameter by
+parameter; FSDP2, ``fsdp.yaml``, is the engine that shards the base today); ``round_robin_gradients``, under
 which DeepSpeed's parameter-to-partition map does not match its layout; offload (untested); fp16, whose
 loss scale is not checkpointed. A step DeepSpeed skips (a non-finite gradient norm) stops the run.
 """
@@ -77,9 +80,12 @@ class ZeroRedundancy(Replicated):
         zero = config.get("zero_optimization", {})
         stage = zero.get("stage")
         if stage == 3:
+            # measured with this refusal removed: DeepSpeed's ZeRO-3 set-up broadcasts every parameter as
+            # bytes (partition_parameters._zero_init_param) and fails on each factor's 0-d λ before training
             raise ValueError("DeepSpeed ZeRO-3 partitions the adapter's own parameters, which the posterior "
-                             "sampler reads at the model's root: launch with zero2.yaml (ZeRO-2) or with "
-                             "fsdp.yaml, which shards the frozen base")
+                             "sampler reads at the model's root (and its set-up cannot partition each factor's "
+                             "0-d λ): launch with zero2.yaml (ZeRO-2) or with fsdp.yaml, which shards the "
+                             "frozen base")
         if stage not in SUPPORTED_STAGES:
             raise ValueError(f"DeepSpeed zero_optimization.stage {stage!r}: the trainer supports stages "
                              f"{' and '.join(map(str, SUPPORTED_STAGES))} (zero2.yaml)")
