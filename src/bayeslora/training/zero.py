@@ -17,12 +17,12 @@ pickled (DeepSpeed's own ``save_checkpoint`` is ``torch.save``).
 Checkpoints store DeepSpeed's float32 master weights (under bf16 the module holds rounded copies) and
 a resume restores them (:meth:`ZeroRedundancy.after_load`).
 
-Refused by name (:meth:`ZeroRedundancy.check`): ZeRO-3, which partitions the adapter's parameters too
-while the sampler draws every Bayesian factor at the model's root, outside the modules whose hooks would
-gather them, and whose set-up broadcasts every parameter as bytes, which a factor's 0-d λ cannot be (so
-supporting it means a 1-element λ, the trainable parameters registered as external parameters of the
-sampler's root with the draw hooked after DeepSpeed's fetch, and checkpoints gathered parameter by
-parameter; FSDP2, ``fsdp.yaml``, is the engine that shards the base today); ``round_robin_gradients``, under
+Refused by name (:meth:`ZeroRedundancy.check`): ZeRO-3 (``fsdp.yaml``, FSDP2, shards the base instead). It
+partitions the adapter's parameters too, while the sampler draws every factor at the model's root outside
+the modules whose hooks would gather them, and its set-up broadcasts every parameter as bytes, which a
+factor's 0-d λ cannot be. Supporting it needs a 1-element λ, the trainable parameters registered as
+external parameters of the sampler's root with the draw hooked after DeepSpeed's fetch, and checkpoints
+gathered parameter by parameter. Also refused: ``round_robin_gradients``, under
 which DeepSpeed's parameter-to-partition map does not match its layout; offload (untested); fp16, whose
 loss scale is not checkpointed. A step DeepSpeed skips (a non-finite gradient norm) stops the run.
 """
