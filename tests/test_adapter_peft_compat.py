@@ -268,3 +268,67 @@ def test_init_lora_weights_false_is_a_visible_random_adapter(family):
 def test_other_init_lora_weights_values_raise_naming_the_field(value):
     with pytest.raises(ValueError, match="init_lora_weights"):
         BayesLoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=value)
+
+
+# ------------------------------------------------------------------------------ files from older versions
+def test_an_adapter_saved_with_a_0d_lambda_still_loads(tmp_path):
+    """λ is a 1-element tensor (ZeRO-3 cannot partition a 0-d one); files written when it was 0-d load."""
+    from safetensors.torch import save_file
+
+    batch = inputs()
+    model = bayeslora.get_model(tiny("llama"), config("llama"))
+    trained_like(model)
+    expected, saved = mean_outputs(model, batch), bayes_tensors(model, "default")
+    model.save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    lambdas = [k for k in tensors if k.endswith("lambda_raw")]
+    assert lambdas and all(tensors[k].shape == (1,) for k in lambdas)
+    save_file({k: (v.reshape(()) if k in lambdas else v) for k, v in tensors.items()}, str(file))
+
+    loaded = bayeslora.load(tiny("llama"), tmp_path)
+    for name, value in bayes_tensors(loaded, "default").items():
+        assert torch.equal(value, saved[name]), name
+    torch.testing.assert_close(mean_outputs(loaded, batch), expected, rtol=0, atol=0)
+
+
+def test_a_training_checkpoint_saved_with_0d_lambdas_resumes_to_the_same_step(tmp_path):
+    """Its λ weights and their AdamW moments were 0-d: the resumed step equals the uninterrupted one."""
+    from safetensors.torch import save_file
+
+    from bayeslora.training.checkpoint import load_checkpoint, save_checkpoint, trainable_state
+
+    def setup():
+        torch.manual_seed(0)
+        model = bayeslora.get_model(tiny("llama"), config("llama"))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        return model, params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def step(params, optimizer):
+        optimizer.zero_grad()
+        sum((p.float() - 0.3).square().sum() for p in params).backward()
+        optimizer.step()
+
+    model, params, optimizer, scheduler = setup()
+    step(params, optimizer)
+    save_checkpoint(tmp_path, trainable_state(model), optimizer.state_dict(), scheduler, {"position": {}})
+    step(params, optimizer)  # the uninterrupted second step
+
+    folder = tmp_path / "checkpoint"
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    lambdas = {i for i, n in enumerate(names) if n.endswith("lambda_raw")}
+    weights = load_file(folder / "trainable.safetensors")
+    save_file({k: (v.reshape(()) if k.endswith("lambda_raw") else v) for k, v in weights.items()},
+              str(folder / "trainable.safetensors"))
+    states = load_file(folder / "optimizer.safetensors")
+    old = {k: (v.reshape(()) if k.split(".")[2].isdigit() and int(k.split(".")[2]) in lambdas
+               and not k.endswith(".step") else v) for k, v in states.items()}
+    assert sum(v.dim() == 0 and not k.endswith(".step") for k, v in old.items()) == 2 * len(lambdas) > 0
+    save_file(old, str(folder / "optimizer.safetensors"))
+
+    resumed, resumed_params, resumed_optimizer, resumed_scheduler = setup()
+    load_checkpoint(tmp_path, resumed, resumed_optimizer, resumed_scheduler)
+    step(resumed_params, resumed_optimizer)
+    for name, a, b in zip(names, params, resumed_params):
+        assert a.shape == b.shape and torch.equal(a, b), name

@@ -95,7 +95,8 @@ class InducingFactor(nn.Module):
         self.z_cols = nn.Parameter(torch.randn(cols, shape.d_in) / math.sqrt(cols))
         self.delta_rows = nn.Parameter(torch.full((rows,), inverse_softplus(d_init)))
         self.delta_cols = nn.Parameter(torch.full((cols,), inverse_softplus(d_init)))
-        self.lambda_raw = nn.Parameter(torch.tensor(inverse_softplus(lambda_init)))
+        # shape (1,), not 0-d: ZeRO-3 broadcasts and partitions every parameter as a flat byte view
+        self.lambda_raw = nn.Parameter(torch.full((1,), inverse_softplus(lambda_init)))
         self.flow = (RowFlow(cols, shape.flow_depth, shape.flow_hidden, identity=zero_mean)
                      if shape.flow_depth > 0 else None)
         # the prior's mean on the whitened U_w (METHOD.md section 3 uses 0). With ``prior_at_init`` it is
@@ -111,8 +112,15 @@ class InducingFactor(nn.Module):
         """σ_U = clamp(softplus(ρ_U), max=sigma_u_max), in float32."""
         return nn.functional.softplus(self.inducing_rho.float()).clamp(max=self.shape.sigma_u_max)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Adapters saved before λ became a 1-element tensor stored it 0-d: read those as (1,)."""
+        key = prefix + "lambda_raw"
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def lam(self) -> torch.Tensor:
-        """λ = clamp(softplus(ℓ), max=lambda_max), in float32."""
+        """λ = clamp(softplus(ℓ), max=lambda_max), shape (1,), in float32."""
         return nn.functional.softplus(self.lambda_raw.float()).clamp(max=self.shape.lambda_max)
 
     def version(self) -> tuple:

@@ -60,7 +60,7 @@ class StackedFactors:
             z_cols=stack("z_cols"),
             d_rows=softplus(stack("delta_rows")),
             d_cols=softplus(stack("delta_cols")),
-            lam=softplus(stack("lambda_raw")).clamp(max=shape.lambda_max),
+            lam=softplus(stack("lambda_raw").reshape(len(factors))).clamp(max=shape.lambda_max),
             prior_mean=stack("prior_mean"),
         )
 

@@ -118,6 +118,22 @@ def existing_dir(target: Path) -> Path:
     return old if not target.exists() and old.exists() else target
 
 
+def _shaped_like_parameters(optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+    """The saved per-parameter states reshaped to their parameters' shapes where only the shape changed:
+    checkpoints from before each factor's λ became a 1-element tensor hold its AdamW moments 0-d. (An
+    engine's own state object reshapes as it scatters.)"""
+    groups = getattr(optimizer, "param_groups", None)
+    if not groups or len(groups) != len(saved.get("param_groups", [])):
+        return saved  # the optimizer's own load reports a mismatch
+    for group, saved_group in zip(groups, saved["param_groups"]):
+        for p, i in zip(group["params"], saved_group["params"]):
+            entry = saved["state"].get(i, {})
+            for k, v in entry.items():
+                if (k != "step" and torch.is_tensor(v) and v.shape != p.shape and v.numel() == p.numel()):
+                    entry[k] = v.reshape(p.shape)
+    return saved
+
+
 def load_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler,
                     rank: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore weights, the optimizer (anything with ``load_state_dict``), scheduler and this rank's RNGs;
@@ -140,7 +156,7 @@ def load_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler,
                                 "still be evaluated, or start the run again)")
     states = decode_state(json.loads((folder / "optimizer.json").read_text()),
                           load_file(str(folder / "optimizer.safetensors")), source=folder / "optimizer.json")
-    optimizer.load_state_dict(states["optimizer"])
+    optimizer.load_state_dict(_shaped_like_parameters(optimizer, states["optimizer"]))
     scheduler.load_state_dict(states["scheduler"])
     state = _load_rng(folder, rank)
     if state is None:
