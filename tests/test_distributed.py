@@ -1,7 +1,8 @@
-"""Data parallelism, DDP, FSDP2 and DeepSpeed ZeRO-2: a 2-process CPU run (gloo) equals a single process with
-the same global batch, and a killed one resumes to the uninterrupted result. Under FSDP the frozen base is
-sharded (each rank holds half of it) while the adapter stays whole; under ZeRO-2 the adapter's gradients
-and optimizer state are partitioned (bayeslora.training.sharding, bayeslora.training.zero)."""
+"""Data parallelism, DDP, FSDP2 and DeepSpeed ZeRO-2 and ZeRO-3: a 2-process CPU run (gloo) equals a single
+process with the same global batch, and a killed one resumes to the uninterrupted result. Under FSDP and
+ZeRO-3 the frozen base is sharded (each rank holds half of it) while the adapter's weights stay whole; under
+ZeRO-2 and ZeRO-3 the adapter's gradients and optimizer state are partitioned (bayeslora.training.sharding,
+bayeslora.training.zero)."""
 
 from __future__ import annotations
 
@@ -45,14 +46,15 @@ def tiny_task(root: Path):
     return data, examples, save_tiny_causal(root / "model", [causal_prompt(e) for e in examples])
 
 
-def bayes_train_args(model_dir: str, data: Path, out: Path, batch_size: int, *budget: str) -> list[str]:
+def bayes_train_args(model_dir: str, data: Path, out: Path, batch_size: int, *budget: str,
+                     targets: tuple[str, ...] = tuple(TARGETS["causal"])) -> list[str]:
     # lr 1e-3 with the default 10x on the means (and scales at 1e-2) is the step these tests always took;
     # at 10x that, 1- and 2-process runs parted by ~2e-4 (measured), most likely Adam turning the
     # reduction-order differences of the all-reduce on near-zero gradients into full-size steps.
     return ["train", "--model", model_dir, "--task", "jsonl", "--train-file", str(data), "--val-file",
             str(data), "--method", "bayeslora", "--output", str(out), "--batch-size", str(batch_size),
             *budget, "--lr", "1e-3", "--scale-lr", "1e-2", "--no-progress",
-            "--target-modules", *TARGETS["causal"], "--sigma-u-init", "0.05", "--lambda-init", "0.02"]
+            "--target-modules", *targets, "--sigma-u-init", "0.05", "--lambda-init", "0.02"]
 
 
 def two_processes(engine: str) -> list[str]:
@@ -71,8 +73,9 @@ def _has_deepspeed() -> bool:
 
 NEEDS_DEEPSPEED = pytest.mark.skipif(not _has_deepspeed(), reason="DeepSpeed is not installed "
                                      "(pip install \"bayeslora[deepspeed]\"; the dev extra includes it)")
-ENGINES = pytest.mark.parametrize("engine", ["ddp", "fsdp", pytest.param("zero2", marks=NEEDS_DEEPSPEED)])
-DISTRIBUTED_TYPE = {"ddp": "MULTI_CPU", "fsdp": "FSDP", "zero2": "DEEPSPEED"}  # what the trainer ran on CPU
+ENGINES = pytest.mark.parametrize("engine", ["ddp", "fsdp", pytest.param("zero2", marks=NEEDS_DEEPSPEED),
+                                            pytest.param("zero3", marks=NEEDS_DEEPSPEED)])
+DISTRIBUTED_TYPE = {"ddp": "MULTI_CPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}  # what ran on CPU
 NEEDS_LAUNCHER = pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not installed")
 
 
@@ -96,7 +99,7 @@ def test_two_process_run_equals_single_process(tmp_path, engine):
     assert config["num_processes"] == 2
     assert config["distributed"] == DISTRIBUTED_TYPE[engine]
     frozen, held = config["parameters"] - config["trainable_parameters"], config["parameters_held_per_process"]
-    if engine == "fsdp":  # rank 0 holds the whole adapter and half the base (rounded up per tensor row)
+    if engine in ("fsdp", "zero3"):  # rank 0 holds the whole adapter and half the base (rounded up per tensor)
         assert config["trainable_parameters"] + frozen // 2 <= held <= config["trainable_parameters"] + 0.55 * frozen
     else:
         assert held == config["parameters"]
@@ -108,6 +111,34 @@ def test_two_process_run_equals_single_process(tmp_path, engine):
     base_b = json.loads((double / "history.json").read_text())[-1]["val"]
     assert base_a["nll"] == pytest.approx(base_b["nll"], abs=1e-5)
 
+
+
+@NEEDS_LAUNCHER
+@NEEDS_DEEPSPEED
+def test_a_zero3_encoder_run_whose_head_trains_equals_single_process(tmp_path):
+    """An encoder's classification head is a trainable module that the forward calls (the factors are
+    not): ZeRO-3 would release its weights after validation and save them empty, unless the trainer keeps
+    its hooks off (bayeslora.training.zero). Dropout is off so one and two processes draw alike."""
+    from tiny_models import save_tiny_encoder
+
+    data = write_task(tmp_path / "train.jsonl", n=32, kind="encoder")
+    examples = load_task("jsonl", "train", file=data)
+    model_dir = Path(save_tiny_encoder(tmp_path / "model"))
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+    def args(out: Path, batch_size: int) -> list[str]:
+        return bayes_train_args(str(model_dir), data, out, batch_size, "--max-steps", "3",
+                                targets=tuple(TARGETS["encoder"]))
+
+    assert cli.main(args(tmp_path / "single", 8)) == 0
+    proc = subprocess.run([*two_processes("zero3"), *args(tmp_path / "double", 4)],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = logits_of(tmp_path / "single", examples[:8]), logits_of(tmp_path / "double", examples[:8])
+    for mode in a:
+        assert torch.allclose(a[mode], b[mode], atol=5e-5), (mode, (a[mode] - b[mode]).abs().max())
 
 @NEEDS_LAUNCHER
 @ENGINES
@@ -164,17 +195,18 @@ def test_shipped_launch_configs_load_in_accelerate():
 
     from bayeslora.launch import LAUNCH_CONFIGS
 
-    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED"}
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
     assert set(LAUNCH_CONFIGS) == set(expected)
     for name in LAUNCH_CONFIGS:
         config = load_config_from_file(str(launch_config(name)))
         assert config.distributed_type.value == expected[name] and config.num_machines == 1
     fsdp = load_config_from_file(str(launch_config("fsdp"))).fsdp_config
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_cpu_ram_efficient_loading"] is False
-    zero2 = load_config_from_file(str(launch_config("zero2"))).deepspeed_config
-    assert zero2["zero_stage"] == 2 and "gradient_accumulation_steps" not in zero2  # --grad-accum's to set
-    with pytest.raises(ValueError, match="unknown launch config 'zero3'"):
-        launch_config("zero3")
+    for stage in (2, 3):
+        zero = load_config_from_file(str(launch_config(f"zero{stage}"))).deepspeed_config
+        assert zero["zero_stage"] == stage and "gradient_accumulation_steps" not in zero  # --grad-accum's to set
+    with pytest.raises(ValueError, match="unknown launch config 'zero1'"):
+        launch_config("zero1")
 
 
 def _reduce_on_rank(rank: int, port: int, out: str) -> None:
@@ -216,10 +248,11 @@ def test_fsdp_gradient_average_survives_ranks_that_reached_different_parameters(
 
 @NEEDS_LAUNCHER
 @NEEDS_DEEPSPEED
-def test_a_zero2_checkpoint_is_the_single_process_format(tmp_path):
-    """ZeRO-2 partitions AdamW's state across ranks; its checkpoint gathers it back: the same tensors, under
-    the same names and groups, as a DDP run of the same steps writes (so it resumes under any engine or
-    process count), with two micro-batches per step to cover DeepSpeed's accumulation boundary.
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_a_zero_checkpoint_is_the_single_process_format(tmp_path, zero):
+    """ZeRO-2 and ZeRO-3 partition AdamW's state across ranks; the checkpoint gathers it back: the same
+    tensors, under the same names and groups, as a DDP run of the same steps writes (so it resumes under any
+    engine or process count), with two micro-batches per step to cover DeepSpeed's accumulation boundary.
 
     The moments agree to ~1e-7 (measured 5e-8). The weights are compared through the logits: Adam turns
     rounding-level differences of the inducing locations' near-zero gradients into full-size steps, so
@@ -229,22 +262,22 @@ def test_a_zero2_checkpoint_is_the_single_process_format(tmp_path):
     data, examples, model_dir = tiny_task(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     runs = {}
-    for engine in ("ddp", "zero2"):
+    for engine in ("ddp", zero):
         out = tmp_path / engine
         args = bayes_train_args(model_dir, data, out, 2, "--max-steps", "3", "--grad-accum", "2")
         proc = subprocess.run([*two_processes(engine), *args], env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[engine] = out
-    ddp, zero = (load_file(str(runs[e] / "checkpoint" / "optimizer.safetensors")) for e in ("ddp", "zero2"))
-    assert set(ddp) == set(zero) and any(k.endswith("exp_avg_sq") for k in ddp)
+    ddp, ours = (load_file(str(runs[e] / "checkpoint" / "optimizer.safetensors")) for e in ("ddp", zero))
+    assert set(ddp) == set(ours) and any(k.endswith("exp_avg_sq") for k in ddp)
     for key in ddp:
-        assert ddp[key].shape == zero[key].shape, key
-        assert torch.allclose(ddp[key], zero[key], atol=1e-6), (key, (ddp[key] - zero[key]).abs().max())
-    ddp_w, zero_w = (load_file(str(runs[e] / "checkpoint" / "trainable.safetensors")) for e in ("ddp", "zero2"))
-    assert {k: v.shape for k, v in ddp_w.items()} == {k: v.shape for k, v in zero_w.items()}
-    metas = [json.loads((runs[e] / "checkpoint" / "optimizer.json").read_text()) for e in ("ddp", "zero2")]
+        assert ddp[key].shape == ours[key].shape, key
+        assert torch.allclose(ddp[key], ours[key], atol=1e-6), (key, (ddp[key] - ours[key]).abs().max())
+    ddp_w, ours_w = (load_file(str(runs[e] / "checkpoint" / "trainable.safetensors")) for e in ("ddp", zero))
+    assert {k: v.shape for k, v in ddp_w.items()} == {k: v.shape for k, v in ours_w.items()}
+    metas = [json.loads((runs[e] / "checkpoint" / "optimizer.json").read_text()) for e in ("ddp", zero)]
     assert metas[0]["optimizer"]["param_groups"] == metas[1]["optimizer"]["param_groups"]
-    a, b = logits_of(runs["ddp"], examples[:8]), logits_of(runs["zero2"], examples[:8])
+    a, b = logits_of(runs["ddp"], examples[:8]), logits_of(runs[zero], examples[:8])
     for mode in a:
         assert torch.allclose(a[mode], b[mode], atol=1e-5), (mode, (a[mode] - b[mode]).abs().max())
 
@@ -258,8 +291,10 @@ def _zero_engine(config: dict, processes: int = 2):
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"zero_optimization": {"stage": 3}}, "ZeRO-3 partitions the adapter"),
-    ({"zero_optimization": {"stage": 0}}, "supports stages 1 and 2"),
+    ({"zero_optimization": {"stage": 0}}, "supports stages 1, 2, 3"),
+    ({"zero_optimization": {"stage": 3, "mics_shard_size": 2}}, "mics_shard_size 2"),
+    ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}, "zero_hpz_partition_size 2"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offload_param.device 'cpu'"),
     # DeepSpeed maps parameters to round-robin partitions in the original order: checkpoints would be wrong
     ({"zero_optimization": {"stage": 2, "round_robin_gradients": True}}, "round_robin_gradients"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer.device 'cpu'"),
@@ -275,8 +310,9 @@ def test_zero_settings_the_trainer_cannot_honour_are_refused_by_name(config, mes
         _zero_engine(config).check()
 
 
-def test_the_shipped_zero2_settings_pass_the_checks():
-    _zero_engine({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"},
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_shipped_zero_settings_pass_the_checks(stage):
+    _zero_engine({"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "none"},
                                         "offload_param": {"device": "none"}}, "fp16": {"enabled": False},
                   "bf16": {"enabled": True}}).check()
 
@@ -341,3 +377,13 @@ def test_a_step_deepspeed_skipped_stops_the_run_instead_of_counting():
     zero.acc.deepspeed_engine_wrapped = type("Wrapped", (), {"engine": Engine()})()
     with pytest.raises(FloatingPointError, match="skipped an optimizer step"):
         zero.step(None, None, None, 1.0)
+
+
+def test_zero3_refuses_a_0d_parameter_by_name():
+    """ZeRO-3 partitions parameters as flat byte views: a 0-d one (as each factor's λ once was) is named."""
+    cfg = type("Cfg", (), {"batch_size": 4, "max_grad_norm": 1.0})()
+    module = torch.nn.Module()
+    module.scale = torch.nn.Parameter(torch.tensor(1.0))
+    optimizer = torch.optim.AdamW(module.parameters())
+    with pytest.raises(ValueError, match=r"0-d parameters \['scale'\]"):
+        _zero_engine({"zero_optimization": {"stage": 3}}).before_prepare(module, optimizer, cfg)

@@ -14,7 +14,8 @@ pairs and a causal LM scoring choice log-likelihoods run one row per choice.
 
 Under FSDP (``base_shards`` = processes) each process stores 1/N of the frozen base and gathers whole
 copies of what is running: the model's own unit (embeddings, head; gathered for the whole forward and
-backward) and up to two blocks (the current one and the prefetched next). Under DeepSpeed ZeRO-2
+backward) and up to two blocks (the current one and the prefetched next); ZeRO-3 gathers module by
+module, finer than that, so the same figure bounds it. Under DeepSpeed ZeRO-2 and ZeRO-3
 (``optimizer_shards`` = processes) each holds 1/N of the AdamW moments plus 1/N float32 master weights;
 gradients are counted whole (the backward makes them whole before they are reduced into partitions).
 
@@ -27,9 +28,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+import torch
 from torch import nn
 
-__all__ = ["MemoryEstimate", "estimate_training_memory"]
+__all__ = ["MemoryEstimate", "estimate_training_memory", "numel"]
 
 ACTIVATION_VALUES_PER_TOKEN_HIDDEN = 17  # per layer, fused attention (Korthikanti et al. 2022: 34 bytes / 2)
 LOGITS_TENSORS = 4  # tokens × vocabulary float32 tensors a full-position loss keeps (module docstring)
@@ -69,6 +71,11 @@ def _config_value(config, *names: str) -> Optional[int]:
     return None
 
 
+def numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, also one that DeepSpeed ZeRO-3 has partitioned (its ``ds_numel``)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
 def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_samples: int = 1,
                              activation_bytes: Optional[int] = None, full_logits: bool = False,
                              checkpointing: bool = False, head_positions: int = 0,
@@ -90,22 +97,22 @@ def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_sam
             ``head_positions = seq``).
         checkpointing: gradient checkpointing per block: each block keeps only its input (tokens ×
             hidden values) and one block at a time holds its full activations during the backward.
-        base_shards: processes the frozen base is sharded over (FSDP; module docstring), 1 otherwise.
+        base_shards: processes the frozen base is sharded over (FSDP, ZeRO-3; module docstring), 1 otherwise.
         optimizer_shards: processes the trainable parameters' gradients and AdamW state are partitioned
-            over (DeepSpeed ZeRO-2, which also keeps a float32 master copy of its partition), 1 otherwise.
+            over (DeepSpeed ZeRO-2 and 3, which also keep a float32 master copy of its partition), 1 otherwise.
     """
     from .surgery.layer import BayesLoraLinear
 
     frozen = [p for p in model.parameters() if not p.requires_grad]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    base = sum(p.numel() * p.element_size() for p in frozen) + sum(b.numel() * b.element_size()
+    base = sum(numel(p) * p.element_size() for p in frozen) + sum(b.numel() * b.element_size()
                                                                    for b in model.buffers())
     if base_shards > 1:
         base = _sharded_base(model, base, base_shards)
-    train_bytes = sum(p.numel() * p.element_size() for p in trainable)
-    optimizer = sum(2 * p.numel() * max(4, p.element_size()) for p in trainable)
+    train_bytes = sum(numel(p) * p.element_size() for p in trainable)
+    optimizer = sum(2 * numel(p) * max(4, p.element_size()) for p in trainable)
     if optimizer_shards > 1:  # ZeRO: 1/N of the moments plus 1/N float32 master weights
-        optimizer = (optimizer + sum(4 * p.numel() for p in trainable)) // optimizer_shards
+        optimizer = (optimizer + sum(4 * numel(p) for p in trainable)) // optimizer_shards
     draws = 0
     for module in model.modules():
         if isinstance(module, BayesLoraLinear):
@@ -136,7 +143,7 @@ def estimate_training_memory(model: nn.Module, *, rows: int, seq: int, train_sam
 def _sharded_base(model: nn.Module, whole: int, shards: int) -> int:
     """Bytes of the frozen base one FSDP process holds at its peak (module docstring)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [sum(p.numel() * p.element_size() for p in m.parameters() if not p.requires_grad)
+    blocks = [sum(numel(p) * p.element_size() for p in m.parameters() if not p.requires_grad)
               for m in model.modules() if type(m).__name__ in names]
     outside = whole - sum(blocks)
     gathered = (outside + 2 * max(blocks, default=0)) * (shards - 1) // shards  # beyond its own shard

@@ -6,10 +6,10 @@ the test suite itself launches with::
 
 
 Only configs that a test runs are shipped: ``ddp`` (data parallel), ``fsdp`` (FSDP2 full shard of the
-frozen base, the adapter whole on every rank: :mod:`bayeslora.training.sharding`) and ``zero2`` (DeepSpeed
-ZeRO-2, the adapter's gradients and optimizer state partitioned: :mod:`bayeslora.training.zero`), each
-tested on CPU with 2 gloo processes against one process, and a killed run resumed. ZeRO-3 is refused
-(README, "Scale-out").
+frozen base, the adapter whole on every rank: :mod:`bayeslora.training.sharding`), ``zero2`` (DeepSpeed
+ZeRO-2, the adapter's gradients and optimizer state partitioned: :mod:`bayeslora.training.zero`) and
+``zero3`` (ZeRO-3: ZeRO-2 plus the frozen base partitioned), each tested on CPU with 2 gloo processes
+against one process, and a killed run resumed (README, "Scale-out").
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from pathlib import Path
 
 __all__ = ["LAUNCH_CONFIGS", "launch_config"]
 
-LAUNCH_CONFIGS = ("ddp", "fsdp", "zero2")
+LAUNCH_CONFIGS = ("ddp", "fsdp", "zero2", "zero3")
 
 
 def launch_config(name: str) -> Path:
-    """Path of a shipped accelerate config file (``ddp``, ``fsdp`` or ``zero2``)."""
+    """Path of a shipped accelerate config file (``ddp``, ``fsdp``, ``zero2`` or ``zero3``)."""
     if name not in LAUNCH_CONFIGS:
         raise ValueError(f"unknown launch config {name!r}; shipped: {', '.join(LAUNCH_CONFIGS)}")
     return Path(str(resources.files(__package__) / f"{name}.yaml"))

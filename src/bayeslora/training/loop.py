@@ -1,5 +1,5 @@
 """The training loop on Hugging Face Accelerate: CPU, one GPU or many (``accelerate launch``; DDP, FSDP2 or
-DeepSpeed ZeRO-2, see :mod:`.sharding`).
+DeepSpeed ZeRO-2 or ZeRO-3, see :mod:`.sharding`).
 
 Data order is a permutation seeded by (seed, epoch); each optimizer step takes the next global batch
 (batch_size × processes rows) and rank r takes its slice, so a run resumes at an exact position and
@@ -27,7 +27,7 @@ from ..evaluation.predict import predict_examples
 from ..methods import get_method
 from ..models import load_base_model
 from ..scoring import default_protocol, make_scorer
-from ..memory_estimate import estimate_training_memory
+from ..memory_estimate import estimate_training_memory, numel
 from ..peak_memory import PeakMemory
 from ..seeding import mix_seed
 from ..layout import RunFolder
@@ -180,7 +180,11 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.position = Position()
         self.engine.before_prepare(self.module, self.optimizer, cfg)
+        self.parameter_counts = {  # whole tensors, also where ZeRO-3 partitioned the base as it loaded
+            "trainable_parameters": sum(numel(p) for p in self.module.parameters() if p.requires_grad),
+            "parameters": sum(numel(p) for p in self.module.parameters())}
         self.wrapped, self.optimizer = self.acc.prepare(self.module, self.optimizer)
+        self.engine.after_prepare(self.module)
         if resume:  # after prepare: FSDP re-keys the optimizer, ZeRO partitions it
             state, weights = load_checkpoint(self.folder.root, self.module,
                                              self.engine.checkpointable(self.module, self.optimizer),
@@ -221,9 +225,8 @@ class Trainer:
             "model_kind": self.kind, "num_processes": self.acc.num_processes,
             "distributed": self.acc.distributed_type.value, "n_train": len(self.train_set),
             "n_val": len(self.val_set), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-            "trainable_parameters": sum(p.numel() for p in self.module.parameters() if p.requires_grad),
-            "parameters": sum(p.numel() for p in self.module.parameters()),
-            "parameters_held_per_process": held_parameters(self.module),  # less under FSDP
+            **self.parameter_counts,
+            "parameters_held_per_process": held_parameters(self.module),  # less under FSDP and ZeRO-3
             "memory_estimate_bytes": self.memory.to_dict(),
         })
 

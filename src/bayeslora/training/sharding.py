@@ -1,4 +1,4 @@
-"""How the trainer's state is spread over ranks: replicated (one process or DDP), FSDP2 or DeepSpeed ZeRO-2.
+"""How the trainer's state is spread over ranks: replicated (one process or DDP), FSDP2 or DeepSpeed ZeRO.
 
 The trainer asks one object (:func:`engine_for`) to prepare, backpropagate, step and checkpoint, so the
 loop has no engine branches. What each engine does:
@@ -17,6 +17,8 @@ loop has no engine branches. What each engine does:
   master copy) are partitioned across ranks; the base and the adapter weights stay whole. DeepSpeed's
   engine reduces, clips and steps; checkpoints gather the partitioned state into the single-process
   format, so a ZeRO-2 run resumes with any number of processes (or none).
+- **ZeRO-3** (``zero3.yaml``, :mod:`.zero`): ZeRO-2's partitioning plus the frozen base's, gathered module
+  by module; the adapter's weights stay whole, as under FSDP2.
 
 Accelerate maps FSDP and DeepSpeed configs to plain CPU data parallel when there is no GPU, although
 torch's ``fully_shard`` and DeepSpeed's ZeRO optimizer both run on CPU over gloo: on CPUs
@@ -54,7 +56,14 @@ def held_parameters(module: nn.Module) -> int:
     """Parameter elements this process stores (a sharded tensor counts its local shard only)."""
     from torch.distributed.tensor import DTensor
 
-    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters())
+    def held(p: nn.Parameter) -> int:
+        if isinstance(p, DTensor):
+            return p.to_local().numel()
+        if hasattr(p, "ds_tensor") and p.numel() == 0:  # a ZeRO-3 partition, its whole tensor released
+            return p.ds_tensor.numel()
+        return p.numel()
+
+    return sum(held(p) for p in module.parameters())
 
 
 class Replicated:
@@ -77,6 +86,9 @@ class Replicated:
 
     def before_prepare(self, module: nn.Module, optimizer, cfg) -> None:
         """Engine settings that must be in place before ``acc.prepare``."""
+
+    def after_prepare(self, module: nn.Module) -> None:
+        """Engine set-up that needs the prepared (wrapped, partitioned) model."""
 
     def no_sync(self, wrapped: nn.Module, last: bool):
         """Skip the gradient all-reduce on micro-batches before the last (DDP's ``no_sync``)."""

@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO (stages 1 and 2) for adapter training: ``accelerate launch --config_file zero2.yaml``.
+"""DeepSpeed ZeRO (stages 1, 2 and 3) for adapter training: ``accelerate launch --config_file zero2.yaml``
+(or ``zero3.yaml``).
 
 ZeRO-2 partitions the trainable parameters' gradients and their AdamW state (moments and DeepSpeed's
 float32 master copy) across ranks; the frozen base and the adapter weights stay whole on every rank, so
@@ -8,27 +9,35 @@ norm (``--max-grad-norm`` becomes its ``gradient_clipping``) and steps; the trai
 micro-batch accumulation (row-weighted losses, DeepSpeed's gradient-accumulation boundary on the last one)
 and its own learning-rate schedule (on the AdamW object DeepSpeed wraps).
 
-Checkpoints stay the single-process format: :class:`GatheredZeroState` assembles each parameter's
-moments from the ranks' partitions (one all-reduce) and scatters them back on load, through the
-parameter-to-partition map DeepSpeed itself keeps for universal checkpoints (``param._hp_mapping``). A
-ZeRO-2 run therefore resumes with any number of processes, or under another engine, and nothing is
-pickled (DeepSpeed's own ``save_checkpoint`` is ``torch.save``).
+ZeRO-3 also partitions the frozen base: each rank stores 1/N of it (transformers already loads it
+partitioned, under DeepSpeed's ``zero.Init``) and DeepSpeed's module hooks gather each module's weights
+around its forward and backward. The adapter's weights stay whole on every rank, as under FSDP2: the
+sampler draws every factor once at the model's root, outside any module whose hook would gather it, and
+runs the flows inside ``torch.func.vmap``, which ZeRO-3's output wrappers cannot enter. So the trainable
+parameters join DeepSpeed's "persistent" parameters (whole on every rank, gathered again after each step)
+and the modules holding only trainable parameters lose ZeRO-3's module hooks
+(:meth:`ZeroRedundancy.after_prepare`); their gradients still go through DeepSpeed's per-parameter
+reduction into partitions. Every rank validates (a partitioned forward is a collective).
+
+Checkpoints stay the single-process format: :class:`GatheredZeroState` (stages 1, 2) assembles each
+parameter's moments from the ranks' partitions (one all-reduce) and scatters them back on load, through
+the parameter-to-partition map DeepSpeed itself keeps for universal checkpoints (``param._hp_mapping``);
+:class:`GatheredZero3State` does the same through ZeRO-3's per-parameter accessors. A ZeRO run therefore
+resumes with any number of processes, or under another engine, and nothing is pickled (DeepSpeed's own
+``save_checkpoint`` is ``torch.save``).
 
 Checkpoints store DeepSpeed's float32 master weights (under bf16 the module holds rounded copies) and
 a resume restores them (:meth:`ZeroRedundancy.after_load`).
 
-Refused by name (:meth:`ZeroRedundancy.check`): ZeRO-3 (``fsdp.yaml``, FSDP2, shards the base instead). It
-partitions the adapter's parameters too, while the sampler draws every factor at the model's root outside
-the modules whose hooks would gather them, and its set-up broadcasts every parameter as bytes, which a
-factor's 0-d λ cannot be. Supporting it needs a 1-element λ, the trainable parameters registered as
-external parameters of the sampler's root with the draw hooked after DeepSpeed's fetch, and checkpoints
-gathered parameter by parameter. Also refused: ``round_robin_gradients``, under
-which DeepSpeed's parameter-to-partition map does not match its layout; offload (untested); fp16, whose
-loss scale is not checkpointed. A step DeepSpeed skips (a non-finite gradient norm) stops the run.
+Refused by name (:meth:`ZeroRedundancy.check`): ``round_robin_gradients``, under which DeepSpeed's
+parameter-to-partition map does not match its layout; offload and ZeRO-3's hierarchical partitioning
+(MiCS, hpZ) (untested); fp16, whose loss scale is not checkpointed. A step DeepSpeed skips (a non-finite
+gradient norm) stops the run.
 """
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from typing import Any
 
@@ -39,7 +48,7 @@ from .sharding import Replicated
 
 __all__ = ["GatheredZeroState", "ZeroRedundancy"]
 
-SUPPORTED_STAGES = (1, 2)
+SUPPORTED_STAGES = (1, 2, 3)
 
 
 def _on(value) -> bool:
@@ -53,6 +62,19 @@ class ZeroRedundancy(Replicated):
     @property
     def optimizer_shards(self) -> int:
         return self.acc.num_processes
+
+    @property
+    def stage(self) -> int | None:
+        stage = self.plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
+        return stage if stage is not None else getattr(self.plugin, "zero_stage", None)
+
+    @property
+    def base_shards(self) -> int:
+        return self.acc.num_processes if self.stage == 3 else 1
+
+    @property
+    def validates_on_every_rank(self) -> bool:
+        return self.stage == 3  # a forward over a partitioned base is a collective
 
     @property
     def plugin(self):
@@ -79,16 +101,13 @@ class ZeroRedundancy(Replicated):
         config = self.plugin.deepspeed_config
         zero = config.get("zero_optimization", {})
         stage = zero.get("stage")
-        if stage == 3:
-            # measured with this refusal removed: DeepSpeed's ZeRO-3 set-up broadcasts every parameter as
-            # bytes (partition_parameters._zero_init_param) and fails on each factor's 0-d λ before training
-            raise ValueError("DeepSpeed ZeRO-3 partitions the adapter's own parameters, which the posterior "
-                             "sampler reads at the model's root (and its set-up cannot partition each factor's "
-                             "0-d λ): launch with zero2.yaml (ZeRO-2) or with fsdp.yaml, which shards the "
-                             "frozen base")
         if stage not in SUPPORTED_STAGES:
             raise ValueError(f"DeepSpeed zero_optimization.stage {stage!r}: the trainer supports stages "
-                             f"{' and '.join(map(str, SUPPORTED_STAGES))} (zero2.yaml)")
+                             f"{', '.join(map(str, SUPPORTED_STAGES))} (zero2.yaml, zero3.yaml)")
+        for key in ("mics_shard_size", "zero_hpz_partition_size"):
+            if stage == 3 and int(zero.get(key) or -1) > 1:
+                raise ValueError(f"DeepSpeed config: zero_optimization.{key} {zero[key]!r} (hierarchical "
+                                 "partitioning) is not supported by the trainer yet (untested); remove it")
         if zero.get("round_robin_gradients"):
             # DeepSpeed then lays the partitions out in round-robin order but maps parameters to them in
             # the original order (unless parameters are padded): checkpoints would gather the wrong slices
@@ -133,14 +152,63 @@ class ZeroRedundancy(Replicated):
                       train_batch_size=cfg.batch_size * self.acc.num_processes,
                       gradient_clipping=float(cfg.max_grad_norm))
         self.groups = [list(group["params"]) for group in optimizer.param_groups]
-        self._broadcast_scalars(module)
+        if self.stage == 3:
+            scalars = [n for n, p in module.named_parameters() if p.dim() == 0]
+            if scalars:
+                raise ValueError(f"DeepSpeed ZeRO-3 partitions every parameter as a flat byte view, which the "
+                                 f"0-d parameters {scalars[:3]} cannot be: reshape them to (1,) or use zero2.yaml")
+        else:
+            self._broadcast_scalars(module)
+
+    def after_prepare(self, module: nn.Module) -> None:
+        """Under ZeRO-3, keep every trainable tensor whole on every rank (module doc): DeepSpeed's
+        "persistent" parameters are the ones it never releases after a module's forward and gathers again
+        after each optimizer step; the trainable ones join them here and are gathered once now."""
+        if self.stage != 3:
+            return
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        persistent = self.engine.optimizer.persistent_parameters  # the list the step re-gathers
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        for p in trainable:
+            if not p.ds_persist:
+                p.ds_persist = True
+                persistent.append(p)
+        partitioned = [p for p in trainable if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        if partitioned:
+            partitioned[0].all_gather(partitioned)
+        self._unhook_trainable_subtrees(module)
+
+    def _unhook_trainable_subtrees(self, module: nn.Module) -> None:
+        """Take ZeRO-3's module hooks off every module whose parameters are all trainable (the Bayesian
+        factors and their flows, plain LoRA factors, an encoder's head), and off everything inside them.
+
+        ZeRO-3 hooks every module to gather its parameters around its forward and to release them after
+        it (persistent ones too, whenever the order of module calls changes, as it does between training
+        and validation), and wraps the outputs for its backward. These parameters must stay whole
+        (:meth:`after_prepare`), and the sampler runs the flows inside ``torch.func.vmap``, which those
+        wrappers cannot enter. Gradients still reach DeepSpeed's per-parameter reduction hooks, which do
+        not depend on module hooks; the frozen base keeps its hooks."""
+        roots = [m for m in module.modules()
+                 if any(True for _ in m.parameters()) and all(p.requires_grad for p in m.parameters())]
+        dicts = {id(d) for root in roots for m in root.modules() for d in (m._forward_pre_hooks, m._forward_hooks)}
+        offload = self.engine.optimizer.parameter_offload
+        for hooks in (offload.forward_hooks, offload.backward_hooks):
+            kept = []
+            for handle in hooks:
+                target = handle.hooks_dict_ref()
+                if target is not None and id(target) in dicts:
+                    handle.remove()
+                else:
+                    kept.append(handle)
+            hooks[:] = kept
 
     @staticmethod
     def _broadcast_scalars(module: nn.Module) -> None:
-        """DeepSpeed's engine broadcasts rank 0's parameters as bytes (``p.view(torch.uint8)``), which a
-        0-d tensor (each factor's λ) cannot do: broadcast those here and mark them so the engine skips them
-        (``ds_optim_param`` is the mark it gives parameters it must not broadcast). The engine still
-        broadcasts every other parameter."""
+        """DeepSpeed's ZeRO-1/2 engine broadcasts rank 0's parameters as bytes (``p.view(torch.uint8)``),
+        which a 0-d tensor cannot do (each factor's λ was one; a base model may hold others): broadcast those
+        here and mark them so the engine skips them (``ds_optim_param`` is the mark it gives parameters it
+        must not broadcast). The engine still broadcasts every other parameter."""
         scalars = [p for p in module.parameters() if p.dim() == 0]
         for p in scalars:
             if torch.distributed.is_initialized():
@@ -166,13 +234,19 @@ class ZeroRedundancy(Replicated):
             raise FloatingPointError("DeepSpeed skipped an optimizer step: the gradient norm is not finite "
                                      "(NaN or inf gradients); lower --lr or check the data")
 
-    def checkpointable(self, module: nn.Module, optimizer) -> "GatheredZeroState":
+    def checkpointable(self, module: nn.Module, optimizer):
+        if self.stage == 3:
+            return GatheredZero3State(self.engine.optimizer, self.groups)
         return GatheredZeroState(self.engine.optimizer, self.groups)
 
     def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The float32 master weights (under bf16 the module's own are rounded copies): collective."""
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        masters = GatheredZeroState(self.engine.optimizer, self.groups).masters([p for _, p in named])
+        params = [p for _, p in named]
+        if self.stage == 3:
+            masters = GatheredZero3State(self.engine.optimizer, self.groups).masters(params)
+        else:
+            masters = GatheredZeroState(self.engine.optimizer, self.groups).masters(params)
         return {n: m.cpu().contiguous() for (n, _), m in zip(named, masters)}
 
     def after_load(self, module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -181,7 +255,13 @@ class ZeroRedundancy(Replicated):
 
         for name, p in module.named_parameters():
             if p.requires_grad:
-                safe_set_full_fp32_param(p, weights[name].to(p.device, torch.float32))
+                value = weights[name].to(p.device, torch.float32)
+                if self.stage == 3:
+                    set_zero3_slice(self.engine.optimizer, p, value)
+                else:
+                    safe_set_full_fp32_param(p, value)
+        # (under ZeRO-3 the module's whole copies were restored by the checkpoint load; the step writes its
+        # partitions from these masters before it gathers them again)
 
 
 class GatheredZeroState:
@@ -294,3 +374,99 @@ class GatheredZeroState:
         if hasattr(self.zero, "_hp_optimizer_states_linked"):
             # DeepSpeed relinks its per-parameter views onto these new tensors after its next step
             self.zero._hp_optimizer_states_linked = False
+
+
+def set_zero3_slice(zero_optimizer, p: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+    """Write this rank's slice of the whole ``value`` into ZeRO-3's float32 master of ``p`` (``key`` None)
+    or into its AdamW state ``key``. DeepSpeed's own ``set_full_hp_param`` reads past the end of a tensor
+    whose size the ranks do not divide (measured: "start (41) + length (41) exceeds dimension size (81)");
+    here the last rank's padding is written as zeros."""
+    if value.numel() != p.ds_numel:
+        raise ValueError(f"a parameter of {p.ds_numel} elements cannot take a saved tensor of {value.numel()}")
+    read = zero_optimizer._get_fp32_opt_state_partition
+    swap = {"release_swap_buffers": False} if "release_swap_buffers" in inspect.signature(read).parameters else {}
+    part, _ = read(p, optim_state_key=key, **swap)  # (DeepSpeed 0.16 has no release_swap_buffers)
+    start = part.numel() * zero_optimizer._get_param_partition_rank(p)
+    piece = value.reshape(-1)[start:start + part.numel()].to(part.device, part.dtype)
+    with torch.no_grad():  # the master partition is the leaf DeepSpeed's AdamW steps
+        part.zero_()
+        part[:piece.numel()].copy_(piece)
+
+
+class GatheredZero3State:
+    """A ZeRO-3-partitioned AdamW state read and written in torch's single-process ``state_dict`` format.
+
+    ZeRO-3 keeps, per sub-group of each parameter group, one flat float32 partition and its AdamW state;
+    DeepSpeed's own per-parameter accessors (``get_full_hp_param`` / ``set_full_hp_param`` of its ZeRO-3
+    optimizer) read a parameter's whole master or moment (one all-gather each) and write this rank's slice
+    of it. :meth:`state_dict` and :meth:`masters` are collective; :meth:`load_state_dict` is local."""
+
+    def __init__(self, zero_optimizer, groups: list[list[nn.Parameter]]) -> None:
+        if not hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):
+            raise TypeError(f"DeepSpeed chose {type(zero_optimizer).__name__}, not its ZeRO-3 optimizer: the "
+                            "trainer's checkpoints cannot read its partitions")
+        self.zero, self.groups = zero_optimizer, groups
+        self.base = zero_optimizer.optimizer  # the torch AdamW the trainer built, over DeepSpeed's flat partitions
+        if len(self.base.param_groups) != len(groups):
+            raise ValueError(f"DeepSpeed holds {len(self.base.param_groups)} parameter groups, the trainer built "
+                             f"{len(groups)}")
+
+    def masters(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """Each parameter's float32 master weights, whole."""
+        return [self.zero.get_full_hp_param(p).float().reshape(p.ds_shape).clone() for p in params]
+
+    def _flats(self, gi: int) -> list[torch.Tensor]:
+        """Group ``gi``'s flat float32 partitions (DeepSpeed lends them to the group only during its step)."""
+        owner = self.zero.sub_group_to_group_id
+        return [flat for s, flat in enumerate(self.zero.fp32_partitioned_groups_flat) if owner[s] == gi]
+
+    def _state_keys(self, gi: int) -> tuple[list[str], dict[str, Any]]:
+        """Group ``gi``'s per-element state keys (the moments) and its scalars (AdamW's step count)."""
+        flats = self._flats(gi)
+        state = self.base.state.get(flats[0], {}) if flats else {}
+        keys = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flats[0].shape)
+        return keys, {k: v for k, v in state.items() if k not in keys}
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[int, dict[str, Any]] = {}
+        param_groups, index = [], 0
+        for gi, params in enumerate(self.groups):
+            keys, scalars = self._state_keys(gi)
+            ids = list(range(index, index + len(params)))
+            if keys:
+                for i, p in zip(ids, params):
+                    state[i] = {**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in scalars.items()},
+                                **{k: self.zero.get_full_hp_param(p, k).float().reshape(p.ds_shape).clone()
+                                   for k in keys}}
+            group = {k: v for k, v in self.base.param_groups[gi].items() if k != "params"}
+            param_groups.append({**group, "params": ids})
+            index += len(params)
+        return {"state": state, "param_groups": param_groups}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Each partition's AdamW state from the full per-parameter state, and the groups'
+        hyperparameters (the float32 masters are :meth:`ZeroRedundancy.after_load`'s)."""
+        if len(saved["param_groups"]) != len(self.groups):
+            raise ValueError(f"optimizer state: {len(saved['param_groups'])} parameter groups saved, "
+                             f"the run has {len(self.groups)}")
+        for params, group in zip(self.groups, saved["param_groups"]):
+            if len(group["params"]) != len(params):
+                raise ValueError(f"optimizer state: a group of {len(group['params'])} parameters saved where the "
+                                 f"run has {len(params)}")
+        for gi, (params, group) in enumerate(zip(self.groups, saved["param_groups"])):
+            self.base.param_groups[gi].update({k: v for k, v in group.items() if k != "params"})
+            entries = [saved["state"].get(i) for i in group["params"]]
+            flats = self._flats(gi)
+            if not any(entries):
+                for flat in flats:
+                    self.base.state.pop(flat, None)  # saved before the first step: AdamW starts it lazily
+                continue
+            first = next(e for e in entries if e)
+            for flat in flats:  # fresh tensors, then each parameter's slice written into them
+                self.base.state[flat] = {k: (torch.zeros_like(flat) if torch.is_tensor(v) and v.dim() > 0
+                                             else (v.clone().to(flat.device) if torch.is_tensor(v) else v))
+                                         for k, v in first.items()}
+            for p, e in zip(params, entries):
+                for k, v in (e or {}).items():
+                    if torch.is_tensor(v) and v.dim() > 0:
+                        set_zero3_slice(self.zero, p, v, k)
