@@ -14,8 +14,10 @@ pairs and a causal LM scoring choice log-likelihoods run one row per choice.
 
 Under FSDP (``base_shards`` = processes) each process stores 1/N of the frozen base and gathers whole
 copies of what is running: the model's own unit (embeddings, head; gathered for the whole forward and
-backward) and up to two blocks (the current one and the prefetched next); ZeRO-3 gathers module by
-module, finer than that, so the same figure bounds it. Under DeepSpeed ZeRO-2 and ZeRO-3
+backward) and up to two blocks (the current one and the prefetched next). ZeRO-3 is estimated the same
+way, not bounded: it gathers module by module, but keeps whole every tensor under its persistence
+threshold (DeepSpeed's default 1e5 elements), prefetches, and holds up to ``stage3_max_live_parameters``
+gathered. Under DeepSpeed ZeRO-2 and ZeRO-3
 (``optimizer_shards`` = processes) each holds 1/N of the AdamW moments plus 1/N float32 master weights;
 gradients are counted whole (the backward makes them whole before they are reduced into partitions).
 

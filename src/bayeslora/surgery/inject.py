@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
@@ -92,6 +93,17 @@ def resolve_targets(model: nn.Module, config: BayesLoraConfig) -> list[str]:
     return keys
 
 
+def _whole_copy(weight: nn.Parameter) -> torch.Tensor:
+    """A detached copy of ``weight``, gathered first where DeepSpeed ZeRO-3 partitioned it as the base
+    loaded (its local tensor is then empty)."""
+    if hasattr(weight, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            return weight.detach().clone()
+    return weight.detach().clone()
+
+
 def untie_targets(model: nn.Module) -> list[str]:
     """Give adapter layers whose base weight is shared (tied lm_head) a private copy.
 
@@ -108,7 +120,7 @@ def untie_targets(model: nn.Module) -> list[str]:
             continue
         base = module.get_base_layer()
         if owners.get(id(base.weight), 0) > 1:
-            base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+            base.weight = nn.Parameter(_whole_copy(base.weight), requires_grad=False)
             untied.append(name)
     if untied:
         for cfg in (getattr(model, "config", None),):

@@ -38,6 +38,7 @@ gradient norm) stops the run.
 from __future__ import annotations
 
 import inspect
+import warnings
 from contextlib import nullcontext
 from typing import Any
 
@@ -49,6 +50,7 @@ from .sharding import Replicated
 __all__ = ["GatheredZeroState", "ZeroRedundancy"]
 
 SUPPORTED_STAGES = (1, 2, 3)
+ZERO3_TESTED = "0.19"  # the DeepSpeed release whose ZeRO-3 internals after_prepare relies on (tested: 0.19.8)
 
 
 def _on(value) -> bool:
@@ -104,6 +106,14 @@ class ZeroRedundancy(Replicated):
         if stage not in SUPPORTED_STAGES:
             raise ValueError(f"DeepSpeed zero_optimization.stage {stage!r}: the trainer supports stages "
                              f"{', '.join(map(str, SUPPORTED_STAGES))} (zero2.yaml, zero3.yaml)")
+        if stage == 3:
+            import deepspeed
+            from packaging.version import Version
+
+            if Version(deepspeed.__version__) < Version(ZERO3_TESTED):
+                raise ValueError(f"DeepSpeed ZeRO-3 needs deepspeed>={ZERO3_TESTED} here (the trainer keeps the "
+                                 f"adapter whole through its internals as of that release); found "
+                                 f"{deepspeed.__version__}: upgrade, or launch with zero2.yaml or fsdp.yaml")
         for key in ("mics_shard_size", "zero_hpz_partition_size"):
             if stage == 3 and int(zero.get(key) or -1) > 1:
                 raise ValueError(f"DeepSpeed config: zero_optimization.{key} {zero[key]!r} (hierarchical "
@@ -167,30 +177,38 @@ class ZeroRedundancy(Replicated):
         if self.stage != 3:
             return
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        from deepspeed.utils import z3_leaf_module
 
+        for name, m in module.named_modules():
+            if z3_leaf_module(m) and any(p.requires_grad for p in m.parameters()):
+                # DeepSpeed gathers and releases a leaf's whole subtree, persistent parameters included
+                raise ValueError(f"DeepSpeed ZeRO-3: {name or 'the model'} is a ZeRO-3 leaf module (as MoE blocks "
+                                 "are made) holding adapter parameters, which the trainer must keep whole: "
+                                 "adapt modules outside it, or launch with zero2.yaml or fsdp.yaml")
         persistent = self.engine.optimizer.persistent_parameters  # the list the step re-gathers
-        trainable = [p for p in module.parameters() if p.requires_grad]
-        for p in trainable:
+        whole = [p for p in module.parameters() if p.requires_grad] + _saved_beside_adapters(module)
+        for p in whole:
             if not p.ds_persist:
                 p.ds_persist = True
                 persistent.append(p)
-        partitioned = [p for p in trainable if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        partitioned = [p for p in whole if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
         if partitioned:
             partitioned[0].all_gather(partitioned)
-        self._unhook_trainable_subtrees(module)
+        self._unhook_whole_subtrees(module, {id(p) for p in whole})
 
-    def _unhook_trainable_subtrees(self, module: nn.Module) -> None:
-        """Take ZeRO-3's module hooks off every module whose parameters are all trainable (the Bayesian
-        factors and their flows, plain LoRA factors, an encoder's head), and off everything inside them.
+    def _unhook_whole_subtrees(self, module: nn.Module, whole: set[int]) -> None:
+        """Take ZeRO-3's module hooks off every module whose parameters are all kept whole (the Bayesian
+        factors and their flows, plain LoRA factors, an encoder's head, a head PEFT saves beside the
+        adapter), and off everything inside them.
 
         ZeRO-3 hooks every module to gather its parameters around its forward and to release them after
         it (persistent ones too, whenever the order of module calls changes, as it does between training
         and validation), and wraps the outputs for its backward. These parameters must stay whole
         (:meth:`after_prepare`), and the sampler runs the flows inside ``torch.func.vmap``, which those
         wrappers cannot enter. Gradients still reach DeepSpeed's per-parameter reduction hooks, which do
-        not depend on module hooks; the frozen base keeps its hooks."""
+        not depend on module hooks; the rest of the frozen base keeps its hooks."""
         roots = [m for m in module.modules()
-                 if any(True for _ in m.parameters()) and all(p.requires_grad for p in m.parameters())]
+                 if any(True for _ in m.parameters()) and all(id(p) in whole for p in m.parameters())]
         dicts = {id(d) for root in roots for m in root.modules() for d in (m._forward_pre_hooks, m._forward_hooks)}
         offload = self.engine.optimizer.parameter_offload
         for hooks in (offload.forward_hooks, offload.backward_hooks):
@@ -262,6 +280,31 @@ class ZeroRedundancy(Replicated):
                     safe_set_full_fp32_param(p, value)
         # (under ZeRO-3 the module's whole copies were restored by the checkpoint load; the step writes its
         # partitions from these masters before it gathers them again)
+
+
+def _saved_beside_adapters(module: nn.Module) -> list[nn.Parameter]:
+    """Frozen parameters that PEFT writes into the adapter files (with lm_head or an embedding among the
+    targets, its ``save_embedding_layers`` saves the base weight too): kept whole under ZeRO-3 so that
+    rank 0 saves them without a collective."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    found: dict[int, nn.Parameter] = {}
+    for model in (m for m in module.modules() if isinstance(m, PeftModel)):
+        state = model.state_dict(keep_vars=True)
+        for adapter in model.peft_config:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PEFT's note that it saves the embedding layers
+                saved = get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter)
+            found.update({id(v): v for v in saved.values() if isinstance(v, nn.Parameter) and not v.requires_grad})
+    return list(found.values())
+
+
+def per_element(key: str, value: Any) -> bool:
+    """Whether a saved AdamW state entry has one value per parameter element (the moments) rather than one
+    per parameter (its ``step``). Decided by name, not by shape: a 1-element parameter's moments, and those
+    of checkpoints that stored each factor's λ 0-d, are shaped like a step count."""
+    return torch.is_tensor(value) and key != "step"
 
 
 class GatheredZeroState:
@@ -361,7 +404,7 @@ class GatheredZeroState:
             first = next(e for e in entries if e)
             new: dict[str, Any] = {}
             for k, v in first.items():
-                if torch.is_tensor(v) and v.dim() > 0:
+                if per_element(k, v):
                     buffer = torch.zeros_like(flat)
                     for p, e in zip(params, entries):
                         where = self._slices(p)
@@ -463,10 +506,10 @@ class GatheredZero3State:
                 continue
             first = next(e for e in entries if e)
             for flat in flats:  # fresh tensors, then each parameter's slice written into them
-                self.base.state[flat] = {k: (torch.zeros_like(flat) if torch.is_tensor(v) and v.dim() > 0
+                self.base.state[flat] = {k: (torch.zeros_like(flat) if per_element(k, v)
                                              else (v.clone().to(flat.device) if torch.is_tensor(v) else v))
                                          for k, v in first.items()}
             for p, e in zip(params, entries):
                 for k, v in (e or {}).items():
-                    if torch.is_tensor(v) and v.dim() > 0:
+                    if per_element(k, v):
                         set_zero3_slice(self.zero, p, v, k)
