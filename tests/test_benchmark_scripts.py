@@ -30,3 +30,20 @@ def test_the_script_runs_on_a_tiny_cpu_config_and_writes_its_json(tmp_path, scri
         assert all(r["train_label_rows"]["pairs"] == r["train"]["pairs"] > 0 for r in data["results"])
     if keys is not None:
         assert keys <= set(data["hidden_32"]) and data["hidden_32"]["after"]["ms_median"] > 0
+
+
+def test_the_sharded_memory_script_runs_the_real_trainer_under_each_engine(tmp_path):
+    """benchmarks/sharded_memory.py at its smoke size: one process and two engines, figures from the runs."""
+    import importlib.util
+
+    engines = ["ddp", "zero3"] if importlib.util.find_spec("deepspeed") else ["ddp"]
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "sharded_memory.py"), "--hidden", "64", "--layers", "1",
+                           "--steps", "1", "--engines", *engines, "--output", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"single", *engines}
+    assert all(r["estimate"]["total"] > 0 and r["held"] > 0 for r in rows.values())
+    if "zero3" in rows:  # the base is partitioned: a rank holds less than the whole model
+        assert rows["zero3"]["held"] < rows["single"]["held"] == rows["ddp"]["held"]
