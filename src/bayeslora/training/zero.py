@@ -252,32 +252,23 @@ class ZeroRedundancy(Replicated):
             raise FloatingPointError("DeepSpeed skipped an optimizer step: the gradient norm is not finite "
                                      "(NaN or inf gradients); lower --lr or check the data")
 
-    def checkpointable(self, module: nn.Module, optimizer):
-        if self.stage == 3:
-            return GatheredZero3State(self.engine.optimizer, self.groups)
-        return GatheredZeroState(self.engine.optimizer, self.groups)
+    def checkpointable(self, module: nn.Module, optimizer) -> "GatheredZeroState | GatheredZero3State":
+        """The partitioned AdamW state in the single-process format, for this stage."""
+        state = GatheredZero3State if self.stage == 3 else GatheredZeroState
+        return state(self.engine.optimizer, self.groups)
 
     def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The float32 master weights (under bf16 the module's own are rounded copies): collective."""
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        params = [p for _, p in named]
-        if self.stage == 3:
-            masters = GatheredZero3State(self.engine.optimizer, self.groups).masters(params)
-        else:
-            masters = GatheredZeroState(self.engine.optimizer, self.groups).masters(params)
+        masters = self.checkpointable(module, None).masters([p for _, p in named])
         return {n: m.cpu().contiguous() for (n, _), m in zip(named, masters)}
 
     def after_load(self, module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         """The float32 masters from the checkpoint's float32 weights (not from the rounded module copy)."""
-        from deepspeed.utils import safe_set_full_fp32_param
-
+        state = self.checkpointable(module, None)
         for name, p in module.named_parameters():
             if p.requires_grad:
-                value = weights[name].to(p.device, torch.float32)
-                if self.stage == 3:
-                    set_zero3_slice(self.engine.optimizer, p, value)
-                else:
-                    safe_set_full_fp32_param(p, value)
+                state.set_master(p, weights[name].to(p.device, torch.float32))
         # (under ZeRO-3 the module's whole copies were restored by the checkpoint load; the step writes its
         # partitions from these masters before it gathers them again)
 
@@ -298,6 +289,17 @@ def _saved_beside_adapters(module: nn.Module) -> list[nn.Parameter]:
                 saved = get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter)
             found.update({id(v): v for v in saved.values() if isinstance(v, nn.Parameter) and not v.requires_grad})
     return list(found.values())
+
+
+def _check_saved_groups(saved: dict[str, Any], groups: list[list[nn.Parameter]]) -> None:
+    """A saved optimizer state has the run's parameter groups, each with its number of parameters."""
+    if len(saved["param_groups"]) != len(groups):
+        raise ValueError(f"optimizer state: {len(saved['param_groups'])} parameter groups saved, "
+                         f"the run has {len(groups)}")
+    for params, group in zip(groups, saved["param_groups"]):
+        if len(group["params"]) != len(params):
+            raise ValueError(f"optimizer state: a group of {len(group['params'])} parameters saved where the "
+                             f"run has {len(params)}")
 
 
 def per_element(key: str, value: Any) -> bool:
@@ -356,6 +358,13 @@ class GatheredZeroState:
             offset += p.numel()
         return out
 
+    @staticmethod
+    def set_master(p: nn.Parameter, value: torch.Tensor) -> None:
+        """Write ``p``'s float32 master weights from the whole ``value`` (local)."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(p, value)
+
     def masters(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         """Each parameter's float32 master weights, whole."""
         group_of = {id(p): gi for gi, group in enumerate(self.groups) for p in group}
@@ -388,13 +397,7 @@ class GatheredZeroState:
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Each partition's AdamW state from the full per-parameter state, and the groups'
         hyperparameters (the float32 masters are :meth:`ZeroRedundancy.after_load`'s)."""
-        if len(saved["param_groups"]) != len(self.groups):
-            raise ValueError(f"optimizer state: {len(saved['param_groups'])} parameter groups saved, "
-                             f"the run has {len(self.groups)}")
-        for params, group in zip(self.groups, saved["param_groups"]):
-            if len(group["params"]) != len(params):
-                raise ValueError(f"optimizer state: a group of {len(group['params'])} parameters saved where the "
-                                 f"run has {len(params)}")
+        _check_saved_groups(saved, self.groups)
         for gi, (params, group, flat) in enumerate(zip(self.groups, saved["param_groups"], self.partitions)):
             entries = [saved["state"].get(i) for i in group["params"]]
             self.base.param_groups[gi].update({k: v for k, v in group.items() if k != "params"})
@@ -454,6 +457,10 @@ class GatheredZero3State:
             raise ValueError(f"DeepSpeed holds {len(self.base.param_groups)} parameter groups, the trainer built "
                              f"{len(groups)}")
 
+    def set_master(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        """Write ``p``'s float32 master weights from the whole ``value`` (local)."""
+        set_zero3_slice(self.zero, p, value)
+
     def masters(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         """Each parameter's float32 master weights, whole."""
         return [self.zero.get_full_hp_param(p).float().reshape(p.ds_shape).clone() for p in params]
@@ -489,13 +496,7 @@ class GatheredZero3State:
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Each partition's AdamW state from the full per-parameter state, and the groups'
         hyperparameters (the float32 masters are :meth:`ZeroRedundancy.after_load`'s)."""
-        if len(saved["param_groups"]) != len(self.groups):
-            raise ValueError(f"optimizer state: {len(saved['param_groups'])} parameter groups saved, "
-                             f"the run has {len(self.groups)}")
-        for params, group in zip(self.groups, saved["param_groups"]):
-            if len(group["params"]) != len(params):
-                raise ValueError(f"optimizer state: a group of {len(group['params'])} parameters saved where the "
-                                 f"run has {len(params)}")
+        _check_saved_groups(saved, self.groups)
         for gi, (params, group) in enumerate(zip(self.groups, saved["param_groups"])):
             self.base.param_groups[gi].update({k: v for k, v in group.items() if k != "params"})
             entries = [saved["state"].get(i) for i in group["params"]]
