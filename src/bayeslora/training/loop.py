@@ -180,9 +180,6 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.position = Position()
         self.engine.before_prepare(self.module, self.optimizer, cfg)
-        self.parameter_counts = {  # whole tensors, also where ZeRO-3 partitioned the base as it loaded
-            "trainable_parameters": sum(numel(p) for p in self.module.parameters() if p.requires_grad),
-            "parameters": sum(numel(p) for p in self.module.parameters())}
         self.wrapped, self.optimizer = self.acc.prepare(self.module, self.optimizer)
         self.engine.after_prepare(self.module)
         if resume:  # after prepare: FSDP re-keys the optimizer, ZeRO partitions it
@@ -225,7 +222,9 @@ class Trainer:
             "model_kind": self.kind, "num_processes": self.acc.num_processes,
             "distributed": self.acc.distributed_type.value, "n_train": len(self.train_set),
             "n_val": len(self.val_set), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-            **self.parameter_counts,
+            # whole tensors, also where ZeRO-3 partitioned the base as it loaded
+            "trainable_parameters": sum(numel(p) for p in self.module.parameters() if p.requires_grad),
+            "parameters": sum(numel(p) for p in self.module.parameters()),
             "parameters_held_per_process": held_parameters(self.module),  # less under FSDP and ZeRO-3
             "memory_estimate_bytes": self.memory.to_dict(),
         })
