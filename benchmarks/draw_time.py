@@ -18,6 +18,10 @@ as interleaved rounds (each round runs every variant once, in turn) so they see 
   lone factor's parameters as views, not stacked copies; (Z_r e2 + D_r e4) replaced by L_r η of the
   same law) with the flows still by vmap;
 * ``after``: ``draw_group`` with the hand-batched MADE conditioners (``core.flow._batched_flows``);
+* ``autograd_z``: ``after`` with Z's products by plain autograd (Z_r Z_rᵀ, Z_r e1 and Z_rᵀ X each giving
+  Z_r a gradient of its size, one of them a transposed view) instead of ``_GramAndNoiseProduct`` and
+  ``_TransposedProduct`` (one gradient buffer in Z's layout), and the noise term added out of place
+  (``_PlusScaledNoise`` now sums into the projection in place): that change, side by side;
 * ``sampler``: the whole ``PosteriorSampler.draw`` of the model (layer walk, grouping, every group),
   forward only, which is what sample-mode evaluation pays per forward;
 * ``label_rows`` (``--label-rows N``, default 5): ``after`` on the same model with its lm_head adapter
@@ -92,6 +96,31 @@ def vmap_flows():
         flow_module._batched_agrees = saved
 
 
+@contextlib.contextmanager
+def autograd_z_products():
+    """Z's products by plain autograd and the noise sum out of place, as before the one-buffer gradients
+    of Z (the clone stands for the fresh output ``torch.addcmul`` allocated)."""
+    from types import SimpleNamespace
+
+    from bayeslora.core import posterior
+
+    saved = posterior._GramAndNoiseProduct, posterior._TransposedProduct, posterior._PlusScaledNoise
+    posterior._GramAndNoiseProduct = SimpleNamespace(apply=lambda z, e1: (posterior._Gram.apply(z), z.unsqueeze(1) @ e1))
+    posterior._TransposedProduct = SimpleNamespace(apply=lambda z, x: z.transpose(-1, -2) @ x)
+    posterior._PlusScaledNoise = SimpleNamespace(apply=lambda p, c, e: saved[2].apply(p.clone(), c, e))
+    try:
+        yield
+    finally:
+        posterior._GramAndNoiseProduct, posterior._TransposedProduct, posterior._PlusScaledNoise = saved
+
+
+def with_autograd_z(fn):
+    def run():
+        with autograd_z_products():
+            fn()
+    return run
+
+
 def with_vmap(fn):
     def run():
         with vmap_flows():
@@ -138,6 +167,7 @@ def measure(args, hidden: int, device: torch.device) -> dict:
         "before": with_vmap(lambda: training_draw(groups, before_draw_group)),
         "projection": with_vmap(lambda: training_draw(groups, draw_group)),
         "after": lambda: training_draw(groups, draw_group),
+        "autograd_z": with_autograd_z(lambda: training_draw(groups, draw_group)),
         "sampler": lambda: _no_grad(sampler.draw),
     }
     if args.label_rows:  # the same posterior work with the lm_head's B on label rows only
@@ -159,6 +189,8 @@ def measure(args, hidden: int, device: torch.device) -> dict:
            for name, t in times.items()}
     ratios = [a / b for a, b in zip(times["after"], times["before"])]
     out["after_over_before"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    ratios = [a / b for a, b in zip(times["after"], times["autograd_z"])]
+    out["after_over_autograd_z"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
     if args.label_rows:
         ratios = [a / b for a, b in zip(times["label_rows"], times["after"])]
         out["label_rows_over_after"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
@@ -201,11 +233,12 @@ def main() -> None:
         results[f"hidden_{hidden}"] = r
         print(f"hidden {hidden} ({args.layers} layers, vocab {args.vocab}; groups {r['groups']}; load "
               f"{r['load'][0]:.1f} -> {r['load'][1]:.1f}):")
-        for name in ("before", "projection", "after", "sampler", "label_rows"):
+        for name in ("before", "projection", "autograd_z", "after", "sampler", "label_rows"):
             if name in r:
                 v = r[name]
                 print(f"  {name:10s} {v['ms_median']:8.2f} ms  (min {v['ms_min']:.2f}, max {v['ms_max']:.2f})")
-        for name, what in (("after_over_before", "after / before"), ("label_rows_over_after", "label_rows / after")):
+        for name, what in (("after_over_before", "after / before"), ("after_over_autograd_z", "after / autograd_z"),
+                           ("label_rows_over_after", "label_rows / after")):
             if name in r:
                 a = r[name]
                 print(f"  {what}: x{a['median']:.3f} (min {a['min']:.3f}, max {a['max']:.3f})")

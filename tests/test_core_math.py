@@ -11,7 +11,7 @@ from bayeslora.core import (
     FactorShape, InducingFactor, RowFlow, StackedFactors, apply_flows, conditional_kl, draw_group,
     geometry, inverse_softplus, mean_flow_noise, mean_group,
 )
-from bayeslora.core.posterior import _Gram, _PlusScaledNoise, _project
+from bayeslora.core.posterior import _Gram, _GramAndNoiseProduct, _PlusScaledNoise, _project, _TransposedProduct
 
 N_DRAWS = 50_000
 
@@ -194,12 +194,33 @@ def test_gram_backward_is_autograds():
     assert torch.autograd.gradcheck(_Gram.apply, (z,))
 
 
+def test_gram_and_noise_product_backward_is_autograds():
+    z = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
+    e1 = torch.randn(2, 4, 11, 5, dtype=torch.float64)  # 4 draws: Z's gradient sums over them
+    assert torch.autograd.gradcheck(lambda z: _GramAndNoiseProduct.apply(z, e1), (z,))
+    gram, product = _GramAndNoiseProduct.apply(z, e1)
+    torch.testing.assert_close(gram, z @ z.transpose(-1, -2))
+    torch.testing.assert_close(product, z.unsqueeze(1) @ e1)
+
+
+@pytest.mark.parametrize("z_shape, x_shape", [((2, 3, 11), (2, 3, 4)), ((2, 1, 3, 11), (2, 4, 3, 5))])
+def test_transposed_product_backward_is_autograds_and_keeps_z_layout(z_shape, x_shape):
+    z = torch.randn(*z_shape, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(*x_shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_TransposedProduct.apply, (z, x))
+    out = _TransposedProduct.apply(z, x)
+    torch.testing.assert_close(out, z.transpose(-1, -2) @ x)
+    out.sum().backward()
+    assert z.grad.shape == z.shape and z.grad.is_contiguous()
+
+
 def test_scaled_noise_backward_is_autograds():
     p = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
     c = torch.rand(2, 1, 1, 1, dtype=torch.float64, requires_grad=True)
     e = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_PlusScaledNoise.apply, (p, c, e))
-    torch.testing.assert_close(_PlusScaledNoise.apply(p, c, e), p + c * e)
+    # P is summed into in place (a fresh intermediate in the draw), so each call gets a copy of the leaf
+    assert torch.autograd.gradcheck(lambda p, c, e: _PlusScaledNoise.apply(p.clone(), c, e), (p, c, e))
+    torch.testing.assert_close(_PlusScaledNoise.apply(p.clone(), c, e), p + c * e)
 
 
 def test_conditional_kl_closed_form_matches_gaussian_kl():

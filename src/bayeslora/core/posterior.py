@@ -110,15 +110,63 @@ class _Gram(torch.autograd.Function):
         return (grad + grad.transpose(-1, -2)) @ z
 
 
+class _GramAndNoiseProduct(torch.autograd.Function):
+    """(Z Zᵀ, Z e1) for Z (G, R, d) and noise e1 (G, n, d, k), with Z's gradient built in one (G, R, d) buffer:
+    (G + Gᵀ) Z, then each draw's g e1ᵀ added in place. Autograd's own would give Z three gradients of its
+    size (the two products' and their sum), fresh memory each; on a 32k-row lm_head B factor those
+    passes were a measurable part of the draw (benchmarks/draw_time.py)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, e1: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(z, e1)
+        return z @ z.transpose(-1, -2), z.unsqueeze(1) @ e1
+
+    @staticmethod
+    def backward(ctx, grad_gram: Tensor, grad_product: Tensor):
+        z, e1 = ctx.saved_tensors
+        grad_z = (grad_gram + grad_gram.transpose(-1, -2)) @ z
+        for i in range(e1.shape[1]):
+            grad_z.baddbmm_(grad_product[:, i], e1[:, i].transpose(-1, -2))
+        return grad_z, None
+
+
+class _TransposedProduct(torch.autograd.Function):
+    """Zᵀ X for Z (..., R, d) and X (..., R, k), whose backward returns Z's gradient X Gᵀ in Z's own (R, d)
+    layout. Autograd's returns it as a transposed (d, R) view, which every later sum and the final
+    accumulation then copies with a strided pass over Z's size."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, x: Tensor) -> Tensor:
+        ctx.save_for_backward(z, x)
+        return z.transpose(-1, -2) @ x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, x = ctx.saved_tensors
+        grad_z = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_z = x @ grad.transpose(-1, -2)
+            if grad_z.shape != z.shape:  # Z broadcast over the draws
+                grad_z = grad_z.sum_to_size(z.shape)
+        if ctx.needs_input_grad[1]:
+            grad_x = z @ grad
+            if grad_x.shape != x.shape:
+                grad_x = grad_x.sum_to_size(x.shape)
+        return grad_z, grad_x
+
+
 class _PlusScaledNoise(torch.autograd.Function):
     """P + c·e for a per-factor scale c (G, 1, 1, 1) and fixed noise e (G, n, d_o, d_i): one pass forward,
     and c's gradient Σ g·e as one dot product per draw, where ``addcmul``'s backward takes three passes
-    over e's size (on a 32k-row lm_head B factor, e is the draw's largest tensor)."""
+    over e's size (on a 32k-row lm_head B factor, e is the draw's largest tensor). P is updated in place
+    (``mark_dirty``), so the sum takes no fresh memory of P's size: callers pass a P nothing else keeps
+    (autograd's version check would raise, not mis-differentiate, if something saved it)."""
 
     @staticmethod
     def forward(ctx, p: Tensor, c: Tensor, e: Tensor) -> Tensor:
         ctx.save_for_backward(c, e)
-        return torch.addcmul(p, c, e)
+        ctx.mark_dirty(p)
+        return p.addcmul_(c, e)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -132,12 +180,13 @@ class _PlusScaledNoise(torch.autograd.Function):
         return grad, grad_c, grad_e
 
 
-def _kernel(z: Tensor, diag: Tensor, jitter: float, defer: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _kernel(z: Tensor, diag: Tensor, jitter: float, defer: bool = False,
+            gram: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """K = Z Zᵀ + D² + jitter·mean(diag K)·I, its Cholesky factor, the jittered D, and whether any
     factorisation failed (a 0-d bool tensor). On the CPU a failure raises at once unless ``defer``; on
     accelerators it never does here (that would sync the host): the caller checks the flag when it
-    chooses (:meth:`PosteriorSampler.check_posterior`)."""
-    gram = _Gram.apply(z)
+    chooses (:meth:`PosteriorSampler.check_posterior`). ``gram``: Z Zᵀ when the caller has formed it."""
+    gram = _Gram.apply(z) if gram is None else gram
     d2 = diag.square()
     jit = jitter * (gram.diagonal(dim1=-2, dim2=-1) + d2).mean(-1, keepdim=True)
     d2 = d2 + jit
@@ -209,9 +258,9 @@ def _project(x: Tensor, z_rows: Tensor, z_cols: Tensor, chol_rows: Tensor, chol_
     if wide_rows and wide_cols:  # Z_c first when that order takes fewer multiply-adds
         (rows, cols), d_o, d_i = x.shape[-2:], z_rows.shape[-1], z_cols.shape[-1]
         if rows * d_i * (cols + d_o) <= d_o * cols * (rows + d_i):
-            return z_rows.transpose(-1, -2) @ (x @ z_cols)
+            return _TransposedProduct.apply(z_rows, x @ z_cols)
     if wide_rows:
-        x = z_rows.transpose(-1, -2) @ x
+        x = _TransposedProduct.apply(z_rows, x)
     if wide_cols:
         x = x @ z_cols
     return x
@@ -248,7 +297,8 @@ def draw_group(
     eps, eta = eps.view(g, n, rows, cols), eta.view(g, n, rows, cols)
     e1, e3 = e1.view(g, n, d_o, d_i), e3.view(g, n, rows, d_i)
 
-    chol_r, d_r, _, failed_r = _kernel(p.z_rows, p.d_rows, s.jitter, defer_check)
+    gram_r, z_r_e1 = _GramAndNoiseProduct.apply(p.z_rows, e1)  # Z_r's two products with one gradient buffer
+    chol_r, d_r, _, failed_r = _kernel(p.z_rows, p.d_rows, s.jitter, defer_check, gram=gram_r)
     chol_c, d_c, _, failed_c = _kernel(p.z_cols, p.d_cols, s.jitter, defer_check)
     chol_r, chol_c = chol_r.unsqueeze(1), chol_c.unsqueeze(1)
     u_w, ladj = _whitened(p, eps)
@@ -256,7 +306,7 @@ def draw_group(
 
     z_r, z_c = p.z_rows.unsqueeze(1), p.z_cols.unsqueeze(1)
     d_r, d_c = d_r[:, None, :, None], d_c[:, None, None, :]
-    u_prior = (z_r @ e1 + d_r * e3) @ z_c.transpose(-1, -2) + (chol_r @ eta) * d_c
+    u_prior = (z_r_e1 + d_r * e3) @ z_c.transpose(-1, -2) + (chol_r @ eta) * d_c
 
     lam = p.lam[:, None, None, None]
     weights = _PlusScaledNoise.apply(_project(u - lam * u_prior, z_r, z_c, chol_r, chol_c, s.prior_scale),
