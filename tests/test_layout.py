@@ -64,3 +64,14 @@ def test_nothing_imports_the_cli():
 def test_the_checker_sees_relative_imports():
     assert "bayeslora.core.posterior" in imports_of(PACKAGE / "core" / "__init__.py")
     assert any(n.startswith("bayeslora.core") for n in imports_of(PACKAGE / "surgery" / "layer.py"))
+
+
+def test_zero_shot_files_keep_each_protocol_and_each_hub_organisation_apart(tmp_path):
+    from bayeslora.layout import zero_shot_files
+
+    a, b = zero_shot_files("orgA/model", "s", "loglik"), zero_shot_files("orgB/model", "s", "loglik")
+    assert a.metrics.parent != b.metrics.parent and a.metrics.parent.parent.name == "orgA--model"
+    assert zero_shot_files("orgA/model", "s", "labels").metrics != a.metrics
+    local = tmp_path / "checkpoints" / "my-lm"
+    local.mkdir(parents=True)
+    assert zero_shot_files(str(local), "s", "loglik").metrics == Path("zero-shot/my-lm/loglik/metrics-s.json")

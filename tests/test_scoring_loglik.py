@@ -104,8 +104,10 @@ def test_zero_shot_evaluation_of_a_base_model_needs_no_run(tmp_path, monkeypatch
     assert out.with_name("predictions.jsonl").exists() and 0 <= record["acc"] <= 1
     monkeypatch.chdir(tmp_path)
     assert cli.main(args + ["--scoring", "labels"]) == 0
-    default = tmp_path / "zero-shot" / "lm" / "metrics-jsonl-train-zero-shot-mean-S1.json"
-    assert json.loads(default.read_text())["scoring"] == "labels"
+    assert cli.main(args) == 0  # the default protocol (loglik) beside it, not over it
+    for scoring in ("labels", "loglik"):
+        default = tmp_path / "zero-shot" / "lm" / scoring / "metrics-jsonl-train-zero-shot-mean-S1.json"
+        assert json.loads(default.read_text())["scoring"] == scoring
     encoder = save_tiny_encoder(tmp_path / "enc")
     assert cli.main(["evaluate", "--model", encoder, "--task", "jsonl", "--split", "train", "--data-file",
                      str(data)]) == 2

@@ -331,7 +331,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                "bench": _bench}[args.command]
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        from .models import MissingPackage
+
+        if isinstance(exc, ImportError) and not isinstance(exc, MissingPackage):
+            raise  # a broken install is a traceback; a missing optional package is the user's to install
         print(f"bayeslora {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

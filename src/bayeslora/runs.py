@@ -213,7 +213,7 @@ def evaluate_base(model_name: str, task: str, split: str, *, scoring: Optional[s
     return _score(get_method("lora"), model, scorer, loaded.tokenizer, task, split, facts, data_dir=data_dir,
                   data_file=data_file, samples=1, mode="mean", batch_size=batch_size, seed=0, batched=True,
                   max_examples=max_examples, device=device, max_length=max_length, output=output,
-                  default_files=lambda stem: zero_shot_files(model_name, stem))
+                  default_files=lambda stem: zero_shot_files(model_name, stem, scorer.protocol))
 
 
 def _score(method, model, scorer, tokenizer, task: str, split: str, facts: dict[str, Any], *,
