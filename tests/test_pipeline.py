@@ -108,6 +108,37 @@ def test_train_evaluate_report(workspace, kind, method, capsys):
     assert method in table and "jsonl" in table
 
 
+@pytest.mark.parametrize("scoring", ["labels", "loglik-norm"])
+@pytest.mark.parametrize("method", ["lora", "map", "mcdropout", "ensemble", "blob", "bayeslora"])
+def test_every_method_trains_and_evaluates_under_the_other_causal_protocols(workspace, method, scoring):
+    """The test above runs the causal default (summed log-likelihood); here each method trains 4 steps and is
+    scored by answer-label tokens and by length-normalised log-likelihood, in every mode it offers (sample
+    with S = 3, mean, merged): the protocol is recorded, every row is a distribution, and `predict` gives
+    the evaluation's probabilities."""
+    from bayeslora import answer_questions
+    from bayeslora.layout import EvalFiles
+
+    run = workspace["root"] / f"run-{scoring}-{method}"
+    assert cli.main(train_args(workspace, "causal", method, run, "--max-steps", "4", "--scoring", scoring)) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["scoring"] == scoring
+    from bayeslora.methods import get_method
+
+    for mode in get_method(method).modes:
+        out = workspace["root"] / f"{scoring}-{method}-{mode}.json"
+        assert cli.main(["evaluate", "--run", str(run), "--task", "jsonl", "--data-file",
+                         str(workspace["data"]["causal"]), "--split", "train", "--samples", "3", "--mode", mode,
+                         "--output", str(out)]) == 0
+        metrics = json.loads(out.read_text())
+        assert metrics["scoring"] == scoring and metrics["n"] == 32
+        assert metrics["samples"] == (DRAWS[method] if mode == "sample" else 1), mode
+        rows = [json.loads(line) for line in EvalFiles(out).predictions.read_text().splitlines()]
+        assert len(rows) == 32 and all(abs(sum(r["probs"]) - 1) < 1e-4 for r in rows)
+        assert all(len(r["sample_probs"]) == metrics["samples"] for r in rows)
+        # `predict` on the same rows, in the same mode: the same probabilities (data the user's own file)
+        answers = answer_questions(run, workspace["data"]["causal"], samples=3, mode=mode)
+        assert [a["probs"] for a in answers] == [r["probs"] for r in rows]
+
+
 def test_modes_of_a_bayesian_run_and_batched_equals_sequential(workspace):
     run = workspace["root"] / "run-causal-bayeslora"
     if not (run / "selection.json").exists():
