@@ -95,7 +95,7 @@ NEEDS_DEEPSPEED = pytest.mark.skipif(not _has_deepspeed(), reason="DeepSpeed is 
                                      "(pip install \"bayeslora[deepspeed]\"; the dev extra includes it)")
 ENGINES = pytest.mark.parametrize("engine", ["ddp", "fsdp", pytest.param("zero2", marks=NEEDS_DEEPSPEED),
                                             pytest.param("zero3-partitioned", marks=NEEDS_DEEPSPEED)])
-DISTRIBUTED_TYPE = {"ddp": "MULTI_CPU", "fsdp": "FSDP", "zero2": "DEEPSPEED",
+DISTRIBUTED_TYPE = {"ddp": "MULTI_CPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED",
                     "zero3-partitioned": "DEEPSPEED"}  # what the trainer ran on CPU
 NEEDS_LAUNCHER = pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not installed")
 
@@ -174,7 +174,7 @@ def test_a_two_node_launch_of_a_shipped_config_equals_single_process(tmp_path, e
                 os.killpg(p.pid, signal.SIGKILL)
     assert codes == [0, 0], [(tmp_path / f"node{r}.log").read_text()[-3000:] for r in (0, 1)]
     config = json.loads((nodes / "config.json").read_text())
-    assert config["num_processes"] == 2 and config["distributed"] == DISTRIBUTED_TYPE.get(engine, "DEEPSPEED")
+    assert config["num_processes"] == 2 and config["distributed"] == DISTRIBUTED_TYPE[engine]
     a, b = logits_of(single, examples[:8]), logits_of(nodes, examples[:8])
     for mode in a:
         assert torch.allclose(a[mode], b[mode], atol=1e-5), (mode, (a[mode] - b[mode]).abs().max())
