@@ -79,10 +79,12 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes_without_work(setup):
         assert r["entropy"] == pytest.approx(r["aleatoric"] + r["mi"], abs=1e-9)
         assert (r["auroc_entropy"] is not None) == (r["eval_task"] == "arc_challenge")
         assert (r["aurc_mi"] is not None) == (r["mode"] == "sample")
+        assert r["scoring"] == r["config"]["scoring"] == "pairs"  # the protocol each row was scored under
 
     table, plots = write_report(out)
     text = table.read_text()
     assert "### arc_easy → arc_challenge (OOD" in text and "**" in text and "lora+temperature" in text
+    assert "scored by pairs;" in text
     assert len(plots) == 6 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
 
     again: list[str] = []
@@ -269,3 +271,19 @@ def test_the_report_says_the_commit_is_unknown_outside_a_git_checkout():
     header = "\n".join(_header(rows, None))
     assert "`abc123`" in header and "`unknown (not a git checkout; see versions)`" in header
     assert "None" not in header
+
+
+def test_the_table_never_averages_two_scoring_protocols_of_one_set():
+    from bayeslora.bench.table import markdown_table
+
+    def row(seed, acc, scoring=None, config_scoring=None):
+        return {"status": "ok", "split": "dev", "budget": "b", "train_task": "t", "eval_task": "t", "kind": "id",
+                "cell": "lora", "mode": "mean", "seed": seed, "n": 10, "acc": acc, "scoring": scoring,
+                "config": {"scoring": config_scoring}}
+
+    rows = [row(0, 0.2, "loglik"), row(1, 0.4, "loglik"), row(0, 0.8, "labels"),
+            row(1, 0.6, None, "labels")]  # a row from before the protocol was recorded: read from its config
+    text = markdown_table(rows, [])
+    assert "scored by loglik;" in text and "scored by labels;" in text
+    assert "| lora | mean | 2 | 30.0 ± 14.1 |" in text and "| lora | mean | 2 | 70.0 ± 14.1 |" in text
+    assert "50.0" not in text

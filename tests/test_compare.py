@@ -88,7 +88,8 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
             assert vs["low"] <= vs["diff"] <= vs["high"]
             assert e["posterior"]["lambda_mean"] > 0
     assert {t["set"] for t in summary["targets"]} == {"arc_easy→arc_easy", "arc_easy→arc_challenge"}
-    assert "ECE (floor)" in md_path.read_text()
+    assert "ECE (floor)" in md_path.read_text() and "Choices scored by `pairs`." in md_path.read_text()
+    assert {e["scoring"] for e in summary["table"]} == {r["scoring"] for r in summary["rows"]} == {"pairs"}
     for e in summary["table"]:
         assert 0 <= e["aurc"] <= 1 and (e["aurc_mi"] is None) == (e["mode"] == "mean")
         assert (e["auroc_entropy"] is not None) == (e["kind"] == "ood") and 0 <= (e["auroc_entropy"] or 0) <= 1
@@ -176,3 +177,12 @@ def test_ece_noise_floor_shrinks_with_n_and_is_about_five_points_at_300():
     at_300, at_3000 = ece_noise_floor(conf[:300]), ece_noise_floor(conf)
     assert 0.03 < at_300 < 0.08  # the figure the issue quotes (~5 points at n=300 with 15 bins)
     assert at_3000 < at_300 / 2
+
+
+def test_a_table_line_refuses_seeds_scored_under_different_protocols():
+    from bayeslora.compare import _one_protocol
+
+    assert _one_protocol([{"scoring": "loglik"}, {"scoring": "loglik"}], ("k",)) == "loglik"
+    assert _one_protocol([{}], ("k",)) is None  # metrics written before the protocol was recorded
+    with pytest.raises(ValueError, match="different protocols"):
+        _one_protocol([{"scoring": "loglik"}, {"scoring": "labels"}], ("short", "arc_easy"))

@@ -83,7 +83,7 @@ def test_protocols_belong_to_a_model_kind(lm):
         make_scorer("causal", model, "pairs")
 
 
-def test_zero_shot_evaluation_of_a_base_model_needs_no_run(tmp_path, monkeypatch):
+def test_zero_shot_evaluation_of_a_base_model_needs_no_run(tmp_path, monkeypatch, capsys):
     import json
 
     from test_pipeline import write_task
@@ -112,3 +112,9 @@ def test_zero_shot_evaluation_of_a_base_model_needs_no_run(tmp_path, monkeypatch
     assert cli.main(["evaluate", "--model", encoder, "--task", "jsonl", "--split", "train", "--data-file",
                      str(data)]) == 2
     assert cli.main(["evaluate", "--task", "jsonl", "--split", "train"]) == 2  # neither --run nor --model
+    for flags in (["--samples", "8"], ["--mode", "sample"], ["--seed", "3"], ["--sequential"],
+                  ["--calibration", "temperature"]):  # zero-shot refuses, by name, what it would otherwise ignore
+        capsys.readouterr()
+        assert cli.main(args + flags) == 2
+        error = capsys.readouterr().err
+        assert "zero-shot" in error and flags[0] in error

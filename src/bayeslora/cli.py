@@ -72,12 +72,13 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--split", required=True, help="train, dev, test (MMLU: dev, test, fewshot; synthetic: ood)")
     p.add_argument("--data-dir")
     p.add_argument("--data-file", help="score this file instead of the task's split")
-    p.add_argument("--samples", type=int, default=4, help="MC samples (sample mode)")
-    p.add_argument("--mode", choices=["sample", "mean", "merged"], help="default: the method's default")
+    p.add_argument("--samples", type=int, help="predictive draws in sample mode (default 4; a run only)")
+    p.add_argument("--mode", choices=["sample", "mean", "merged"], help="default: the method's default (a run only)")
     p.add_argument("--output", help="metrics.json path (default: RUN/eval/metrics-*.json)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sequential", action="store_true", help="S sequential passes instead of one S×B pass")
+    p.add_argument("--seed", type=int, help="seed of the predictive draws (default 0; a run only)")
+    p.add_argument("--sequential", action="store_true",
+                   help="S sequential passes instead of one S×B pass (a run only)")
     p.add_argument("--max-examples", type=int)
     p.add_argument("--device")
     p.add_argument("--calibration", help="apply this post-hoc calibration of the run (fitted by bayeslora "
@@ -140,18 +141,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     if (args.run is None) == (args.model is None):
         raise ValueError("evaluate: give --run RUN_DIR (a trained run) or --model MODEL (zero-shot), not both")
     if args.run is None:
-        if args.calibration:
-            raise ValueError("evaluate --calibration calibrates a trained run: give --run")
+        run_only = {"--calibration": args.calibration, "--mode": args.mode, "--samples": args.samples,
+                    "--seed": args.seed, "--sequential": args.sequential or None}
+        given = [flag for flag, value in run_only.items() if value is not None]
+        if given:  # zero-shot is one deterministic pass: refuse what would otherwise be ignored
+            raise ValueError(f"evaluate --model (zero-shot) scores the base model once, in mean mode; "
+                             f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to a trained run (--run)")
         record = evaluate_base(args.model, args.task, args.split, scoring=args.scoring, data_dir=args.data_dir,
                                data_file=args.data_file, output=args.output, batch_size=args.batch_size,
                                max_examples=args.max_examples, max_length=args.max_length, device=args.device)
     else:
         if args.scoring or args.max_length:
             raise ValueError("evaluate --run: the run's recorded --scoring and --max-length apply")
+        draws = {key: value for key, value in (("samples", args.samples), ("seed", args.seed)) if value is not None}
         record = evaluate_run(args.run, args.task, args.split, data_dir=args.data_dir, data_file=args.data_file,
-                              samples=args.samples, mode=args.mode, output=args.output, batch_size=args.batch_size,
-                              seed=args.seed, batched=not args.sequential, max_examples=args.max_examples,
-                              device=args.device, calibration=args.calibration)
+                              mode=args.mode, output=args.output, batch_size=args.batch_size,
+                              batched=not args.sequential, max_examples=args.max_examples,
+                              device=args.device, calibration=args.calibration, **draws)
     print(f"{record['task']}/{record['split']} {method_label(record['method'], record['calibration'])} {record['mode']} S={record['samples']} "
           f"n={record['n']}: acc {100 * record['acc']:.2f} ece {100 * record['ece']:.2f} "
           f"nll {record['nll']:.4f} brier {record['brier']:.4f}")

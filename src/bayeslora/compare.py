@@ -387,7 +387,7 @@ def unit_rows(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int,
         curve = risk_coverage(ex["confidence"], ex["correct"])
         rows.append({"budget": budget.name, "train_task": task, "eval_task": eval_task, "kind": kind,
                      "cell": name, "method": method, "calibration": calibration, "mode": mode, "samples": samples,
-                     "seed": seed, "n": m["n"], "acc": m["acc"],
+                     "seed": seed, "scoring": m.get("scoring"), "n": m["n"], "acc": m["acc"],
                      "ece": m["ece"], "nll": m["nll"], "brier": m["brier"],
                      "ece_floor": ece_noise_floor(ex["confidence"]), "mi": float(ex["mi"].mean()),
                      "entropy": float(ex["entropy"].mean()), "aleatoric": float((ex["entropy"] - ex["mi"]).mean()),
@@ -419,6 +419,15 @@ def _train_total(folder: RunFolder, key: str, combine=sum) -> Optional[float]:
     return combine(values) if values else None
 
 
+def _one_protocol(members: list[dict[str, Any]], key: tuple) -> Optional[str]:
+    """The scoring protocol the seeds of one table line share (metrics files before it was recorded: None)."""
+    found = {r.get("scoring") for r in members}
+    if len(found) > 1:
+        raise ValueError(f"{key}: its seeds were scored under different protocols {sorted(map(str, found))}; "
+                         "rerun them with one --scoring")
+    return found.pop()
+
+
 def summarise(plan: Plan) -> dict[str, Any]:
     """Read every evaluation back; aggregate over seeds; pair each cell with the reference cell."""
     plan.validate()
@@ -439,6 +448,7 @@ def summarise(plan: Plan) -> dict[str, Any]:
         entry = dict(zip(("budget", "train_task", "eval_task", "kind", "cell", "mode"), key))
         entry["seeds"] = sorted(r["seed"] for r in members)
         entry["n"] = members[0]["n"]
+        entry["scoring"] = _one_protocol(members, key)
         for metric in ("acc", "ece", "nll", "brier", "ece_floor", "mi", "mi_share"):
             values = torch.tensor([r[metric] for r in members], dtype=torch.float64)
             entry[metric] = float(values.mean())
@@ -500,6 +510,9 @@ def markdown(summary: dict[str, Any]) -> str:
                  f"S={plan['samples']} (sample mode); ACC, ECE ×100 (mean ± std over seeds); 'floor' = the ECE "
                  f"of a perfectly calibrated predictor with the same confidences; Δ = paired difference to "
                  f"{plan['reference']} with a 95% bootstrap interval.")
+    protocols = sorted({e.get("scoring") or "unrecorded" for e in summary["table"]})
+    lines[-1] += f" Choices scored by {', '.join(f'`{p}`' for p in protocols)}" + (
+        " (the cell names its own)." if len(protocols) > 1 else ".")
     head = ("| budget | train → eval | cell | mode | n | ACC | ECE (floor) | NLL | Brier | ΔNLL [95%] | ΔBrier [95%] "
             "| AURC conf / MI | MI share | λ / σ_U | s/step | post-hoc fit s | eval s | stored params (extra) |")
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
@@ -520,10 +533,11 @@ def markdown(summary: dict[str, Any]) -> str:
         params_text = "" if params is None else (
             f"{params / 1e6:.3f}M" + (f" ({(params - ref) / 1e6:+.3f}M)" if ref is not None and e["cell"] != plan["reference"]
                                       else ""))
+        cell = e["cell"] + (f" [{e.get('scoring') or 'unrecorded'}]" if len(protocols) > 1 else "")
         post = e["posterior"]
         post_text = f"{post['lambda_mean']:.2g} / {post['sigma_u_mean']:.2g}" if post else ""
         lines.append(
-            f"| {e['budget']} | {e['train_task']} → {e['eval_task']} | {e['cell']} | {e['mode']} | {e['n']} | "
+            f"| {e['budget']} | {e['train_task']} → {e['eval_task']} | {cell} | {e['mode']} | {e['n']} | "
             f"{100 * e['acc']:.1f} ± {100 * e['acc_std']:.1f} | {100 * e['ece']:.1f} ± {100 * e['ece_std']:.1f} "
             f"({100 * e['ece_floor']:.1f}) | {e['nll']:.3f} | {e['brier']:.3f} | {delta('nll')} | {delta('brier')} | "
             f"{_aurc(e)} | {e['mi_share']:.2g} | {post_text} | {_seconds(e.get('step_seconds'), 2)} | "

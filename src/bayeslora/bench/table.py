@@ -1,6 +1,6 @@
 """The benchmark's markdown table, built from result rows alone (so merged shards need no run folders).
 
-One table per evaluated set (training task → eval set); one line per cell variant and mode, mean ± std
+One table per evaluated set (training task → eval set, and scoring protocol); one line per cell variant and mode, mean ± std
 over the seeds present; ACC, ECE and AURC ×100. The best value of each column within a set is bold
 (highest ACC and AUROC; lowest ECE, NLL, Brier and AURC). Units that failed are listed with their error.
 """
@@ -31,13 +31,21 @@ COSTS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
 NOT_COMPARABLE = {"boolq_val_even": " — trained on two thirds of val_even: not comparable with published BoolQ numbers"}
 
 
+def protocol(row: dict[str, Any]) -> str:
+    """How a row's choices were scored: its own record, else its run's training config."""
+    return row.get("scoring") or (row.get("config") or {}).get("scoring") or "unrecorded"
+
+
 def aggregate(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    """(split, budget, train task, eval task, kind) -> {(cell, mode): {key: (mean, std) or None}}."""
+    """(split, budget, train task, eval task, kind, scoring) -> {(cell, mode): {key: (mean, std) or None}}.
+
+    The scoring protocol is part of the set's key: two protocols' numbers of one set are not averaged
+    together (rows written before it was recorded read it from their run config)."""
     groups: dict[tuple, dict[tuple, list[dict[str, Any]]]] = {}
     for r in rows:
         if r.get("status") != "ok":
             continue
-        key = (r["split"], r["budget"], r["train_task"], r["eval_task"], r["kind"])
+        key = (r["split"], r["budget"], r["train_task"], r["eval_task"], r["kind"], protocol(r))
         groups.setdefault(key, {}).setdefault((r["cell"], r["mode"]), []).append(r)
     out: dict[tuple, dict[str, Any]] = {}
     for key, cells in groups.items():
@@ -61,14 +69,14 @@ def _best(cells: dict[tuple, dict[str, Any]], name: str, better: Optional[str]) 
 
 def markdown_table(rows: list[dict[str, Any]], header: list[str]) -> str:
     lines = list(header)
-    for (split, budget, train_task, eval_task, kind), cells in sorted(
+    for (split, budget, train_task, eval_task, kind, scoring), cells in sorted(
             aggregate(rows).items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][4] != "id", kv[0][2:])):
         shown = [c for c in COLUMNS if any(s[c[1]] is not None for s in cells.values())]
         costs = [c for c in COSTS if any(s[c[1]] is not None for s in cells.values())]
         n = sorted({s["n"] for s in cells.values()})
         caveat = NOT_COMPARABLE.get(eval_task, "")
         lines += ["", f"### {train_task} → {eval_task} ({'in-distribution' if kind == 'id' else 'OOD'}; "
-                      f"{split}; budget {budget}; n = {', '.join(map(str, n))}){caveat}", ""]
+                      f"{split}; budget {budget}; scored by {scoring}; n = {', '.join(map(str, n))}){caveat}", ""]
         head = ["cell", "mode", "seeds"] + [c[0] for c in shown] + [c[0] for c in costs]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         best = {c[1]: _best(cells, c[1], c[4]) for c in shown}
