@@ -18,6 +18,7 @@ from bayeslora import cli
 from bayeslora.bench import (load_suite, parse_shard, read_rows, run_bench, shard_units, shipped_suites,
                              suite_units, write_report)
 from bayeslora.bench.results import append_rows, latest_rows, results_files
+from bayeslora.layout import RunFolder
 
 SUITE = """
 description = "tiny: two cells on the fruit task"
@@ -75,6 +76,8 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes_without_work(setup):
         assert r["n"] == 10 and r["suite"] == "tiny" and r["split"] == "dev" and r["config"]["epochs"] == 1
         assert r["versions"]["torch"] and "commit" in r and r["unit_seconds"] > 0 and r["rows_in_attempt"] > 1
         assert r["train_seconds"] > 0 and r["trainable_parameters"] > 0 and r["examples_per_second"] > 0
+        seen = sum(h["timed_examples"] for h in RunFolder(r["run"]).read_history())
+        assert seen == r["n_train"] and r["train_examples_per_second"] == pytest.approx(seen / r["train_seconds"])
         assert len(r["accuracy_at_coverage"]) == 20 and sum(r["reliability"]["counts"]) == 10
         assert r["entropy"] == pytest.approx(r["aleatoric"] + r["mi"], abs=1e-9)
         assert (r["auroc_entropy"] is not None) == (r["eval_task"] == "arc_challenge")
@@ -84,7 +87,7 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes_without_work(setup):
     table, plots = write_report(out)
     text = table.read_text()
     assert "### arc_easy → arc_challenge (OOD" in text and "**" in text and "lora+temperature" in text
-    assert "scored by pairs;" in text
+    assert "scored by pairs;" in text and "| train ex/s |" in text and "| eval ex/s |" in text
     assert len(plots) == 6 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
 
     again: list[str] = []

@@ -394,6 +394,7 @@ def unit_rows(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int,
                      "mi_share": float(ex["mi"].sum() / ex["entropy"].sum().clamp_min(1e-12)),
                      "posterior": _posterior(folder), "step_seconds": _train_seconds(folder),
                      "train_seconds": _train_total(folder, "train_seconds"),
+                     "train_examples_per_second": _train_throughput(folder),
                      "train_peak_memory_bytes": _train_total(folder, "peak_memory_bytes", max),
                      "eval_seconds": m.get("eval_seconds"), "examples_per_second": m.get("examples_per_second"),
                      "eval_peak_memory_bytes": m.get("peak_memory_bytes"),
@@ -411,6 +412,12 @@ def unit_rows(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int,
         r["auroc_entropy"] = auroc(own["entropy"], ex["entropy"]) if ood else None
         r["auroc_mi"] = auroc(own["mi"], ex["mi"]) if ood and bool((ex["mi"] > MI_NOISE).any()) else None
     return rows, examples
+
+
+def _train_throughput(folder: RunFolder) -> Optional[float]:
+    """Training rows per second over the epochs that recorded their rows (None for runs from before)."""
+    timed = [h for h in folder.read_history() if h.get("timed_examples") and h.get("train_seconds")]
+    return sum(h["timed_examples"] for h in timed) / sum(h["train_seconds"] for h in timed) if timed else None
 
 
 def _train_total(folder: RunFolder, key: str, combine=sum) -> Optional[float]:

@@ -4,7 +4,8 @@ Training, evaluation, the report and the comparison all go through :class:`RunFo
 lives here only::
 
     RUN/config.json              the resolved training config, versions, data files (sha256)
-    RUN/history.json             one entry per epoch: val metrics, posterior statistics, adapter
+    RUN/history.json             one entry per epoch: val metrics, posterior statistics, timing (seconds,
+                                 rows, peak memory), adapter
     RUN/selection.json           which epoch's adapter the run stands for, and by which rule
     RUN/adapters/epoch-N/        the adapter (PEFT folder) and the scorer head of epoch N
     RUN/checkpoint/              the resumable training state (see bayeslora.training.checkpoint)

@@ -20,9 +20,12 @@ COLUMNS: tuple[tuple[str, str, float, int, Optional[str]], ...] = (
     ("AUROC by entropy", "auroc_entropy", 100, 1, "max"), ("AUROC by MI", "auroc_mi", 100, 1, "max"),
 )
 COSTS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
-    ("train s", "train_seconds", lambda v: f"{v:.0f}"), ("eval s", "eval_seconds", lambda v: f"{v:.0f}"),
-    ("ex/s", "examples_per_second", lambda v: f"{v:.1f}"),
+    ("train s", "train_seconds", lambda v: f"{v:.0f}"),
+    ("train ex/s", "train_examples_per_second", lambda v: f"{v:.2g}" if v < 10 else f"{v:.0f}"),
+    ("eval s", "eval_seconds", lambda v: f"{v:.0f}"),
+    ("eval ex/s", "examples_per_second", lambda v: f"{v:.2g}" if v < 10 else f"{v:.0f}"),
     ("train peak MB", "train_peak_memory_bytes", lambda v: f"{v / 2**20:.0f}"),
+    ("eval peak MB", "eval_peak_memory_bytes", lambda v: f"{v / 2**20:.0f}"),
     ("trainable", "trainable_parameters", lambda v: f"{v / 1e6:.2f}M"),
     ("stored", "parameters", lambda v: f"{v / 1e6:.2f}M"),
 )

@@ -304,18 +304,19 @@ class Trainer:
         self.module.train()
         while pos.step < self.total_steps and pos.epoch < self.epochs:
             batches = self._global_batches(pos.epoch)
-            started, first_step = time.perf_counter(), pos.step
+            started, first_step, seen = time.perf_counter(), pos.step, 0
             peak = PeakMemory(self.acc.device).start()
             while pos.batch < len(batches) and pos.step < self.total_steps:
                 group = batches[pos.batch:pos.batch + cfg.grad_accum]
                 logs = self._optimizer_step(group, pos.epoch, pos.batch)
+                seen += sum(len(rows) for rows in group)  # global rows, every process's share
                 pos.batch += len(group)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
                 if cfg.save_steps and pos.step % cfg.save_steps == 0 and pos.batch < len(batches):
                     self._checkpoint()
             self._timing = {"train_seconds": time.perf_counter() - started, "timed_steps": pos.step - first_step,
-                            "peak_memory_bytes": peak.bytes()}
+                            "timed_examples": seen, "peak_memory_bytes": peak.bytes()}
             self._end_epoch(pos.epoch)
             pos.epoch, pos.batch = pos.epoch + 1, 0
             self._checkpoint()
