@@ -22,9 +22,6 @@ as interleaved rounds (each round runs every variant once, in turn) so they see 
   Z_r a gradient of its size, one of them a transposed view) instead of ``_GramAndNoiseProduct`` and
   ``_TransposedProduct`` (one gradient buffer in Z's layout), and the noise term added out of place
   (``_PlusScaledNoise`` now sums into the projection in place): that change, side by side;
-* ``z_summed``: ``after`` with Z_r's other uses (the projection) fed from Z_r itself, so autograd adds
-  their gradient to the fused one out of place, in a fresh buffer of Z's size (as before Z_r was passed
-  on through ``_GramAndNoiseProduct``, which now adds it into its own buffer in place);
 * ``sampler``: the whole ``PosteriorSampler.draw`` of the model (layer walk, grouping, every group),
   forward only, which is what sample-mode evaluation pays per forward;
 * ``label_rows`` (``--label-rows N``, default 5): ``after`` on the same model with its lm_head adapter
@@ -108,41 +105,13 @@ def autograd_z_products():
     from bayeslora.core import posterior
 
     saved = posterior._GramAndNoiseProduct, posterior._TransposedProduct, posterior._PlusScaledNoise
-    posterior._GramAndNoiseProduct = SimpleNamespace(apply=lambda z, e1: (posterior._Gram.apply(z), z.unsqueeze(1) @ e1, z))
+    posterior._GramAndNoiseProduct = SimpleNamespace(apply=lambda z, e1: (posterior._Gram.apply(z), z.unsqueeze(1) @ e1))
     posterior._TransposedProduct = SimpleNamespace(apply=lambda z, x: z.transpose(-1, -2) @ x)
     posterior._PlusScaledNoise = SimpleNamespace(apply=lambda p, c, e: saved[2].apply(p.clone(), c, e))
     try:
         yield
     finally:
         posterior._GramAndNoiseProduct, posterior._TransposedProduct, posterior._PlusScaledNoise = saved
-
-
-@contextlib.contextmanager
-def z_gradient_summed():
-    """Z_r's other uses fed from Z_r itself, so autograd sums their gradient with the fused one out of
-    place (a fresh buffer of Z's size), as before Z_r was passed on through ``_GramAndNoiseProduct``."""
-    from types import SimpleNamespace
-
-    from bayeslora.core import posterior
-
-    saved = posterior._GramAndNoiseProduct
-
-    def apply(z, e1):
-        gram, product, _ = saved.apply(z, e1)
-        return gram, product, z
-
-    posterior._GramAndNoiseProduct = SimpleNamespace(apply=apply)
-    try:
-        yield
-    finally:
-        posterior._GramAndNoiseProduct = saved
-
-
-def with_z_summed(fn):
-    def run():
-        with z_gradient_summed():
-            fn()
-    return run
 
 
 def with_autograd_z(fn):
@@ -199,7 +168,6 @@ def measure(args, hidden: int, device: torch.device) -> dict:
         "projection": with_vmap(lambda: training_draw(groups, draw_group)),
         "after": lambda: training_draw(groups, draw_group),
         "autograd_z": with_autograd_z(lambda: training_draw(groups, draw_group)),
-        "z_summed": with_z_summed(lambda: training_draw(groups, draw_group)),
         "sampler": lambda: _no_grad(sampler.draw),
     }
     if args.label_rows:  # the same posterior work with the lm_head's B on label rows only
@@ -221,9 +189,8 @@ def measure(args, hidden: int, device: torch.device) -> dict:
            for name, t in times.items()}
     ratios = [a / b for a, b in zip(times["after"], times["before"])]
     out["after_over_before"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
-    for reference in ("autograd_z", "z_summed"):
-        ratios = [a / b for a, b in zip(times["after"], times[reference])]
-        out[f"after_over_{reference}"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    ratios = [a / b for a, b in zip(times["after"], times["autograd_z"])]
+    out["after_over_autograd_z"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
     if args.label_rows:
         ratios = [a / b for a, b in zip(times["label_rows"], times["after"])]
         out["label_rows_over_after"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
@@ -266,12 +233,12 @@ def main() -> None:
         results[f"hidden_{hidden}"] = r
         print(f"hidden {hidden} ({args.layers} layers, vocab {args.vocab}; groups {r['groups']}; load "
               f"{r['load'][0]:.1f} -> {r['load'][1]:.1f}):")
-        for name in ("before", "projection", "autograd_z", "z_summed", "after", "sampler", "label_rows"):
+        for name in ("before", "projection", "autograd_z", "after", "sampler", "label_rows"):
             if name in r:
                 v = r[name]
                 print(f"  {name:10s} {v['ms_median']:8.2f} ms  (min {v['ms_min']:.2f}, max {v['ms_max']:.2f})")
         for name, what in (("after_over_before", "after / before"), ("after_over_autograd_z", "after / autograd_z"),
-                           ("after_over_z_summed", "after / z_summed"), ("label_rows_over_after", "label_rows / after")):
+                           ("label_rows_over_after", "label_rows / after")):
             if name in r:
                 a = r[name]
                 print(f"  {what}: x{a['median']:.3f} (min {a['min']:.3f}, max {a['max']:.3f})")

@@ -111,25 +111,22 @@ class _Gram(torch.autograd.Function):
 
 
 class _GramAndNoiseProduct(torch.autograd.Function):
-    """(Z Zᵀ, Z e1, Z) for Z (G, R, d) and noise e1 (G, n, d, k), with Z's gradient built in one (G, R, d) buffer:
-    (G + Gᵀ) Z, then each draw's g e1ᵀ added in place, then the gradient of the third output (Z passed
-    on, as an alias, for the draw's other uses of Z) added in place too. Autograd's own would give Z a
-    gradient of its size per use plus their sums, fresh memory each; on a 32k-row lm_head B factor
-    those passes were a measurable part of the draw (benchmarks/draw_time.py)."""
+    """(Z Zᵀ, Z e1) for Z (G, R, d) and noise e1 (G, n, d, k), with Z's gradient built in one (G, R, d) buffer:
+    (G + Gᵀ) Z, then each draw's g e1ᵀ added in place. Autograd's own would give Z three gradients of its
+    size (the two products' and their sum), fresh memory each; on a 32k-row lm_head B factor those
+    passes were a measurable part of the draw (benchmarks/draw_time.py)."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, e1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx, z: Tensor, e1: Tensor) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(z, e1)
-        return z @ z.transpose(-1, -2), z.unsqueeze(1) @ e1, z.view_as(z)
+        return z @ z.transpose(-1, -2), z.unsqueeze(1) @ e1
 
     @staticmethod
-    def backward(ctx, grad_gram: Tensor, grad_product: Tensor, grad_z_used: Optional[Tensor]):
+    def backward(ctx, grad_gram: Tensor, grad_product: Tensor):
         z, e1 = ctx.saved_tensors
         grad_z = (grad_gram + grad_gram.transpose(-1, -2)) @ z
         for i in range(e1.shape[1]):
             grad_z.baddbmm_(grad_product[:, i], e1[:, i].transpose(-1, -2))
-        if grad_z_used is not None:
-            grad_z.add_(grad_z_used)
         return grad_z, None
 
 
@@ -300,14 +297,14 @@ def draw_group(
     eps, eta = eps.view(g, n, rows, cols), eta.view(g, n, rows, cols)
     e1, e3 = e1.view(g, n, d_o, d_i), e3.view(g, n, rows, d_i)
 
-    gram_r, z_r_e1, z_rows = _GramAndNoiseProduct.apply(p.z_rows, e1)  # every use of Z_r: one gradient buffer
+    gram_r, z_r_e1 = _GramAndNoiseProduct.apply(p.z_rows, e1)  # Z_r's two products with one gradient buffer
     chol_r, d_r, _, failed_r = _kernel(p.z_rows, p.d_rows, s.jitter, defer_check, gram=gram_r)
     chol_c, d_c, _, failed_c = _kernel(p.z_cols, p.d_cols, s.jitter, defer_check)
     chol_r, chol_c = chol_r.unsqueeze(1), chol_c.unsqueeze(1)
     u_w, ladj = _whitened(p, eps)
     u = chol_r @ u_w @ chol_c.transpose(-1, -2)
 
-    z_r, z_c = z_rows.unsqueeze(1), p.z_cols.unsqueeze(1)
+    z_r, z_c = p.z_rows.unsqueeze(1), p.z_cols.unsqueeze(1)
     d_r, d_c = d_r[:, None, :, None], d_c[:, None, None, :]
     u_prior = (z_r_e1 + d_r * e3) @ z_c.transpose(-1, -2) + (chol_r @ eta) * d_c
 
