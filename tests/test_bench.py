@@ -89,6 +89,7 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes_without_work(setup):
     assert "### arc_easy → arc_challenge (OOD" in text and "**" in text and "lora+temperature" in text
     assert "scored by pairs;" in text and "| train ex/s |" in text and "| eval ex/s |" in text
     assert len(plots) == 6 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    assert all(p.stem.endswith("-pairs") for p in plots)
 
     again: list[str] = []
     run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=again.append)
@@ -290,3 +291,6 @@ def test_the_table_never_averages_two_scoring_protocols_of_one_set():
     assert "scored by loglik;" in text and "scored by labels;" in text
     assert "| lora | mean | 2 | 30.0 ± 14.1 |" in text and "| lora | mean | 2 | 70.0 ± 14.1 |" in text
     assert "50.0" not in text
+    from bayeslora.bench.plots import _sets
+
+    assert sorted(key[-1] for key in _sets(rows)) == ["labels", "loglik"]  # one figure per protocol too

@@ -186,3 +186,15 @@ def test_a_table_line_refuses_seeds_scored_under_different_protocols():
     assert _one_protocol([{}], ("k",)) is None  # metrics written before the protocol was recorded
     with pytest.raises(ValueError, match="different protocols"):
         _one_protocol([{"scoring": "loglik"}, {"scoring": "labels"}], ("short", "arc_easy"))
+
+
+def test_an_evaluation_without_a_recorded_protocol_takes_its_runs():
+    from bayeslora.compare import scoring_of
+
+    train = {"train": {"scoring": "loglik-norm"}, "model_kind": "causal"}
+    assert scoring_of({"scoring": "labels"}, train) == "labels"  # the metrics file's own record first
+    assert scoring_of({}, train) == "loglik-norm"  # then the run's training config
+    # runs from before the option existed: the protocol of their model kind then
+    assert scoring_of({}, {"train": {}, "model_kind": "causal"}) == "labels"
+    assert scoring_of({}, {"train": {"scoring": None}, "model_kind": "encoder"}) == "pairs"
+    assert scoring_of({}, {"train": {}}) is None

@@ -387,7 +387,7 @@ def unit_rows(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int,
         curve = risk_coverage(ex["confidence"], ex["correct"])
         rows.append({"budget": budget.name, "train_task": task, "eval_task": eval_task, "kind": kind,
                      "cell": name, "method": method, "calibration": calibration, "mode": mode, "samples": samples,
-                     "seed": seed, "scoring": m.get("scoring"), "n": m["n"], "acc": m["acc"],
+                     "seed": seed, "scoring": scoring_of(m, config), "n": m["n"], "acc": m["acc"],
                      "ece": m["ece"], "nll": m["nll"], "brier": m["brier"],
                      "ece_floor": ece_noise_floor(ex["confidence"]), "mi": float(ex["mi"].mean()),
                      "entropy": float(ex["entropy"].mean()), "aleatoric": float((ex["entropy"] - ex["mi"]).mean()),
@@ -426,8 +426,18 @@ def _train_total(folder: RunFolder, key: str, combine=sum) -> Optional[float]:
     return combine(values) if values else None
 
 
+def scoring_of(metrics: dict[str, Any], config: dict[str, Any]) -> Optional[str]:
+    """How an evaluation's choices were scored: its metrics file's record, else its run's (training
+    config, else the protocol of runs from before the option existed, by the recorded model kind)."""
+    from .scoring import legacy_protocol
+
+    kind = config.get("model_kind")
+    return (metrics.get("scoring") or config["train"].get("scoring")
+            or (legacy_protocol(kind) if kind else None))
+
+
 def _one_protocol(members: list[dict[str, Any]], key: tuple) -> Optional[str]:
-    """The scoring protocol the seeds of one table line share (metrics files before it was recorded: None)."""
+    """The scoring protocol the seeds of one table line share (None: not recorded anywhere)."""
     found = {r.get("scoring") for r in members}
     if len(found) > 1:
         raise ValueError(f"{key}: its seeds were scored under different protocols {sorted(map(str, found))}; "
@@ -518,8 +528,9 @@ def markdown(summary: dict[str, Any]) -> str:
                  f"of a perfectly calibrated predictor with the same confidences; Δ = paired difference to "
                  f"{plan['reference']} with a 95% bootstrap interval.")
     protocols = sorted({e.get("scoring") or "unrecorded" for e in summary["table"]})
-    lines[-1] += f" Choices scored by {', '.join(f'`{p}`' for p in protocols)}" + (
-        " (the cell names its own)." if len(protocols) > 1 else ".")
+    if protocols:
+        lines[-1] += f" Choices scored by {', '.join(f'`{p}`' for p in protocols)}" + (
+            " (the cell names its own)." if len(protocols) > 1 else ".")
     head = ("| budget | train → eval | cell | mode | n | ACC | ECE (floor) | NLL | Brier | ΔNLL [95%] | ΔBrier [95%] "
             "| AURC conf / MI | MI share | λ / σ_U | s/step | post-hoc fit s | eval s | stored params (extra) |")
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]

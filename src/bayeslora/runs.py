@@ -26,16 +26,11 @@ from .evaluation.report import atomic_write, write_json_atomic
 from .methods import get_method
 from .layout import EvalFiles, RunFolder, eval_stem, method_label, zero_shot_files
 from .models import load_base_model
-from .scoring import make_scorer
+from .scoring import legacy_protocol, make_scorer
 from .training import fit_and_val_sets
 from .training.config import TrainConfig
 
 __all__ = ["PreparedRun", "calibrate_run", "evaluate_base", "evaluate_run", "load_run_model", "prepare_run"]
-
-
-def _legacy_protocol(kind: str) -> str:
-    """Runs recorded before the scoring option existed scored causal LMs by their label tokens."""
-    return "labels" if kind == "causal" else "pairs"
 
 
 def load_run_model(run_dir: Path, device: torch.device | str = "cpu"):
@@ -45,7 +40,7 @@ def load_run_model(run_dir: Path, device: torch.device | str = "cpu"):
     method = get_method(cfg.method, cfg.method_options)
     loaded = load_base_model(cfg.model, dtype=cfg.dtype, kind=cfg.model_kind, quantize=cfg.quantize)
     model = method.load(loaded.model, adapter, cfg.lora()).to(device)
-    scorer = make_scorer(loaded.kind, model, cfg.scoring or _legacy_protocol(loaded.kind)).load(adapter).to(device)
+    scorer = make_scorer(loaded.kind, model, cfg.scoring or legacy_protocol(loaded.kind)).load(adapter).to(device)
     return method, model, scorer, loaded.tokenizer, cfg, selection
 
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .data import CausalChoiceCollator, CausalCollator, EncoderCollator, regroup_pair_scores
 
 __all__ = ["CausalLoglikScorer", "CausalScorer", "ChoiceScorer", "EncoderScorer", "PROTOCOLS", "make_scorer",
-           "SCORER_FILE", "default_protocol"]
+           "SCORER_FILE", "default_protocol", "legacy_protocol"]
 
 PROTOCOLS = {"causal": ("loglik", "loglik-norm", "labels"), "encoder": ("pairs",)}  # the first is the default
 
@@ -170,6 +170,12 @@ class EncoderScorer(ChoiceScorer):
         scores = self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()
         logits, choice_mask = regroup_pair_scores(scores.view(num_samples, -1), batch["n_choices"])
         return logits, choice_mask
+
+
+def legacy_protocol(kind: str) -> str:
+    """The protocol of runs recorded before the scoring option existed: causal LMs were scored by their
+    label tokens, encoders by (context, choice) pairs."""
+    return "labels" if kind == "causal" else "pairs"
 
 
 def default_protocol(kind: str) -> str:

@@ -1,5 +1,6 @@
-"""The benchmark's figures, drawn from result rows alone: per evaluated set, the reliability diagram of
-every cell (bins pooled over seeds), ACC against ECE, and selective accuracy against coverage.
+"""The benchmark's figures, drawn from result rows alone: per evaluated set and scoring protocol, the
+reliability diagram of every cell (bins pooled over seeds), ACC against ECE, and selective accuracy
+against coverage.
 
 matplotlib's object API on the Agg canvas (no ``pyplot``, no window, no global backend); every PNG is
 written atomically.
@@ -16,6 +17,7 @@ from matplotlib.figure import Figure
 
 from ..compare import COVERAGES
 from ..evaluation.report import atomic_write
+from .table import protocol
 
 __all__ = ["write_plots"]
 
@@ -24,7 +26,7 @@ def _sets(rows: list[dict[str, Any]]) -> dict[tuple, dict[tuple, list[dict[str, 
     out: dict[tuple, dict[tuple, list[dict[str, Any]]]] = {}
     for r in rows:
         if r.get("status") == "ok":
-            out.setdefault((r["split"], r["budget"], r["train_task"], r["eval_task"]), {}).setdefault(
+            out.setdefault((r["split"], r["budget"], r["train_task"], r["eval_task"], protocol(r)), {}).setdefault(
                 (r["cell"], r["mode"]), []).append(r)
     return out
 
@@ -97,9 +99,9 @@ def write_plots(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for (split, budget, train_task, eval_task), cells in sorted(_sets(rows).items()):
-        name = f"{train_task} → {eval_task} ({split}, {budget})"
-        stem = f"{split}-{budget}-{train_task}-{eval_task}"
+    for (split, budget, train_task, eval_task, scoring), cells in sorted(_sets(rows).items()):
+        name = f"{train_task} → {eval_task} ({split}, {budget}, {scoring})"
+        stem = f"{split}-{budget}-{train_task}-{eval_task}-{scoring}"
         written.append(_save(_reliability(name, cells), folder / f"reliability-{stem}.png"))
         written.append(_save(_scatter(name, cells), folder / f"acc-ece-{stem}.png"))
         written.append(_save(_coverage(name, cells), folder / f"coverage-{stem}.png"))
