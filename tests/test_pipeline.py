@@ -394,3 +394,12 @@ def test_a_label_scored_head_restricted_to_the_label_rows(workspace, tmp_path, c
     untargeted = train_args(workspace, "causal", "bayeslora", tmp_path / "r3", "--label-rows", "true",
                             "--scoring", "labels", "--max-steps", "1")
     assert cli.main(untargeted) == 2 and "is not a Bayesian target" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--geometry-lr-factor", "0"), ("--mean-lr-factor", "-1"),
+                                         ("--scale-lr", "0")])
+def test_a_learning_rate_factor_that_cannot_work_is_refused_by_name(workspace, tmp_path, capsys, flag, value):
+    # a zero factor used to end in a ZeroDivisionError traceback while the optimizer was built
+    assert cli.main(train_args(workspace, "causal", "bayeslora", tmp_path / "run", "--max-steps", "1",
+                               flag, value)) == 2
+    assert f"{flag} must be a positive finite number" in capsys.readouterr().err

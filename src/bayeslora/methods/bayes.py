@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,13 +181,20 @@ class BayesLoraMethod(Method):
                          - {"preset", "bayesian_modules", "lr_factors", "scale_lr", "label_rows"})
         if unknown:
             raise ValueError(f"bayeslora: unknown method options {unknown}")
+        factors = {**preset.lr_factors, **self.options.get("lr_factors", {})}
+        scale_lr = self.options.get("scale_lr", preset.scale_lr)
+        for flag, value in [*((f"--{role}-lr-factor", v) for role, v in factors.items()), ("--scale-lr", scale_lr)]:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < math.inf):
+                raise ValueError(f"{flag} must be a positive finite number, got {value!r} (AdamW divides the "
+                                 "group's weight decay by it)")
         return {
             **posterior, **preset.posterior, **given,
             "preset": self.options.get("preset", "default"),
             "bayesian_modules": self.options.get("bayesian_modules"),
             "label_rows": _as_flag(self.options.get("label_rows", False), "label_rows"),
-            "lr_factors": {**preset.lr_factors, **self.options.get("lr_factors", {})},
-            "scale_lr": self.options.get("scale_lr", preset.scale_lr),
+            "lr_factors": factors,
+            "scale_lr": scale_lr,
         }
 
     def config(self, lora: dict[str, Any], output_rows: dict[str, list[int]] | None = None) -> BayesLoraConfig:
