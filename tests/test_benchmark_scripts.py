@@ -47,3 +47,41 @@ def test_the_sharded_memory_script_runs_the_real_trainer_under_each_engine(tmp_p
     assert all(r["estimate"]["total"] > 0 and r["held"] > 0 for r in rows.values())
     if "zero3" in rows:  # the base is partitioned: a rank holds less than the whole model
         assert rows["zero3"]["held"] < rows["single"]["held"] == rows["ddp"]["held"]
+
+
+def test_score_noise_splits_common_and_separating_noise_by_hand_and_runs_on_a_trained_run(tmp_path):
+    sys.path.insert(0, str(SCRIPTS))
+    import torch
+    from score_noise import noise_split
+
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    base = torch.tensor([[0.0, 1.0, 2.0], [0.5, -0.5, 0.0]])
+    shift = torch.tensor([-1.0, 1.0])[:, None, None]  # two draws, every choice of a question moves together
+    common = noise_split([(base + shift, mask)])
+    assert common["common_mode_share"] == pytest.approx(1.0) and common["separating_variance"] == pytest.approx(0.0)
+    assert common["score_variance"] == pytest.approx(1.0)
+    opposite = torch.tensor([[1.0, -1.0, 0.0], [1.0, -1.0, 0.0]])  # sums to 0 over each item's choices
+    separating = noise_split([(base + torch.stack([opposite, -opposite]), mask)])
+    assert separating["common_mode_share"] == pytest.approx(0.0, abs=1e-12)
+    assert separating["score_variance"] == pytest.approx(4 / 5)  # padded choices are not counted
+    with pytest.raises(ValueError, match="deterministic"):
+        noise_split([(base.expand(2, 2, 3), mask)])
+
+    from test_pipeline import TARGETS, write_task
+    from tiny_models import save_tiny_encoder
+
+    from bayeslora import cli
+
+    data = write_task(tmp_path / "rows.jsonl", kind="encoder")
+    run = tmp_path / "run"
+    assert cli.main(["train", "--model", save_tiny_encoder(tmp_path / "enc"), "--task", "jsonl", "--train-file",
+                     str(data), "--val-file", str(data), "--method", "bayeslora", "--output", str(run),
+                     "--max-steps", "2", "--batch-size", "8", "--no-progress", "--samples", "2",
+                     "--target-modules", *TARGETS["encoder"]]) == 0
+    out = tmp_path / "noise.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "score_noise.py"), str(run), "--task", "jsonl", "--split",
+                           "train", "--data-file", str(data), "--samples", "3", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["score_variance"] > 0 and 0 <= result["common_mode_share"] <= 1 and result["samples"] == 3
