@@ -1,7 +1,7 @@
 """The benchmark's markdown table, built from result rows alone (so merged shards need no run folders).
 
-One table per evaluated set (training task → eval set, and scoring protocol); one line per cell variant and mode, mean ± std
-over the seeds present; ACC, ECE and AURC ×100. The best value of each column within a set is bold
+One table per evaluated set (training task → eval set) and scoring protocol; one line per cell variant
+and mode, mean ± std over the seeds present; ACC, ECE and AURC ×100. The best value of each column within a set is bold
 (highest ACC and AUROC; lowest ECE, NLL, Brier and AURC). Units that failed are listed with their error.
 """
 
@@ -35,8 +35,11 @@ NOT_COMPARABLE = {"boolq_val_even": " — trained on two thirds of val_even: not
 
 
 def protocol(row: dict[str, Any]) -> str:
-    """How a row's choices were scored: its own record, else its run's training config."""
-    return row.get("scoring") or (row.get("config") or {}).get("scoring") or "unrecorded"
+    """How a row's choices were scored (:func:`~bayeslora.compare.scoring_of` on the row and the training
+    config it carries), or "unrecorded"."""
+    from ..compare import scoring_of
+
+    return scoring_of(row, {"train": row.get("config") or {}}) or "unrecorded"
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
