@@ -407,3 +407,99 @@ def test_mean_init_std_lora_starts_the_a_factor_at_peft_s_norm_at_any_width(d_in
     assert all(n < 0.75 * lora for n in norms[1.0])
     with pytest.raises(ValueError, match="mean_init_std must be > 0 or 'lora'"):
         BayesLoraConfig(r=4, target_modules=["q_proj"], mean_init_std="peft")
+
+
+# ------------------------------------------------------------------ lora_offset: the posterior centred on a LoRA point
+def _offset_layers(model):
+    return [m for m in model.modules() if isinstance(m, BayesLoraLinear) and m.lora_bayes]
+
+
+def test_lora_offset_starts_at_the_base_model_with_peft_s_initial_a():
+    base = tiny("llama", 0)
+    with torch.no_grad():
+        want = outputs(base, inputs())
+    model = llama_model(lora_offset=True, init_lora_weights=True, sigma_u_init=1e-3)
+    bayeslora.set_mode(model, "mean")
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(model, inputs()), want, atol=0, rtol=0)
+    for layer in _offset_layers(model):
+        pair = layer.lora_bayes["default"]
+        a, b = pair["A"].offset, pair["B"].offset
+        assert a.shape == (4, layer.in_features) and b.shape == (layer.out_features, 4)
+        assert float(b.abs().max()) == 0.0  # PEFT's B = 0
+        bound = 1 / math.sqrt(layer.in_features)  # PEFT's kaiming_uniform(a=√5) bound
+        assert 0 < float(a.abs().max()) <= bound and float(a.std()) > bound / 3
+        for factor in pair.values():  # the deviation starts at zero, through an identity flow
+            assert float(factor.inducing_mean.abs().max()) == 0.0
+
+
+def test_lora_offset_shifts_every_draw_and_the_mean_by_w0_and_the_kl_does_not_see_it():
+    model = llama_model(lora_offset=True, sigma_u_init=0.05, lambda_init=0.02)
+    sampler = bayeslora.get_sampler(model)
+    layer = _offset_layers(model)[0]
+    with torch.no_grad():
+        for factor in layer.lora_bayes["default"].values():
+            factor.inducing_mean.normal_()
+        before = {w: t.clone() for w, t in layer.mean_weights("default", refresh=True).items()}
+        torch.manual_seed(5)
+        outputs(model, inputs())
+        drawn = {w: t.clone() for w, t in layer._bayes_draws["default"].items()}
+        kl = [float(r["kl_flow"]) for r in bayeslora.kl_breakdown(model)]
+        shift = {}
+        for which, factor in layer.lora_bayes["default"].items():
+            shift[which] = torch.randn_like(factor.offset)
+            factor.offset.add_(shift[which])
+        after = layer.mean_weights("default", refresh=True)
+        torch.manual_seed(5)
+        outputs(model, inputs())
+        assert [float(r["kl_flow"]) for r in bayeslora.kl_breakdown(model)] == pytest.approx(kl, rel=1e-6)
+    for which in ("A", "B"):
+        torch.testing.assert_close(after[which], before[which] + shift[which])
+        torch.testing.assert_close(layer._bayes_draws["default"][which], drawn[which] + shift[which])
+    assert sampler.mode == "sample"
+
+
+def test_lora_offset_with_a_collapsed_posterior_is_plain_peft_lora():
+    """σ_U, λ → 0, no flow, zero deviation: every draw is W₀, so the model is a PEFT LoRA with A = W₀_A,
+    B = W₀_B, to float rounding (sample mode, mean mode and merged)."""
+    from peft import LoraConfig, get_peft_model
+
+    tiny_value = 1e-8
+    model = llama_model(lora_offset=True, init_lora_weights=True, sigma_u_init=tiny_value,
+                        sigma_u_max=tiny_value, lambda_init=tiny_value, lambda_max=tiny_value, flow_depth=0,
+                        bayesian_modules=None)
+    plain = get_peft_model(tiny("llama", 0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    plain_layers = {n: m for n, m in plain.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    with torch.no_grad():
+        for name, layer in model.named_modules():
+            if isinstance(layer, BayesLoraLinear) and layer.lora_bayes:
+                pair = layer.lora_bayes["default"]
+                pair["B"].offset.normal_(std=0.1)  # a trained-looking B, so the adapter is visible
+                plain_layers[name].lora_A["default"].weight.copy_(pair["A"].offset)
+                plain_layers[name].lora_B["default"].weight.copy_(pair["B"].offset)
+        want = outputs(plain, inputs())
+        assert not torch.allclose(want, outputs(tiny("llama", 0), inputs()), atol=1e-3)
+        torch.testing.assert_close(outputs(model, inputs()), want, atol=1e-5, rtol=1e-5)
+        bayeslora.set_mode(model, "mean")
+        torch.testing.assert_close(outputs(model, inputs()), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outputs(model.merge_and_unload(), inputs()), want, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_offset_trains_saves_and_loads(tmp_path):
+    model = llama_model(lora_offset=True)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = outputs(model, inputs()).square().mean() + 1e-3 * bayeslora.kl_divergence(model)
+    loss.backward()
+    for layer in _offset_layers(model):
+        for factor in layer.lora_bayes["default"].values():
+            assert factor.offset.grad is not None and float(factor.offset.grad.abs().sum()) > 0
+    opt.step()
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = bayeslora.load(tiny("llama", 0), tmp_path / "adapter")
+    for m in (model, reloaded):
+        bayeslora.set_mode(m, "mean")
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(reloaded, inputs()), outputs(model, inputs()), atol=0, rtol=0)
+    counts = bayeslora.count_parameters(model)
+    per_layer = (factor_formula(4, 32, 9, 9, 1554)) + (factor_formula(32, 4, 9, 9, 1554))
+    assert counts["extra"] == 2 * per_layer  # the point factors are LoRA's own parameters, not overhead

@@ -68,6 +68,12 @@ class BayesLoraConfig(LoraConfig):
                                "'lora': per A factor, the std that starts |E[A]| near PEFT's random A (√(r/3); "
                                "at 1 it is a third of that on a 384-wide input, a tenth at 2048). E[B] starts "
                                "at 0 under PEFT's default init either way."})
+    lora_offset: bool = field(
+        default=False, metadata={"help": "Centre each factor's posterior and prior on a point-estimated LoRA "
+                                 "factor W₀ (A kaiming-uniform as PEFT draws it, B zero; trained as LoRA trains "
+                                 "its factors): the inducing posterior models the deviation W − W₀ (its mean "
+                                 "starts at 0). Off = METHOD.md's construction, where the inducing mean alone "
+                                 "carries E[W]."})
     inducing_diag_init: float = field(default=1e-3, metadata={"help": "Initial D = softplus(δ)."})
     jitter: float = field(default=1e-5, metadata={"help": "Relative jitter added to K's diagonal."})
     inducing_dtype: str = field(

@@ -84,6 +84,7 @@ class InducingFactor(nn.Module):
         zero_mean: bool = False,
         prior_at_init: bool = False,
         mean_init_std: float = 1.0,
+        offset_init: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.shape = shape
@@ -107,6 +108,8 @@ class InducingFactor(nn.Module):
             with torch.no_grad():
                 prior_mean = self.flow(self.inducing_mean)[0] if self.flow is not None else self.inducing_mean.clone()
         self.register_buffer("prior_mean", prior_mean, persistent=prior_at_init)
+        # a point-estimated factor W₀ that posterior and prior are both centred on (BayesLoraConfig.lora_offset)
+        self.offset = None if offset_init is None else nn.Parameter(offset_init.detach().float().clone())
 
     def sigma_u(self) -> torch.Tensor:
         """σ_U = clamp(softplus(ρ_U), max=sigma_u_max), in float32."""

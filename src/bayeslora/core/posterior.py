@@ -42,6 +42,7 @@ class StackedFactors:
     d_cols: Tensor  # (G, C)
     lam: Tensor  # (G,)
     prior_mean: Tensor  # (G, R, C)  the prior's mean of U_w (zero unless prior_at_init)
+    offset: Optional[Tensor] = None  # (G, d_o, d_i)  the point-estimated centre W₀ (lora_offset), or None
 
     @classmethod
     def of(cls, factors: list[InducingFactor], dtype: torch.dtype) -> "StackedFactors":
@@ -62,6 +63,7 @@ class StackedFactors:
             d_cols=softplus(stack("delta_cols")),
             lam=softplus(stack("lambda_raw").reshape(len(factors))).clamp(max=shape.lambda_max),
             prior_mean=stack("prior_mean"),
+            offset=None if factors[0].offset is None else stack("offset"),
         )
 
     def widened(self, scale: float) -> "StackedFactors":
@@ -311,6 +313,8 @@ def draw_group(
     lam = p.lam[:, None, None, None]
     weights = _PlusScaledNoise.apply(_project(u - lam * u_prior, z_r, z_c, chol_r, chol_c, s.prior_scale),
                                      s.prior_scale * lam, e1)
+    if p.offset is not None:
+        weights = weights + p.offset.unsqueeze(1)
     kl = flow_kl_sample(eps, p.sigma.log(), ladj, u_w - p.prior_mean.unsqueeze(1))
     return GroupDraw(weights=weights, kl_flow=kl, failed=failed_r | failed_c)
 
@@ -350,7 +354,8 @@ def mean_group(p: StackedFactors, mean_samples: int, seed: int) -> Tensor:
     chol_r, _, _, _ = _kernel(p.z_rows, p.d_rows, p.shape.jitter)
     chol_c, _, _, _ = _kernel(p.z_cols, p.d_cols, p.shape.jitter)
     u = chol_r @ mean_w @ chol_c.transpose(-1, -2)
-    return _project(u, p.z_rows, p.z_cols, chol_r, chol_c, p.shape.prior_scale)
+    mean = _project(u, p.z_rows, p.z_cols, chol_r, chol_c, p.shape.prior_scale)
+    return mean if p.offset is None else mean + p.offset
 
 
 def conditional_kl_group(p: StackedFactors) -> Tensor:

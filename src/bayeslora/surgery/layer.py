@@ -141,9 +141,15 @@ class BayesLoraLinear(LoraLinear):
             std = config.mean_init_std
             if std == "lora":  # A at PEFT's norm; a random B (init_lora_weights=False) keeps METHOD.md's 1
                 std = lora_matching_std(shape) if lora_a else 1.0
+            offset = None
+            if config.lora_offset:  # PEFT's own init of the point factor: A kaiming-uniform, B zero (or,
+                offset = torch.zeros(d_out, d_in)  # init_lora_weights=False, nn.Linear's init for B too)
+                if lora_a or not zero_mean:
+                    nn.init.kaiming_uniform_(offset, a=5 ** 0.5)
             return InducingFactor(shape, sigma_u_init=config.sigma_u_init, lambda_init=config.lambda_init,
-                                  d_init=config.inducing_diag_init, zero_mean=zero_mean,
-                                  prior_at_init=config.prior_at_init, mean_init_std=std)
+                                  d_init=config.inducing_diag_init, zero_mean=zero_mean or config.lora_offset,
+                                  prior_at_init=config.prior_at_init and not config.lora_offset,
+                                  mean_init_std=std, offset_init=offset)
 
         # init_lora_weights=True (PEFT's default: B = 0) means E[B] = 0, so the adapter starts at the
         # pretrained function in mean mode; False keeps the paper's random inducing mean for both.
