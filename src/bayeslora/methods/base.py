@@ -97,6 +97,12 @@ class Method:
         """TrainConfig values this method uses when the user gives none (``recipe``, ``lr``, ...)."""
         return {"recipe": "elbo"}
 
+    @classmethod
+    def stored_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Method options read back from a run's ``config.json``: an option the run predates takes the value
+        it was trained with (the method's own defaults may have changed since); by default, as recorded."""
+        return dict(options)
+
     def resolved_options(self) -> dict[str, Any]:
         """The method options with every default filled in, as recorded in the run config."""
         if self.options:

@@ -169,6 +169,14 @@ class BayesLoraMethod(Method):
             options["scale_lr"] = args.scale_lr
         return options
 
+    @classmethod
+    def stored_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """A run records every posterior field there was when it trained; one it predates was at its
+        ``BayesLoraConfig`` default then (new fields default to the old behaviour), whatever today's preset
+        says: a run of the stop-19 default has no ``lora_offset`` and was trained without one."""
+        fields = BayesLoraConfig.__dataclass_fields__
+        return {**{name: fields[name].default for name in POSTERIOR_FIELDS}, **options}
+
     def _preset(self) -> Preset:
         name = self.options.get("preset", "default")
         if name not in PRESETS:

@@ -143,6 +143,10 @@ class TrainConfig:
         if unknown:
             hint = [f"{k} is now {renamed[k]}" for k in unknown if k in renamed]
             raise ValueError(f"{source}: unknown training fields {unknown}" + (f" ({'; '.join(hint)})" if hint else ""))
+        from ..methods import METHODS
+
+        if data.get("method") in METHODS:  # options the run predates take the values it trained with
+            data = {**data, "method_options": METHODS[data["method"]].stored_options(data.get("method_options") or {})}
         return cls(**data)
 
     @classmethod
