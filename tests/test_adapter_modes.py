@@ -503,3 +503,45 @@ def test_lora_offset_trains_saves_and_loads(tmp_path):
     counts = bayeslora.count_parameters(model)
     per_layer = (factor_formula(4, 32, 9, 9, 1554)) + (factor_formula(32, 4, 9, 9, 1554))
     assert counts["extra"] == 2 * per_layer  # the point factors are LoRA's own parameters, not overhead
+
+
+@pytest.mark.parametrize("offset_first", [True, False])
+def test_adapters_with_and_without_a_point_factor_are_drawn_in_separate_groups(offset_first):
+    """Two active Bayesian adapters of one shape, one with W₀ and one without: each keeps its own W₀ (or
+    none), in mean and sample mode, as when it is the only adapter (a shared group once dropped or refused it)."""
+    order = (True, False) if offset_first else (False, True)
+    model = llama_model(lora_offset=order[0], target_modules=["q_proj"], bayesian_modules=None, flow_depth=0)
+    model.add_adapter("b", BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_offset=order[1],
+                                           sigma_u_init=0.05, lambda_init=0.02, init_lora_weights=False,
+                                           flow_depth=0))
+    layer = _offset_layers(model)[0]
+    with torch.no_grad():
+        for pair in layer.lora_bayes.values():
+            if pair["B"].offset is not None:
+                pair["B"].offset.normal_()
+        alone = {name: {w: t.clone() for w, t in layer.mean_weights(name, refresh=True).items()}
+                 for name in ("default", "b")}
+        model.base_model.set_adapter(["default", "b"])
+        bayeslora.set_mode(model, "mean")
+        outputs(model, inputs())  # the sampler computes both adapters' means, grouped
+        for name in ("default", "b"):
+            for which in ("A", "B"):
+                torch.testing.assert_close(layer._bayes_mean_cache[name][1][which], alone[name][which])
+        bayeslora.set_mode(model, "sample")
+        outputs(model, inputs())
+        assert {k[1] for k in bayeslora.get_sampler(model).last_kl} == {"default", "b"}
+    from bayeslora.core import StackedFactors
+
+    mixed = [layer.lora_bayes["default"]["B"], layer.lora_bayes["b"]["B"]]
+    with pytest.raises(ValueError, match="point factor"):
+        StackedFactors.of(mixed, torch.float32)
+
+
+def test_a_point_factor_decays_like_lora_s_factors_and_the_variational_parameters_do_not():
+    from bayeslora.methods import get_method
+
+    model = llama_model(lora_offset=True)
+    no_decay = get_method("bayeslora").no_decay_parameters(model)
+    offsets = {n for n, _ in model.named_parameters() if n.endswith(".offset")}
+    assert offsets and not offsets & no_decay
+    assert {n for n in no_decay if n.endswith("inducing_mean")} and all("lora_bayes" in n for n in no_decay)

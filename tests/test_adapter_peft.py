@@ -207,6 +207,10 @@ def test_quantized_bayesian_targets_are_wrapped_and_refuse_to_merge():
         ({"sigma_u_init": 0.5, "sigma_u_max": 0.1}, "sigma_u_init"),
         ({"flow_depth": -1}, "flow_depth"),
         ({"flow_hidden": 0}, "flow_hidden"),
+        ({"lora_offset": "false"}, "lora_offset"),
+        ({"prior_at_init": 1}, "prior_at_init"),
+        ({"lora_offset": True, "prior_at_init": True}, "lora_offset"),
+        ({"lora_offset": True, "mean_init_std": "lora"}, "lora_offset"),
     ],
 )
 def test_bad_configuration_names_the_field(overrides, field):

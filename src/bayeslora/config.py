@@ -127,6 +127,13 @@ class BayesLoraConfig(LoraConfig):
         if self.bayesian_modules is not None and not isinstance(self.bayesian_modules, str):
             self.bayesian_modules = list(self.bayesian_modules)
         self._validate_output_rows()
+        for name in ("lora_offset", "prior_at_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"BayesLoraConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.lora_offset and (self.prior_at_init or self.mean_init_std != 1.0):
+            raise ValueError("BayesLoraConfig.lora_offset centres the posterior and its prior on a LoRA point factor "
+                             "W₀ and starts the inducing mean at 0: prior_at_init and mean_init_std (METHOD.md's "
+                             "construction) have no effect with it; leave them at False and 1.0")
         if self.init_lora_weights not in (True, False):
             raise ValueError(
                 "BayesLoraConfig.init_lora_weights must be True (E[B] = 0: the adapter starts at the base "

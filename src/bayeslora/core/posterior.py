@@ -52,6 +52,8 @@ class StackedFactors:
             return torch.stack([getattr(f, name) for f in factors]).to(dtype)
 
         shape = factors[0].shape
+        if len({f.offset is None for f in factors}) > 1:
+            raise ValueError("factors with and without a point factor W₀ (lora_offset) cannot be stacked in one group")
         return cls(
             shape=shape,
             factors=factors,
@@ -69,8 +71,8 @@ class StackedFactors:
     def widened(self, scale: float) -> "StackedFactors":
         """The same posterior with its spread multiplied by ``scale``: σ_U → τσ_U and λ → τλ.
 
-        The means, the geometry and the flow stay as trained, so τ = 1 is the trained posterior and
-        τ → 0 collapses every draw onto the flow's image of m. Used post hoc (``bayeslora calibrate
+        The means, the geometry, the flow and any point factor W₀ stay as trained, so τ = 1 is the trained
+        posterior and τ → 0 collapses every draw onto W₀ plus the flow's image of m. Used post hoc (``bayeslora calibrate
         --calibration posterior-scale``), with τ chosen on held-back data, like Laplace-LoRA's prior
         precision; the training clamps apply before the scale, so a widened posterior may pass them.
         """
@@ -313,8 +315,8 @@ def draw_group(
     lam = p.lam[:, None, None, None]
     weights = _PlusScaledNoise.apply(_project(u - lam * u_prior, z_r, z_c, chol_r, chol_c, s.prior_scale),
                                      s.prior_scale * lam, e1)
-    if p.offset is not None:
-        weights = weights + p.offset.unsqueeze(1)
+    if p.offset is not None:  # in place: _PlusScaledNoise keeps no copy of its output
+        weights.add_(p.offset.unsqueeze(1))
     kl = flow_kl_sample(eps, p.sigma.log(), ladj, u_w - p.prior_mean.unsqueeze(1))
     return GroupDraw(weights=weights, kl_flow=kl, failed=failed_r | failed_c)
 

@@ -247,7 +247,10 @@ class BayesLoraMethod(Method):
         return surgery.load(base_model, directory)
 
     def no_decay_parameters(self, model: nn.Module) -> set[str]:
-        return {n for n, p in model.named_parameters() if p.requires_grad and "lora_bayes" in n}
+        """The variational parameters; a point factor W₀ (``lora_offset``) is a point estimate and decays as
+        LoRA's factors do under ``--weight-decay``."""
+        return {n for n, p in model.named_parameters()
+                if p.requires_grad and "lora_bayes" in n and not n.endswith(".offset")}
 
     def before_step(self, model: nn.Module, seed: int) -> None:
         surgery.set_draw_seed(model, seed)

@@ -148,7 +148,7 @@ class BayesLoraLinear(LoraLinear):
                     nn.init.kaiming_uniform_(offset, a=5 ** 0.5)
             return InducingFactor(shape, sigma_u_init=config.sigma_u_init, lambda_init=config.lambda_init,
                                   d_init=config.inducing_diag_init, zero_mean=zero_mean or config.lora_offset,
-                                  prior_at_init=config.prior_at_init and not config.lora_offset,
+                                  prior_at_init=config.prior_at_init,
                                   mean_init_std=std, offset_init=offset)
 
         # init_lora_weights=True (PEFT's default: B = 0) means E[B] = 0, so the adapter starts at the

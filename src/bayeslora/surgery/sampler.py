@@ -189,12 +189,13 @@ class PosteriorSampler:
 
     @staticmethod
     def groups(refs: list[FactorRef], by_mean_settings: bool = False) -> dict[tuple, list[FactorRef]]:
-        """Factors that can be computed together: same shape, inducing dtype and device (and, for
-        means, the same Monte-Carlo settings): key (shape, dtype, device[, mean_samples, seed])."""
+        """Factors that can be computed together: same shape, inducing dtype and device, with or without a
+        point factor W₀ (and, for means, the same Monte-Carlo settings): key (shape, dtype, device,
+        has W₀[, mean_samples, seed])."""
         out: dict[tuple, list[FactorRef]] = {}
         for ref in refs:
             settings = ref.layer.bayes_settings[ref.adapter]
-            key = (ref.factor.shape, settings["dtype"], ref.factor.inducing_mean.device)
+            key = (ref.factor.shape, settings["dtype"], ref.factor.inducing_mean.device, ref.factor.offset is not None)
             if by_mean_settings:
                 key += (settings["mean_samples"], settings["seed"])
             out.setdefault(key, []).append(ref)
@@ -239,7 +240,7 @@ class PosteriorSampler:
             seeds = [mix_seed(self.draw_seed, i) for i in range(self.num_samples)]
         else:
             return None
-        shape, dtype, device = key
+        shape, dtype, device = key[:3]
         # the device *type*, not its index: rank r on cuda:r must draw what rank 0 draws on cuda:0
         group_id = zlib.crc32(f"{shape.key()}|{dtype}|{torch.device(device).type}".encode())
         return [torch.Generator(device=device).manual_seed(mix_seed(s, group_id)) for s in seeds]
@@ -313,6 +314,6 @@ class PosteriorSampler:
     def _mean_groups(groups: dict[tuple, list[FactorRef]], pending: dict) -> None:
         for key, refs in groups.items():
             stacked = StackedFactors.of([r.factor for r in refs], key[1])
-            means = mean_group(stacked, *key[3:])
+            means = mean_group(stacked, *key[4:])
             for i, ref in enumerate(refs):
                 pending.setdefault((ref.layer, ref.adapter), {})[ref.which] = means[i]
