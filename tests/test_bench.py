@@ -239,7 +239,7 @@ def test_a_bad_suite_is_refused_naming_the_file_and_the_key(tmp_path, bad, messa
 def test_shipped_suites_load_and_the_cli_lists_them(capsys):
     names = shipped_suites()
     assert {"cpu-quick", "cpu", "cpu-llm", "gpu", "ablation-flow-depth", "ablation-inducing", "ablation-samples",
-            "ablation-recipe", "ablation-kl"} <= set(names)
+            "ablation-recipe", "ablation-kl", "ablation-construction"} <= set(names)
     for name in names:
         suite = load_suite(name)
         assert suite.description.strip() and suite.plan(Path("x")).runs()
