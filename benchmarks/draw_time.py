@@ -220,6 +220,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (the sampler draws on 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="default", help="Bayesian-LoRA posterior preset, as `bayeslora train --preset`")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -35,7 +35,7 @@ def child(args: argparse.Namespace) -> None:
 
     sys.path.insert(0, str(HERE))
     import peft
-    from step_time import BAYESIAN, DTYPES, KL_WEIGHT, TARGETS, build_base
+    from step_time import BAYESIAN, DTYPES, KL_WEIGHT, TARGETS, build_base, preset_posterior
 
     import bayeslora
     from bayeslora.memory_estimate import estimate_training_memory
@@ -49,7 +49,8 @@ def child(args: argparse.Namespace) -> None:
     base, _ = build_base(args, args.hidden_size, device, DTYPES[args.dtype])
     if args.side == "bayeslora":
         model = bayeslora.get_model(base, bayeslora.BayesLoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
-                                                                    bayesian_modules=BAYESIAN))
+                                                                    bayesian_modules=BAYESIAN,
+                                                                    **preset_posterior(args.preset)))
     else:
         model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
     estimate = estimate_training_memory(model, rows=args.batch, seq=args.seq, full_logits=True)
@@ -83,6 +84,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--preset", default="default", help="Bayesian-LoRA posterior preset, as `bayeslora train --preset`")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--side", default="bayeslora", help=argparse.SUPPRESS)
@@ -92,7 +94,7 @@ def main() -> None:
         child(args)
         return
     common = [f"--{k}={getattr(args, k)}" for k in ("layers", "heads", "vocab", "seq", "batch", "steps", "threads",
-                                                    "device", "dtype")]
+                                                    "device", "dtype", "preset")]
     results = []
     print(f"memory: estimate against measured peak ({args.device}, {args.dtype}, {args.layers} layers, vocab "
           f"{args.vocab}, batch {args.batch} × seq {args.seq}; CPU: peak RSS less the RSS after imports)")

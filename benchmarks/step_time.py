@@ -86,6 +86,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the base model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="default", help="Bayesian-LoRA posterior preset, as `bayeslora train --preset`")
     p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args()
     if args.device == "auto":
@@ -121,11 +122,20 @@ def label_rows(args: argparse.Namespace) -> list[int]:
     return sorted(torch.randperm(args.vocab, generator=gen)[: args.label_rows].tolist())
 
 
+def preset_posterior(name: str) -> dict:
+    """The posterior fields of a ``bayeslora train --preset`` (the CLI's default unless asked otherwise), so a
+    benchmark measures the construction users train with."""
+    from bayeslora.methods.bayes import PRESETS
+
+    return dict(PRESETS[name].posterior)
+
+
 def build_bayes(args: argparse.Namespace, base, rows: list[int] | None = None):
     """bayeslora on a copy of ``base``; with ``rows``, its lm_head adapter changes only those output rows."""
     bayes_cfg = bayeslora.BayesLoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS,
                                           bayesian_modules=BAYESIAN,
-                                          output_rows=None if rows is None else {"lm_head": rows})
+                                          output_rows=None if rows is None else {"lm_head": rows},
+                                          **preset_posterior(getattr(args, "preset", "default")))
     return bayeslora.get_model(copy.deepcopy(base), bayes_cfg)
 
 
@@ -243,6 +253,7 @@ def main() -> None:
         "threads": torch.get_num_threads(), "layers": args.layers, "heads": args.heads,
         "vocab": args.vocab, "seq": args.seq, "batch": args.batch, "rank": args.rank, "alpha": args.alpha,
         "targets": TARGETS, "bayesian": BAYESIAN, "warmup": args.warmup, "label_rows": args.label_rows,
+        "preset": args.preset,
     }
     if device.type == "cuda":
         header["gpu"] = torch.cuda.get_device_name(device)
