@@ -530,6 +530,19 @@ def test_adapters_with_and_without_a_point_factor_are_drawn_in_separate_groups(o
         bayeslora.set_mode(model, "sample")
         outputs(model, inputs())
         assert {k[1] for k in bayeslora.get_sampler(model).last_kl} == {"default", "b"}
+        # seeded draws: equal variational parameters must still give the two groups independent noise
+        for which in ("A", "B"):
+            source, target = layer.lora_bayes["default"][which], layer.lora_bayes["b"][which]
+            for (name, p), (_, q) in zip(source.named_parameters(), target.named_parameters()):
+                if name != "offset":
+                    q.copy_(p)
+        bayeslora.set_draw_seed(model, 123)
+        outputs(model, inputs())
+        deviation = {name: {w: d - (layer.lora_bayes[name][w].offset if layer.lora_bayes[name][w].offset is not None
+                                    else 0) for w, d in layer._bayes_draws[name].items()} for name in ("default", "b")}
+        for which in ("A", "B"):
+            gap = (deviation["default"][which] - deviation["b"][which]).abs().max()
+            assert gap > 0.1 * deviation["b"][which].std()
     from bayeslora.core import StackedFactors
 
     mixed = [layer.lora_bayes["default"]["B"], layer.lora_bayes["b"]["B"]]

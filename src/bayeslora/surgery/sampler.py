@@ -231,7 +231,11 @@ class PosteriorSampler:
         self.posterior_scale = float(scale)
         self.clear()
 
-    def _generators(self, key: tuple) -> Optional[list[torch.Generator]]:
+    def _generators(self, key: tuple, twin: bool = False) -> Optional[list[torch.Generator]]:
+        """Seeded generators for one draw group, or None for torch's global RNG. The group's stream hashes
+        its shape, dtype and device type; ``twin`` marks a W₀ group beside a group of the same shape
+        without W₀ (two adapters of different constructions), which then gets a stream of its own. A
+        model of one construction keeps the streams it always had."""
         if self.draw_seeds is not None:
             seeds = self.draw_seeds
             if len(seeds) != self.num_samples:
@@ -242,7 +246,8 @@ class PosteriorSampler:
             return None
         shape, dtype, device = key[:3]
         # the device *type*, not its index: rank r on cuda:r must draw what rank 0 draws on cuda:0
-        group_id = zlib.crc32(f"{shape.key()}|{dtype}|{torch.device(device).type}".encode())
+        twin_tag = "|w0" if twin else ""
+        group_id = zlib.crc32(f"{shape.key()}|{dtype}|{torch.device(device).type}{twin_tag}".encode())
         return [torch.Generator(device=device).manual_seed(mix_seed(s, group_id)) for s in seeds]
 
     def clear(self, layers: Optional[list[tuple[str, BayesLoraLinear]]] = None) -> None:
@@ -282,7 +287,8 @@ class PosteriorSampler:
     def _draw_groups(self, groups: dict[tuple, list[FactorRef]], generator: Optional[torch.Generator]) -> None:
         for key, refs in groups.items():
             stacked = StackedFactors.of([r.factor for r in refs], key[1]).widened(self.posterior_scale)
-            gen = generator if generator is not None else self._generators(key)
+            twin = key[3] and key[:3] + (False,) in groups
+            gen = generator if generator is not None else self._generators(key, twin)
             drawn = draw_group(stacked, self.num_samples, gen, defer_check=self.defer_checks)
             device = drawn.failed.device
             self._failed[device] = drawn.failed if device not in self._failed else self._failed[device] | drawn.failed
