@@ -431,6 +431,8 @@ def test_lora_offset_starts_at_the_base_model_with_peft_s_initial_a():
         assert 0 < float(a.abs().max()) <= bound and float(a.std()) > bound / 3
         for factor in pair.values():  # the deviation starts at zero, through an identity flow
             assert float(factor.inducing_mean.abs().max()) == 0.0
+    stats = [s for s in bayeslora.posterior_stats(model) if s["factor"] == "A"]
+    assert stats and all(s["deviation_norm"] < 1e-6 < s["mean_norm"] for s in stats)  # E[A] = W₀ ≠ 0
 
 
 def test_lora_offset_shifts_every_draw_and_the_mean_by_w0_and_the_kl_does_not_see_it():
@@ -456,6 +458,12 @@ def test_lora_offset_shifts_every_draw_and_the_mean_by_w0_and_the_kl_does_not_se
     for which in ("A", "B"):
         torch.testing.assert_close(after[which], before[which] + shift[which])
         torch.testing.assert_close(layer._bayes_draws["default"][which], drawn[which] + shift[which])
+        layer_name = next(n for n, m in model.named_modules() if m is layer)
+        stat = next(s for s in bayeslora.posterior_stats(model) if s["factor"] == which
+                    and layer_name.endswith(s["module"]))
+        offset = layer.lora_bayes["default"][which].offset
+        assert stat["deviation_norm"] == pytest.approx(float((after[which] - offset).norm()), rel=1e-5)
+        assert stat["deviation_norm"] == pytest.approx(float((before[which] - offset + shift[which]).norm()), rel=1e-5)
     assert sampler.mode == "sample"
 
 

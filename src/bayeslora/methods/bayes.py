@@ -270,7 +270,7 @@ class BayesLoraMethod(Method):
 
     def epoch_stats(self, model: nn.Module) -> dict[str, Any]:
         stats = surgery.posterior_stats(model)
-        keys = ("lambda", "sigma_u_mean", "mean_norm", "prior_norm")
+        keys = ("lambda", "sigma_u_mean", "mean_norm", "deviation_norm", "prior_norm")
         return {f"{s['module']}.{s['factor']}": {k: s[k] for k in keys} for s in stats}
 
     def prepare_eval(self, model: nn.Module, mode: str) -> nn.Module:

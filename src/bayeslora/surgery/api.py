@@ -203,7 +203,9 @@ def kl_divergence(model: nn.Module) -> Tensor:
 def posterior_stats(model: nn.Module) -> list[dict]:
     """Per factor: λ and mean σ_U (the usual failure is λ stuck at its floor or σ_U collapsing), and the
     Frobenius norm of the posterior mean E[W] beside that of a typical prior draw, σ_p·√(d_o·d_i): how far
-    the KL has let the mean grow (a mean far below LoRA's factor norms is an adapter held near zero)."""
+    the KL has let the mean grow (a mean far below LoRA's factor norms is an adapter held near zero). With a
+    point factor W₀ (``lora_offset``) the KL sees only the deviation E[W] − W₀, whose norm is
+    ``deviation_norm`` (equal to ``mean_norm`` without W₀)."""
     sampler = get_sampler(model)
     rows = []
     for r in sampler.all_factors():
@@ -212,6 +214,7 @@ def posterior_stats(model: nn.Module) -> list[dict]:
         rows.append({"module": r.name, "adapter": r.adapter, "factor": r.which,
                      "lambda": float(r.factor.lam()), "sigma_u_mean": float(r.factor.sigma_u().mean()),
                      "mean_norm": float(mean.norm()),
+                     "deviation_norm": float(mean.norm() if r.factor.offset is None else (mean - r.factor.offset).norm()),
                      "prior_norm": shape.prior_scale * (shape.d_out * shape.d_in) ** 0.5,
                      "shape": (shape.d_out, shape.d_in)})
     return rows
