@@ -82,6 +82,8 @@ def before_draw_group(p: StackedFactors, n: int) -> GroupDraw:
     lam = p.lam[:, None, None, None]
     inner = (u - lam * u_prior) @ proj_cols.unsqueeze(1)
     weights = s.prior_scale * (proj_rows.unsqueeze(1) @ inner + lam * e1)
+    if p.offset is not None:  # a point factor W₀ (the default preset), as the current draw adds it
+        weights = weights + p.offset.unsqueeze(1)
     return GroupDraw(weights, flow_kl_sample(eps, p.sigma.log(), ladj, u_w))
 
 
@@ -226,7 +228,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-           "threads": args.threads, "cpus": os.cpu_count()}
+           "threads": args.threads, "cpus": os.cpu_count(), "preset": args.preset}
     print("environment:", json.dumps(env))
     results = {"environment": env}
     for hidden in args.hidden:

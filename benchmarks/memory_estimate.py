@@ -104,7 +104,7 @@ def main() -> None:
                                    *common], capture_output=True, text=True, check=True)
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             est, measured = r["estimate"]["total"], r["measured"]
-            results.append({"hidden": hidden, "side": side, **r})
+            results.append({"hidden": hidden, "side": side, "preset": args.preset, **r})
             parts = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r["estimate"].items() if k != "total")
             print(f"  hidden {hidden:5d} {side:9s}: estimate {est / 2**20:8.0f} MB, measured {measured / 2**20:8.0f} MB, "
                   f"estimate/measured x{est / max(measured, 1):.2f}  ({parts})")
