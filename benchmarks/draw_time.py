@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import build_bayes, build_pair, label_rows, load_average  # noqa: E402
+from step_time import add_preset_argument, build_bayes, build_pair, label_rows, load_average  # noqa: E402
 
 from bayeslora.core import StackedFactors, draw_group  # noqa: E402
 from bayeslora.core import flow as flow_module  # noqa: E402
@@ -222,7 +222,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (the sampler draws on 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default="default", help="Bayesian-LoRA posterior preset, as `bayeslora train --preset`")
+    add_preset_argument(p)
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

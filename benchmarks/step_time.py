@@ -86,7 +86,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the base model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default="default", help="Bayesian-LoRA posterior preset, as `bayeslora train --preset`")
+    add_preset_argument(p)
     p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args()
     if args.device == "auto":
@@ -122,6 +122,14 @@ def label_rows(args: argparse.Namespace) -> list[int]:
     return sorted(torch.randperm(args.vocab, generator=gen)[: args.label_rows].tolist())
 
 
+def add_preset_argument(p: argparse.ArgumentParser) -> None:
+    """``--preset``: which ``bayeslora train --preset`` the Bayesian side is built from."""
+    from bayeslora.methods.bayes import PRESETS
+
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="Bayesian-LoRA posterior preset, as `bayeslora train --preset`")
+
+
 def preset_posterior(name: str) -> dict:
     """The posterior fields of a ``bayeslora train --preset`` (the CLI's default unless asked otherwise), so a
     benchmark measures the construction users train with."""
@@ -135,7 +143,7 @@ def build_bayes(args: argparse.Namespace, base, rows: list[int] | None = None):
     bayes_cfg = bayeslora.BayesLoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS,
                                           bayesian_modules=BAYESIAN,
                                           output_rows=None if rows is None else {"lm_head": rows},
-                                          **preset_posterior(getattr(args, "preset", "default")))
+                                          **preset_posterior(args.preset))
     return bayeslora.get_model(copy.deepcopy(base), bayes_cfg)
 
 

@@ -340,7 +340,7 @@ class Trainer:
             for module, values in entry["posterior"].items():
                 self.acc.print(f"  {module}: lambda {values['lambda']:.3g} mean sigma_U "
                                f"{values['sigma_u_mean']:.3g} |E[W]| {values['mean_norm']:.3g} "
-                               f"|E[W]-W0| {values.get('deviation_norm', values['mean_norm']):.3g} "
+                               f"|E[W]-W0| {values['deviation_norm']:.3g} "
                                f"(prior draw {values['prior_norm']:.3g})")
         self.acc.wait_for_everyone()
         self.history = _broadcast(self.acc, self.history)
