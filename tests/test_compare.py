@@ -114,6 +114,28 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
     assert row["auroc_mi"] == pytest.approx(auroc(files["arc_easy"]["mi"], files["arc_challenge"]["mi"]))
     assert row["auroc_entropy"] == pytest.approx(auroc(files["arc_easy"]["entropy"], files["arc_challenge"]["entropy"]))
 
+    # a cell missing a seed (an unfinished comparison) is held against the reference on the seeds they
+    # share, and its lines say so, rather than set its mean beside the reference's mean over other seeds
+    missing = plan.run_dir(BUDGETS["short"], "arc_easy", cells[1], 1)
+    missing.rename(missing.with_name("moved"))
+    try:
+        partial = json.loads(write_summary(plan)[0].read_text())
+        text = md_path.read_text()
+    finally:
+        missing.with_name("moved").rename(missing)
+    by = {(r["eval_task"], r["cell"], r["mode"], r["seed"]): r for r in summary["rows"]}
+    for t in partial["targets"]:
+        task = t["set"].split("→")[1]
+        assert t["seeds"] == [0]
+        assert t["acc_diff"] == pytest.approx(100 * (by[(task, "bayeslora", "sample", 0)]["acc"]
+                                                     - by[(task, "lora", "mean", 0)]["acc"]))
+        assert t["ece_ratio"] == pytest.approx(by[(task, "bayeslora", "sample", 0)]["ece"]
+                                               / by[(task, "lora", "mean", 0)]["ece"])
+    assert all(e["seeds"] == ([0] if e["cell"] == "bayeslora" else [0, 1]) for e in partial["table"])
+    marked = [line for line in text.splitlines() if "(seeds 0 only)" in line]
+    assert marked and all("| bayeslora (seeds 0 only) |" in line for line in marked)
+    assert not any("| lora (seeds" in line for line in text.splitlines())
+
     plan.calibrations = ["temperature", "posterior-scale", "tfb", "laplace"]  # post-hoc cells: no retraining
     calibrated: list[str] = []
     run_plan(plan, log=calibrated.append)
