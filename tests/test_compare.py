@@ -135,6 +135,28 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
     marked = [line for line in text.splitlines() if "(seeds 0 only)" in line]
     assert marked and all("| bayeslora (seeds 0 only) |" in line for line in marked)
     assert not any("| lora (seeds" in line for line in text.splitlines())
+    # the other way round: the reference lacks a seed, so a full line's Δ columns cover fewer seeds
+    missing = plan.run_dir(BUDGETS["short"], "arc_easy", cells[0], 1)
+    missing.rename(missing.with_name("moved"))
+    try:
+        partial = json.loads(write_summary(plan)[0].read_text())
+        text = md_path.read_text()
+        gone = plan.run_dir(BUDGETS["short"], "arc_easy", cells[1], 0)
+        gone.rename(gone.with_name("moved0"))  # lora has seed 0 only, bayeslora seed 1 only: nothing in common
+        try:
+            write_summary(plan)
+            unpaired = md_path.read_text()
+            no_targets = json.loads((plan.output / "compare.json").read_text())["targets"]
+        finally:
+            gone.with_name("moved0").rename(gone)
+    finally:
+        missing.with_name("moved").rename(missing)
+    assert {tuple(t["seeds"]) for t in partial["targets"]} == {(0,)}
+    assert all(e["seeds"] == [0, 1] for e in partial["table"] if e["cell"] == "bayeslora")
+    assert sum("| bayeslora (Δ over seeds 0) |" in line for line in text.splitlines()) == 3  # 2 modes ID, 1 OOD
+    assert "Not held against" not in text and no_targets == []  # said, not silently dropped:
+    assert ("Not held against lora (no seed in common with it): bayeslora (short, arc_easy→arc_challenge), "
+            "bayeslora (short, arc_easy→arc_easy).") in unpaired
 
     plan.calibrations = ["temperature", "posterior-scale", "tfb", "laplace"]  # post-hoc cells: no retraining
     calibrated: list[str] = []
@@ -152,6 +174,21 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
     laplace = next(e for e in summary["table"] if e["cell"] == "lora+laplace")
     assert laplace["fit_seconds"] > 0 and "stored params (extra)" in md_path.read_text()
     assert {"lora+temperature", "lora+tfb"} <= {t["cell"] for t in summary["targets"]}
+
+
+def test_a_cell_is_held_against_the_reference_seed_by_seed():
+    from bayeslora.compare import held_against
+
+    own = [{"acc": 0.50, "ece": 0.10}, {"acc": 0.40, "ece": 0.20}]
+    theirs = [{"acc": 0.45, "ece": 0.05}, {"acc": 0.30, "ece": 0.25}]
+    held = held_against(own, theirs)
+    assert held["acc"] == pytest.approx(0.075) and held["ece_ratio"] == pytest.approx(0.30 / 0.30)
+    assert held_against(own[:1], theirs[:1])["acc"] == pytest.approx(0.05)  # not 0.05 + the other seed's gap
+    assert held_against(own[:1], [{"acc": 0.5, "ece": 0.0}])["ece_ratio"] is None  # not own / 1e-12
+    same = held_against([{"acc": 0.3, "ece": 0.1}] * 3, [{"acc": 0.3, "ece": 0.1}] * 3)
+    assert same["acc"] == 0.0 and str(100 * same["acc"]) == "0.0"  # no -0.0 from a difference of two means
+    with pytest.raises(ValueError, match="seed by seed"):
+        held_against(own, theirs[:1])
 
 
 def test_cell_parse_errors_name_the_cell():

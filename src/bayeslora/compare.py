@@ -492,19 +492,26 @@ def summarise(plan: Plan) -> dict[str, Any]:
                     b = torch.stack([ref[s][metric] for s in seeds])
                     res = paired_bootstrap(a, b)
                     entry["vs_reference"][metric] = {"diff": res.difference, "low": res.low, "high": res.high}
-                # accuracy and ECE against the reference over the same seeds only: a cell that lacks a seed
-                # the reference has must not be compared with the reference's mean over other seeds
-                own = [by_seed[(*key[:3], key[4], key[5], s)] for s in seeds]
-                theirs = [by_seed[(*ref_key, ref_mode, s)] for s in seeds]
-                entry["vs_reference"]["acc"] = sum(r["acc"] for r in own) / len(own) - sum(r["acc"] for r in theirs) / len(theirs)
-                entry["vs_reference"]["ece_ratio"] = (sum(r["ece"] for r in own)
-                                                      / max(sum(r["ece"] for r in theirs), 1e-12))
+                entry["vs_reference"].update(held_against(
+                    [by_seed[(*key[:3], key[4], key[5], s)] for s in seeds],
+                    [by_seed[(*ref_key, ref_mode, s)] for s in seeds]))
         table.append(entry)
     return {"plan": {"tasks": plan.tasks, "ood_train": plan.ood_train, "ood_eval": plan.ood_eval,
                      "cells": [c.__dict__ for c in plan.cells], "seeds": plan.seeds, "split": plan.split,
                      "budgets": [b.__dict__ for b in plan.budgets], "model": plan.model, "samples": plan.samples,
                      "reference": plan.reference, "calibrations": plan.calibrations},
             "rows": rows, "table": table, "targets": targets(table, plan)}
+
+
+def held_against(own: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy difference and ECE ratio of a cell against the reference, from rows paired seed by seed
+    (``own[i]`` and ``theirs[i]`` share a seed): a cell that lacks a seed the reference has is not set
+    beside the reference's mean over other seeds. The ratio is None where the reference's ECE is 0."""
+    if len(own) != len(theirs) or not own:
+        raise ValueError(f"pair rows seed by seed: got {len(own)} and {len(theirs)}")
+    reference_ece = sum(r["ece"] for r in theirs)
+    return {"acc": sum(a["acc"] - b["acc"] for a, b in zip(own, theirs)) / len(own),
+            "ece_ratio": sum(r["ece"] for r in own) / reference_ece if reference_ece > 0 else None}
 
 
 def targets(table: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
@@ -557,6 +564,8 @@ def markdown(summary: dict[str, Any]) -> str:
                                       else ""))
         cell = e["cell"] + (f" [{e.get('scoring') or 'unrecorded'}]" if len(protocols) > 1 else "")
         cell += _seeds_note(e["seeds"], plan["seeds"])
+        if vs and vs["seeds"] != e["seeds"]:  # the reference lacks one of this line's seeds
+            cell += f" (Δ over seeds {', '.join(map(str, vs['seeds']))})"
         post = e["posterior"]
         post_text = f"{post['lambda_mean']:.2g} / {post['sigma_u_mean']:.2g}" if post else ""
         lines.append(
@@ -565,13 +574,21 @@ def markdown(summary: dict[str, Any]) -> str:
             f"({100 * e['ece_floor']:.1f}) | {e['nll']:.3f} | {e['brier']:.3f} | {delta('nll')} | {delta('brier')} | "
             f"{_aurc(e)} | {e['mi_share']:.2g} | {post_text} | {_seconds(e.get('step_seconds'), 2)} | "
             f"{_seconds(e.get('fit_seconds'), 0)} | {_seconds(e.get('eval_seconds'), 0)} | {params_text} |")
-    lines += _ood_lines(summary["table"])
+    lines += _ood_lines(summary["table"], plan["seeds"])
     lines += ["", "Targets (against the reference, default mode):", "",
               "| budget | cell | set | kind | ΔACC | NLL lower | Brier lower | ECE ratio |", "|---|---|---|---|---|---|---|---|"]
     for t in summary["targets"]:
         lines.append(f"| {t['budget']} | {t['cell']}{_seeds_note(t['seeds'], plan['seeds'])} | {t['set']} | "
                      f"{t['kind']} | {t['acc_diff']:+.1f} | "
-                     f"{'yes' if t['nll_lower'] else 'no'} | {'yes' if t['brier_lower'] else 'no'} | {t['ece_ratio']:.2f} |")
+                     f"{'yes' if t['nll_lower'] else 'no'} | {'yes' if t['brier_lower'] else 'no'} | "
+                     f"{'n/a' if t['ece_ratio'] is None else format(t['ece_ratio'], '.2f')} |")
+    sets_with_reference = {(e["budget"], e["train_task"], e["eval_task"]) for e in summary["table"]
+                           if e["cell"] == plan["reference"]}
+    unpaired = sorted({f"{e['cell']} ({e['budget']}, {e['train_task']}→{e['eval_task']})" for e in summary["table"]
+                       if e["cell"] != plan["reference"] and "vs_reference" not in e
+                       and (e["budget"], e["train_task"], e["eval_task"]) in sets_with_reference})
+    if unpaired:
+        lines += ["", f"Not held against {plan['reference']} (no seed in common with it): {', '.join(unpaired)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -586,7 +603,7 @@ def _aurc(e: dict[str, Any]) -> str:
     return conf if e.get("aurc_mi") is None else f"{conf} / {100 * e['aurc_mi']:.1f}"
 
 
-def _ood_lines(table: list[dict[str, Any]]) -> list[str]:
+def _ood_lines(table: list[dict[str, Any]], planned: list[int]) -> list[str]:
     """OOD detection: AUROC of telling each OOD set from the cell's in-distribution set."""
     rows = [e for e in table if e.get("auroc_entropy") is not None]
     if not rows:
@@ -596,8 +613,8 @@ def _ood_lines(table: list[dict[str, Any]]) -> list[str]:
              "| budget | train → eval | cell | mode | by entropy | by MI |", "|---|---|---|---|---|---|"]
     for e in sorted(rows, key=lambda e: (e["budget"], e["train_task"], e["eval_task"], e["cell"], e["mode"])):
         mi = "" if e.get("auroc_mi") is None else f"{100 * e['auroc_mi']:.1f}"
-        lines.append(f"| {e['budget']} | {e['train_task']} → {e['eval_task']} | {e['cell']} | {e['mode']} | "
-                     f"{100 * e['auroc_entropy']:.1f} | {mi} |")
+        lines.append(f"| {e['budget']} | {e['train_task']} → {e['eval_task']} | {e['cell']}"
+                     f"{_seeds_note(e['seeds'], planned)} | {e['mode']} | {100 * e['auroc_entropy']:.1f} | {mi} |")
     return lines
 
 
