@@ -510,7 +510,8 @@ def held_against(own: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> dic
     if len(own) != len(theirs) or not own:
         raise ValueError(f"pair rows seed by seed: got {len(own)} and {len(theirs)}")
     reference_ece = sum(r["ece"] for r in theirs)
-    return {"acc": sum(a["acc"] - b["acc"] for a, b in zip(own, theirs)) / len(own),
+    gap = sum(a["acc"] - b["acc"] for a, b in zip(own, theirs)) / len(own)
+    return {"acc": round(gap, 12) + 0.0,  # accuracies are counts over n: a tie is 0, not -3e-15 ("-0.0")
             "ece_ratio": sum(r["ece"] for r in own) / reference_ece if reference_ece > 0 else None}
 
 
