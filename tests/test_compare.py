@@ -3,6 +3,7 @@ its statistics (bootstrap interval, ECE noise floor) behave as documented."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -31,6 +32,17 @@ def write_arc(path: Path, n: int, seed: int) -> None:
                                   "choices": [{"text": t, "label": labels[j]} for j, t in enumerate(choices)]}})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@contextlib.contextmanager
+def moved_away(run: Path):
+    """The run folder is absent inside the block (an unfinished comparison) and back afterwards."""
+    aside = run.with_name(run.name + ".aside")
+    run.rename(aside)
+    try:
+        yield
+    finally:
+        aside.rename(run)
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +128,9 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
 
     # a cell missing a seed (an unfinished comparison) is held against the reference on the seeds they
     # share, and its lines say so, rather than set its mean beside the reference's mean over other seeds
-    missing = plan.run_dir(BUDGETS["short"], "arc_easy", cells[1], 1)
-    missing.rename(missing.with_name("moved"))
-    try:
+    with moved_away(plan.run_dir(BUDGETS["short"], "arc_easy", cells[1], 1)):
         partial = json.loads(write_summary(plan)[0].read_text())
         text = md_path.read_text()
-    finally:
-        missing.with_name("moved").rename(missing)
     by = {(r["eval_task"], r["cell"], r["mode"], r["seed"]): r for r in summary["rows"]}
     for t in partial["targets"]:
         task = t["set"].split("→")[1]
@@ -136,21 +144,14 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
     assert marked and all("| bayeslora (seeds 0 only) |" in line for line in marked)
     assert not any("| lora (seeds" in line for line in text.splitlines())
     # the other way round: the reference lacks a seed, so a full line's Δ columns cover fewer seeds
-    missing = plan.run_dir(BUDGETS["short"], "arc_easy", cells[0], 1)
-    missing.rename(missing.with_name("moved"))
-    try:
+    with moved_away(plan.run_dir(BUDGETS["short"], "arc_easy", cells[0], 1)):
         partial = json.loads(write_summary(plan)[0].read_text())
         text = md_path.read_text()
-        gone = plan.run_dir(BUDGETS["short"], "arc_easy", cells[1], 0)
-        gone.rename(gone.with_name("moved0"))  # lora has seed 0 only, bayeslora seed 1 only: nothing in common
-        try:
+        # lora has seed 0 only, bayeslora seed 1 only: nothing in common
+        with moved_away(plan.run_dir(BUDGETS["short"], "arc_easy", cells[1], 0)):
             write_summary(plan)
             unpaired = md_path.read_text()
             no_targets = json.loads((plan.output / "compare.json").read_text())["targets"]
-        finally:
-            gone.with_name("moved0").rename(gone)
-    finally:
-        missing.with_name("moved").rename(missing)
     assert {tuple(t["seeds"]) for t in partial["targets"]} == {(0,)}
     assert all(e["seeds"] == [0, 1] for e in partial["table"] if e["cell"] == "bayeslora")
     assert sum("| bayeslora (Δ over seeds 0) |" in line for line in text.splitlines()) == 3  # 2 modes ID, 1 OOD

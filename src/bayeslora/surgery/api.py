@@ -214,7 +214,7 @@ def posterior_stats(model: nn.Module) -> list[dict]:
         rows.append({"module": r.name, "adapter": r.adapter, "factor": r.which,
                      "lambda": float(r.factor.lam()), "sigma_u_mean": float(r.factor.sigma_u().mean()),
                      "mean_norm": float(mean.norm()),
-                     "deviation_norm": float(mean.norm() if r.factor.offset is None else (mean - r.factor.offset).norm()),
+                     "deviation_norm": float((mean if r.factor.offset is None else mean - r.factor.offset).norm()),
                      "prior_norm": shape.prior_scale * (shape.d_out * shape.d_in) ** 0.5,
                      "shape": (shape.d_out, shape.d_in)})
     return rows
