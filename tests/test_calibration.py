@@ -12,8 +12,8 @@ from tiny_models import inputs, save_tiny_causal, tiny
 
 import bayeslora
 from bayeslora import BayesLoraConfig, cli
-from bayeslora.calibration import bisect_sigma, fit_temperature, search_scale, tempered
-from bayeslora.calibration.posterior_scale import TAU_MAX
+from bayeslora.calibration import bisect_sigma, fit_temperature, search_scale, tempered, widest_scale
+from bayeslora.calibration.posterior_scale import TAU_MAX, WIDEN_TOLERANCE
 from bayeslora.data import causal_prompt, load_task
 
 
@@ -73,6 +73,35 @@ def test_the_scale_search_finds_the_minimum_of_a_unimodal_nll(best):
 def test_the_scale_search_stays_in_range_when_wider_always_helps():
     found, _ = search_scale(lambda tau: -tau)
     assert found <= TAU_MAX
+
+
+@pytest.mark.parametrize("limit", [1.0, 2.0, 2 ** 3.5, 64.0])
+def test_the_widening_rule_takes_the_widest_step_within_the_tolerance(limit):
+    # NLL flat (slightly better) up to `limit`, then past the tolerance: the rule lands exactly on `limit`
+    calls = []
+
+    def nll(tau):
+        calls.append(tau)
+        return 1.0 - 1e-4 * math.log(tau) if tau <= limit * (1 + 1e-9) else 1.0 + 2 * WIDEN_TOLERANCE
+
+    found, tried = widest_scale(nll)
+    assert found == pytest.approx(limit) and calls[0] == 1.0
+    assert calls == sorted(calls) and len(calls) == len(set(calls)) == len(tried)
+    assert tried[-1][1] > 1.0 and all(v <= 1.0 for _, v in tried[:-1])  # stopped at the first failure
+
+
+def test_the_widening_rule_stops_at_the_first_failure_and_on_non_finite_nll():
+    ladder = {1.0: 1.0, 2 ** 0.5: 1.002, 2.0: 1.004, 2 ** 1.5: 1.001}  # 2 breaks 0.3%: 2.83 is never tried
+    found, tried = widest_scale(lambda tau: ladder[tau], tolerance=0.003)
+    assert found == pytest.approx(2 ** 0.5) and [t for t, _ in tried] == [1.0, 2 ** 0.5, 2.0]
+    found, tried = widest_scale(lambda tau: 1.0 if tau < 2 else float("nan"))
+    assert found == pytest.approx(2 ** 0.5) and tried[-1][1] == math.inf
+    found, _ = widest_scale(lambda tau: 1.0)  # never worse: climbs to the top of the range and stops there
+    assert found <= TAU_MAX and found * 2 ** 0.5 > TAU_MAX
+    with pytest.raises(ValueError, match="nothing to widen from"):
+        widest_scale(lambda tau: float("inf"))
+    with pytest.raises(ValueError, match="tolerance"):
+        widest_scale(lambda tau: 1.0, tolerance=-0.1)
 
 
 def bayes_model(flow_depth):
@@ -138,14 +167,18 @@ def evaluate(run, data, *extra):
 
 
 @pytest.mark.parametrize("method,calibration", [("lora", "temperature"), ("bayeslora", "temperature"),
-                                                ("bayeslora", "posterior-scale"), ("lora", "tfb"),
+                                                ("bayeslora", "posterior-scale"),
+                                                ("bayeslora", "posterior-widen"), ("lora", "tfb"),
                                                 ("lora", "laplace")])
 def test_calibrate_then_evaluate_through_the_cli(runs, method, calibration, capsys):
     run = runs[method]
     assert cli.main(["calibrate", "--run", str(run), "--calibration", calibration, "--samples", "2"]) == 0
     record = json.loads((run / "calibration" / f"{calibration}.json").read_text())
     if calibration not in ("tfb", "laplace"):  # tfb bounds the NLL change on its anchor set; laplace is not fitted on val
-        assert record["val_after"]["nll"] <= record["val_before"]["nll"] + 1e-12
+        slack = record.get("tolerance", 0.0) * record["val_before"]["nll"]  # posterior-widen may trade fit for width
+        assert record["val_after"]["nll"] <= record["val_before"]["nll"] + slack + 1e-12
+    if calibration == "posterior-widen":
+        assert record["params"]["scale"] >= 1.0 and record["search"][0]["scale"] == 1.0
     on_train = calibration in ("tfb", "laplace")  # tfb's anchors and laplace's curvature: training rows
     assert record["fitted_on"]["split"] == ("train" if on_train else "val") and record["fitted_on"]["n"] == 32
     deterministic = (method, calibration) in (("lora", "temperature"), ("lora", "laplace"))
@@ -193,8 +226,9 @@ def test_laplace_on_an_encoder_run_in_sample_mode_and_its_factors_file(tmp_path,
 
 
 def test_calibration_refusals_name_the_problem(runs, capsys):
-    assert cli.main(["calibrate", "--run", str(runs["lora"]), "--calibration", "posterior-scale"]) == 2
-    assert "does not apply to a lora run" in capsys.readouterr().err
+    for calibration in ("posterior-scale", "posterior-widen"):
+        assert cli.main(["calibrate", "--run", str(runs["lora"]), "--calibration", calibration]) == 2
+        assert "does not apply to a lora run" in capsys.readouterr().err
     assert cli.main(["calibrate", "--run", str(runs["lora"]), "--calibration", "tfb", "--mode", "merged"]) == 2
     assert "fit it in sample mode" in capsys.readouterr().err
     assert cli.main(["calibrate", "--run", str(runs["lora"]), "--calibration", "laplace", "--mode", "merged"]) == 2

@@ -109,7 +109,7 @@ def _calibrate_parser(sub, full: bool) -> None:
     p.add_argument("--calibration", required=True, choices=names or None,
                    help="which calibration to fit")
     p.add_argument("--mode", choices=["sample", "mean", "merged"], help="the mode it calibrates (default: the "
-                   "calibration's, else the method's default; tfb and posterior-scale: sample; laplace: mean, "
+                   "calibration's, else the method's default; tfb, posterior-scale and posterior-widen: sample; laplace: mean, "
                    "its probit predictive); evaluate "
                    "applies it in this mode")
     p.add_argument("--samples", type=int, default=4, help="predictive draws in sample mode (default 4)")
@@ -248,7 +248,7 @@ def _compare_parser(sub) -> None:
     p.add_argument("--reference", default="lora", help="the cell others are paired with (default lora)")
     p.add_argument("--calibrations", nargs="*", default=[],
                    help="also fit these post-hoc calibrations on each run's val slice and report them as cells "
-                        "LABEL+NAME where they apply (temperature, posterior-scale, tfb, laplace; default none)")
+                        "LABEL+NAME where they apply (temperature, posterior-scale, posterior-widen, tfb, laplace; default none)")
     p.add_argument("--summary-only", action="store_true", help="only re-read what exists and write the tables")
 
 

@@ -9,7 +9,7 @@ scores them on ARC-Easy, ARC-Challenge and MMLU STEM.
 Runs and evaluations are files in the output folder (one run folder each, see :mod:`bayeslora.layout`),
 so an interrupted comparison resumes where it stopped: trained runs and existing metrics are skipped, a
 half-trained run resumes from its checkpoint. With ``--calibrations``, each run is also calibrated post hoc
-on its val slice (``temperature``; ``posterior-scale`` where the method has a posterior; ``tfb`` on a
+on its val slice (``temperature``; ``posterior-scale`` and ``posterior-widen`` where the method has a posterior; ``tfb`` on a
 deterministic LoRA run) and evaluated
 through it, as the extra cells ``LABEL+CALIBRATION`` (e.g. ``lora+temperature``). ``summarise`` reads everything back and writes
 ``compare.json`` and ``compare.md`` (means ± std over seeds, paired bootstrap intervals against the
