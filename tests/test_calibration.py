@@ -96,10 +96,13 @@ def test_the_widening_rule_stops_at_the_first_failure_and_on_non_finite_nll():
     assert found == pytest.approx(2 ** 0.5) and [t for t, _ in tried] == [1.0, 2 ** 0.5, 2.0]
     found, tried = widest_scale(lambda tau: 1.0 if tau < 2 else float("nan"))
     assert found == pytest.approx(2 ** 0.5) and tried[-1][1] == math.inf
-    found, _ = widest_scale(lambda tau: 1.0)  # never worse: climbs to the top of the range and stops there
-    assert found <= TAU_MAX and found * 2 ** 0.5 > TAU_MAX
-    with pytest.raises(ValueError, match="nothing to widen from"):
-        widest_scale(lambda tau: float("inf"))
+    found, tried = widest_scale(lambda tau: 1.0)  # never worse: climbs to the top of the range, TAU_MAX included
+    assert found == TAU_MAX and len(tried) == 21
+    found, _ = widest_scale(lambda tau: 1.0 - 0.1 * math.log(tau))  # one-sided: a better NLL always passes
+    assert found == TAU_MAX
+    for start in (float("inf"), 0.0):
+        with pytest.raises(ValueError, match="no relative tolerance"):
+            widest_scale(lambda tau: start)
     with pytest.raises(ValueError, match="tolerance"):
         widest_scale(lambda tau: 1.0, tolerance=-0.1)
 
@@ -250,6 +253,12 @@ def test_calibration_refusals_name_the_problem(runs, capsys):
     file.unlink()
     assert evaluate(run, runs["data"], "--calibration", "temperature") == 2
     assert "bayeslora calibrate --run" in capsys.readouterr().err
+    assert cli.main(["calibrate", "--run", str(run), "--calibration", "posterior-widen", "--samples", "2"]) == 0
+    file = run / "calibration" / "posterior-widen.json"
+    record = json.loads(file.read_text())
+    file.write_text(json.dumps({**record, "params": {"scale": 0.5}}))  # a hand-edited record that narrows
+    assert evaluate(run, runs["data"], "--calibration", "posterior-widen") == 2
+    assert "never narrows" in capsys.readouterr().err
 
 
 def test_bisection_finds_the_largest_sigma_within_the_threshold():

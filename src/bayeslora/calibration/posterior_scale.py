@@ -10,13 +10,15 @@ Search (on the val NLL of sample mode, with the same draw seeds for every τ): f
 upwards while the NLL falls, else downwards, within [TAU_MIN, TAU_MAX]; then τ·√2^±1 around the best.
 Costs a handful of val passes (each ``samples`` draws).
 
-``posterior-widen`` is the same knob under a rule fixed in advance instead of a minimum: the *widest* τ on
-the ladder 1, √2, 2, 2√2, … whose val NLL stays within a relative ``WIDEN_TOLERANCE`` of the trained
-posterior's (τ = 1), stopping at the first τ beyond it. The tolerance is TFB's (Shi et al. 2025: the
-widest noise that keeps the NLL within 0.3%). Why: near τ = 1 the val NLL of a few hundred rows is flat
-within its noise, so its minimum lands anywhere from 1/64 to 2 from seed to seed (README, RESULTS §7c),
-while the ELBO's posterior is narrower than the data allow; the rule says how much fit may be traded for
-width, once, for every run. It never narrows the posterior.
+``posterior-widen`` is the same knob under a rule instead of a minimum: the *widest* τ on the ladder 1,
+√2, 2, 2√2, … (≤ TAU_MAX) whose val NLL is at most ``WIDEN_TOLERANCE`` (relative) *above* the trained
+posterior's (τ = 1; one-sided: a lower NLL always passes), stopping at the first τ beyond it. The number
+is TFB's (Shi et al. 2025, the widest noise keeping the NLL within 0.3%; TFB's test is two-sided, on
+training rows). Why: near τ = 1 the val NLL of a few hundred rows is flat within its noise, so its
+minimum lands anywhere from 1/64 to 2 from seed to seed on OpenBookQA (RESULTS §7c, which proposed this
+rule after seeing those val curves), while twice the trained width helped out of distribution there; the
+rule says once, for every run, how much val fit may be traded for width. It never narrows the posterior.
+One val pass per step (each ``samples`` draws); on MiniLM the NLL leaves the tolerance by τ ≈ 2–3.
 """
 
 from __future__ import annotations
@@ -64,13 +66,14 @@ def widest_scale(nll_at, tolerance: float = WIDEN_TOLERANCE) -> tuple[float, lis
     if not 0 <= tolerance < math.inf:
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     base = float(nll_at(1.0))
-    if not math.isfinite(base):
-        raise ValueError(f"the val NLL of the trained posterior (τ = 1) is {base}: nothing to widen from")
+    if not (math.isfinite(base) and base > 0):
+        raise ValueError(f"the val NLL of the trained posterior (τ = 1) is {base}: no relative tolerance around it "
+                         "to widen within (it must be finite and > 0)")
     tried, best, k = [(1.0, base)], 1.0, 1
     while (tau := 2.0 ** (k / 2)) <= TAU_MAX:
         value = float(nll_at(tau))
         tried.append((tau, value if math.isfinite(value) else math.inf))
-        if not math.isfinite(value) or (value - base) / abs(base) > tolerance:
+        if not math.isfinite(value) or (value - base) / base > tolerance:
             break
         best, k = tau, k + 1
     return best, tried
@@ -114,7 +117,7 @@ class PosteriorScale(Calibration):
 class PosteriorWiden(PosteriorScale):
     name = "posterior-widen"
     help = (f"the widest τ (steps of √2 from 1) on the spread of every posterior draw whose sample-mode val NLL "
-            f"stays within {WIDEN_TOLERANCE:.1%} of the trained posterior's (TFB's tolerance); never narrows")
+            f"is at most {WIDEN_TOLERANCE:.1%} above the trained posterior's (TFB's number); never narrows")
 
     def fit(self, fitting: Fitting) -> dict[str, Any]:
         if fitting.mode != "sample":
@@ -133,3 +136,10 @@ class PosteriorWiden(PosteriorScale):
         return {"params": {"scale": best}, "val_before": val_metrics(results[1.0]),
                 "val_after": val_metrics(results[best]), "tolerance": WIDEN_TOLERANCE,
                 "search": [{"scale": tau, "nll": nll} for tau, nll in tried]}
+
+    def check_params(self, params: dict[str, Any], where: str) -> dict[str, Any]:
+        scale = positive_param(params, "scale", where)
+        if not 1.0 <= scale <= TAU_MAX:
+            raise ValueError(f"{where}: params.scale of posterior-widen must lie in [1, {TAU_MAX:g}] (it never "
+                             f"narrows the posterior), got {scale!r}")
+        return {"scale": scale}
