@@ -116,6 +116,19 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
         assert (e["auroc_entropy"] is not None) == (e["kind"] == "ood") and 0 <= (e["auroc_entropy"] or 0) <= 1
         assert (e["auroc_mi"] is not None) == (e["kind"] == "ood" and e["mode"] == "sample")
     assert "OOD detection" in md_path.read_text()
+    # a Bayesian reference is paired in its own default mode (sample), not in the mean mode beside it
+    import dataclasses
+
+    bayes_json, bayes_md = write_summary(dataclasses.replace(plan, reference="bayeslora"))
+    by_bayes = json.loads(bayes_json.read_text())
+    assert "paired difference to bayeslora (in its sample mode)" in bayes_md.read_text()
+    entry = {(e["cell"], e["mode"]): e for e in by_bayes["table"] if e["eval_task"] == "arc_easy"}
+    lora, sample, mean = entry[("lora", "mean")], entry[("bayeslora", "sample")], entry[("bayeslora", "mean")]
+    assert lora["vs_reference"]["mode"] == "sample" and "vs_reference" not in sample and "vs_reference" not in mean
+    assert lora["vs_reference"]["nll"]["diff"] == pytest.approx(lora["nll"] - sample["nll"], abs=1e-6)
+    assert {e["vs_reference"]["mode"] for e in summary["table"] if e["cell"] != "lora"} == {"mean"}  # lora's mode
+    write_summary(plan)
+    assert "paired difference to lora with" in md_path.read_text()
     from bayeslora.compare import _per_example, _predictions
     from bayeslora.evaluation.selective import auroc
 

@@ -462,6 +462,8 @@ def summarise(plan: Plan) -> dict[str, Any]:
     for r in rows:
         groups.setdefault((r["budget"], r["train_task"], r["eval_task"], r["kind"], r["cell"], r["mode"]), []).append(r)
     table = []
+    # the reference is held in the mode its targets are judged in (a Bayesian reference: sample, not mean)
+    reference_mode = plan.default_mode(plan.reference)
     for key, members in groups.items():
         entry = dict(zip(("budget", "train_task", "eval_task", "kind", "cell", "mode"), key))
         entry["seeds"] = sorted(r["seed"] for r in members)
@@ -478,7 +480,7 @@ def summarise(plan: Plan) -> dict[str, Any]:
         posts = [r["posterior"] for r in members if r["posterior"]]
         entry["posterior"] = ({k: sum(p[k] for p in posts) / len(posts) for k in posts[0]} if posts else None)
         ref_key = (key[0], key[1], key[2], plan.reference)
-        ref_mode = next((m for m in ("mean", "sample") if (*ref_key, m) in per_example), None)
+        ref_mode = next((m for m in (reference_mode, "mean", "sample") if (*ref_key, m) in per_example), None)
         if key[4] != plan.reference and ref_mode is not None:
             mine, ref = per_example[(*key[:3], key[4], key[5])], per_example[(*ref_key, ref_mode)]
             seeds = sorted(set(mine) & set(ref))
@@ -486,7 +488,7 @@ def summarise(plan: Plan) -> dict[str, Any]:
                 if mine[s]["uid"] != ref[s]["uid"]:
                     raise ValueError(f"{key}: seed {s} scored other examples than {plan.reference}; cannot pair")
             if seeds:
-                entry["vs_reference"] = {"seeds": seeds}
+                entry["vs_reference"] = {"seeds": seeds, "mode": ref_mode}
                 for metric in ("nll", "brier"):
                     a = torch.stack([mine[s][metric] for s in seeds])
                     b = torch.stack([ref[s][metric] for s in seeds])
@@ -532,13 +534,19 @@ def targets(table: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
     return out
 
 
+def _reference_modes(summary: dict[str, Any]) -> str:
+    """' (in its sample mode)' where the reference was held in a mode other than mean, else ''."""
+    modes = sorted({e["vs_reference"].get("mode", "mean") for e in summary["table"] if e.get("vs_reference")})
+    return f" (in its {' / '.join(modes)} mode)" if modes and modes != ["mean"] else ""
+
+
 def markdown(summary: dict[str, Any]) -> str:
     lines = []
     plan = summary["plan"]
     lines.append(f"Model {plan['model']}; split {plan['split']}; seeds {plan['seeds']}; predictive draws "
                  f"S={plan['samples']} (sample mode); ACC, ECE ×100 (mean ± std over seeds); 'floor' = the ECE "
                  f"of a perfectly calibrated predictor with the same confidences; Δ = paired difference to "
-                 f"{plan['reference']} with a 95% bootstrap interval.")
+                 f"{plan['reference']}{_reference_modes(summary)} with a 95% bootstrap interval.")
     protocols = sorted({e.get("scoring") or "unrecorded" for e in summary["table"]})
     if protocols:
         lines[-1] += f" Choices scored by {', '.join(f'`{p}`' for p in protocols)}" + (
