@@ -245,7 +245,7 @@ def _compare_parser(sub) -> None:
     p.add_argument("--split", default="dev", help="where to report (default dev)")
     p.add_argument("--samples", type=int, default=4, help="predictive draws in sample mode (default 4)")
     p.add_argument("--max-length", type=int, default=128, help="default 128")
-    p.add_argument("--reference", default="lora", help="the cell others are paired with (default lora)")
+    p.add_argument("--reference", default="lora", help="the cell others are paired with, in its default mode (default lora)")
     p.add_argument("--calibrations", nargs="*", default=[],
                    help="also fit these post-hoc calibrations on each run's val slice and report them as cells "
                         "LABEL+NAME where they apply (temperature, posterior-scale, posterior-widen, tfb, laplace; default none)")
