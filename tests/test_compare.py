@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny_models import save_tiny_encoder
 
-from bayeslora.compare import BUDGETS, Cell, Plan, run_plan, write_summary
+from bayeslora.compare import BUDGETS, Cell, Plan, run_plan, summarise, write_summary
 from bayeslora.evaluation.significance import ece_noise_floor, paired_bootstrap
 from bayeslora.layout import RunFolder
 
@@ -127,6 +127,8 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
     assert lora["vs_reference"]["mode"] == "sample" and "vs_reference" not in sample and "vs_reference" not in mean
     assert lora["vs_reference"]["nll"]["diff"] == pytest.approx(lora["nll"] - sample["nll"], abs=1e-6)
     assert {e["vs_reference"]["mode"] for e in summary["table"] if e["cell"] != "lora"} == {"mean"}  # lora's mode
+    alone = summarise(dataclasses.replace(plan, cells=[cells[1]]))  # the reference (lora) not in the plan
+    assert alone["table"] and not any("vs_reference" in e for e in alone["table"])
     write_summary(plan)
     assert "paired difference to lora with" in md_path.read_text()
     from bayeslora.compare import _per_example, _predictions

@@ -463,7 +463,8 @@ def summarise(plan: Plan) -> dict[str, Any]:
         groups.setdefault((r["budget"], r["train_task"], r["eval_task"], r["kind"], r["cell"], r["mode"]), []).append(r)
     table = []
     # the reference is held in the mode its targets are judged in (a Bayesian reference: sample, not mean)
-    reference_mode = plan.default_mode(plan.reference)
+    labels = {name for cell in plan.cells for name, _ in plan.variants(cell)}
+    reference_mode = plan.default_mode(plan.reference) if plan.reference in labels else None  # no reference: no Δ
     for key, members in groups.items():
         entry = dict(zip(("budget", "train_task", "eval_task", "kind", "cell", "mode"), key))
         entry["seeds"] = sorted(r["seed"] for r in members)
