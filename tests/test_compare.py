@@ -4,6 +4,7 @@ its statistics (bootstrap interval, ECE noise floor) behave as documented."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -117,8 +118,6 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
         assert (e["auroc_mi"] is not None) == (e["kind"] == "ood" and e["mode"] == "sample")
     assert "OOD detection" in md_path.read_text()
     # a Bayesian reference is paired in its own default mode (sample), not in the mean mode beside it
-    import dataclasses
-
     bayes_json, bayes_md = write_summary(dataclasses.replace(plan, reference="bayeslora"))
     by_bayes = json.loads(bayes_json.read_text())
     assert "paired difference to bayeslora (in its sample mode)" in bayes_md.read_text()

@@ -87,23 +87,31 @@ class PosteriorScale(Calibration):
     def applies_to(self, method: Any) -> bool:
         return bool(getattr(method, "has_posterior_scale", False))
 
+    def search(self, nll_at) -> tuple[float, list[tuple[float, float]]]:
+        """How τ is chosen from ``nll_at(τ)``: here its minimum (:func:`search_scale`)."""
+        return search_scale(nll_at)
+
     def fit(self, fitting: Fitting) -> dict[str, Any]:
         if fitting.mode != "sample":
-            raise ValueError(f"posterior-scale acts on draws: fit it in sample mode, not {fitting.mode!r}")
+            raise ValueError(f"{self.name} acts on draws: fit it in sample mode, not {fitting.mode!r}")
         results = {}
 
         def nll_at(tau: float) -> float:
             fitting.method.set_posterior_scale(fitting.model, tau)
-            results[tau] = fitting.predict()
+            results[tau] = fitting.predict(desc=f"{self.name}: val at τ = {tau:.3g}")
             return val_metrics(results[tau])["nll"]
 
         try:
-            best, tried = search_scale(nll_at)
+            best, tried = self.search(nll_at)
         finally:
             fitting.method.set_posterior_scale(fitting.model, 1.0)
         return {"params": {"scale": best}, "val_before": val_metrics(results[1.0]),
-                "val_after": val_metrics(results[best]),
+                "val_after": val_metrics(results[best]), **self.record_extras(),
                 "search": [{"scale": tau, "nll": nll} for tau, nll in tried]}
+
+    def record_extras(self) -> dict[str, Any]:
+        """Fields of the fitted record beside params, val metrics and the search."""
+        return {}
 
     def prepare(self, method: Any, model, params: dict[str, Any], tensors=None) -> Any:
         method.set_posterior_scale(model, params["scale"])
@@ -119,23 +127,11 @@ class PosteriorWiden(PosteriorScale):
     help = (f"the widest τ (steps of √2 from 1) on the spread of every posterior draw whose sample-mode val NLL "
             f"is at most {WIDEN_TOLERANCE:.1%} above the trained posterior's (TFB's number); never narrows")
 
-    def fit(self, fitting: Fitting) -> dict[str, Any]:
-        if fitting.mode != "sample":
-            raise ValueError(f"posterior-widen acts on draws: fit it in sample mode, not {fitting.mode!r}")
-        results = {}
+    def search(self, nll_at) -> tuple[float, list[tuple[float, float]]]:
+        return widest_scale(nll_at)
 
-        def nll_at(tau: float) -> float:
-            fitting.method.set_posterior_scale(fitting.model, tau)
-            results[tau] = fitting.predict(desc=f"posterior-widen: val at τ = {tau:.3g}")
-            return val_metrics(results[tau])["nll"]
-
-        try:
-            best, tried = widest_scale(nll_at)
-        finally:
-            fitting.method.set_posterior_scale(fitting.model, 1.0)
-        return {"params": {"scale": best}, "val_before": val_metrics(results[1.0]),
-                "val_after": val_metrics(results[best]), "tolerance": WIDEN_TOLERANCE,
-                "search": [{"scale": tau, "nll": nll} for tau, nll in tried]}
+    def record_extras(self) -> dict[str, Any]:
+        return {"tolerance": WIDEN_TOLERANCE}
 
     def check_params(self, params: dict[str, Any], where: str) -> dict[str, Any]:
         scale = positive_param(params, "scale", where)
