@@ -17,7 +17,11 @@ as interleaved rounds (each round runs every variant once, in turn) so they see 
   on the R×C core before one d-sized product by Z per wide side, Z Zᵀ with a one-product backward, a
   lone factor's parameters as views, not stacked copies; (Z_r e2 + D_r e4) replaced by L_r η of the
   same law) with the flows still by vmap;
-* ``after``: ``draw_group`` with the hand-batched MADE conditioners (``core.flow._batched_flows``);
+* ``per_group``: ``draw_group`` on each group in turn, with the hand-batched MADE conditioners
+  (``core.flow._batched_flows``): the draw until the R×C cores were batched across groups;
+* ``after``: :func:`bayeslora.core.draw_groups` over all groups at once, as the sampler draws now: the
+  products with Z and e1 per group, every R×R, C×C and R×C step (kernels, Cholesky, flows, flow KL) once
+  over the factors of all groups;
 * ``autograd_z``: ``after`` with Z's products by plain autograd (Z_r Z_rᵀ, Z_r e1 and Z_rᵀ X each giving
   Z_r a gradient of its size, one of them a transposed view) instead of ``_GramAndNoiseProduct`` and
   ``_TransposedProduct`` (one gradient buffer in Z's layout), and the noise term added out of place
@@ -27,7 +31,8 @@ as interleaved rounds (each round runs every variant once, in turn) so they see 
 * ``label_rows`` (``--label-rows N``, default 5): ``after`` on the same model with its lm_head adapter
   restricted to N output rows (``BayesLoraConfig.output_rows``): the lm_head B factor is N×r, not 32000×r.
 
-It prints the median milliseconds of each variant with min/max over rounds, and after/before.
+Every variant starts with no gradients (``zero_grad(set_to_none=True)``), as a training step does. It
+prints the median milliseconds of each variant with min/max over rounds, and the ratios.
 
 Usage::
 
@@ -52,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import add_preset_argument, build_bayes, build_pair, label_rows, load_average  # noqa: E402
 
-from bayeslora.core import StackedFactors, draw_group  # noqa: E402
+from bayeslora.core import StackedFactors, draw_group, draw_groups  # noqa: E402
 from bayeslora.core import flow as flow_module  # noqa: E402
 from bayeslora.core.kl import flow_kl_sample  # noqa: E402
 from bayeslora.core.posterior import GroupDraw, _kernel, _whitened  # noqa: E402
@@ -133,16 +138,18 @@ def with_vmap(fn):
 _UPSTREAM: dict = {}  # (group key, weights shape) -> a fixed gradient for the drawn weights
 
 
-def training_draw(groups, draw) -> None:
+def training_draw(groups, draw, together: bool = False) -> None:
     """Stack, draw, and backpropagate: a training step's posterior work.
 
-    The drawn weights receive a fixed upstream gradient, as the LoRA forward's backward hands them one
-    in a training step, so no stand-in loss adds work of its own (a loss such as ``W.square().mean()``
-    would add three passes over a 32k-row B factor to every variant)."""
+    ``draw`` takes one group (``draw_group``'s signature), or with ``together`` the list of all groups
+    (``draw_groups``'s, as the sampler calls it). The drawn weights receive a fixed upstream gradient, as
+    the LoRA forward's backward hands them one in a training step, so no stand-in loss adds work of its
+    own (a loss such as ``W.square().mean()`` would add three passes over a 32k-row B factor to every
+    variant)."""
+    stacked = [StackedFactors.of([r.factor for r in refs], key[1]) for key, refs in groups.items()]
+    drawn = draw(stacked, 1) if together else [draw(p, 1) for p in stacked]
     outputs, grads = [], []
-    for key, refs in groups.items():
-        stacked = StackedFactors.of([r.factor for r in refs], key[1])
-        out = draw(stacked, 1)
+    for key, out in zip(groups, drawn):
         upstream = _UPSTREAM.get((key, out.weights.shape))
         if upstream is None:
             upstream = _UPSTREAM[(key, out.weights.shape)] = torch.randn_like(out.weights.detach()) * 1e-3
@@ -168,29 +175,34 @@ def measure(args, hidden: int, device: torch.device) -> dict:
     variants = {
         "before": with_vmap(lambda: training_draw(groups, before_draw_group)),
         "projection": with_vmap(lambda: training_draw(groups, draw_group)),
-        "after": lambda: training_draw(groups, draw_group),
-        "autograd_z": with_autograd_z(lambda: training_draw(groups, draw_group)),
+        "per_group": lambda: training_draw(groups, draw_group),
+        "after": lambda: training_draw(groups, draw_groups, together=True),
+        "autograd_z": with_autograd_z(lambda: training_draw(groups, draw_groups, together=True)),
         "sampler": lambda: _no_grad(sampler.draw),
     }
     if args.label_rows:  # the same posterior work with the lm_head's B on label rows only
         restricted = build_bayes(args, base, rows=label_rows(args))
         restricted_sampler = bayeslora.get_sampler(restricted)
         restricted_groups = restricted_sampler.groups(restricted_sampler.active_factors())
-        variants["label_rows"] = lambda: training_draw(restricted_groups, draw_group)
+        variants["label_rows"] = lambda: training_draw(restricted_groups, draw_groups, together=True)
     times = {name: [] for name in variants}
     load_before = load_average()
     for round_ in range(args.warmup + args.rounds):
         for name, fn in variants.items():
+            # every variant starts as a training step does (the engine's zero_grad(set_to_none=True)): no
+            # gradient to accumulate into, or each variant after the first would pay an add per parameter
+            bayes.zero_grad(set_to_none=True)
+            if args.label_rows:
+                restricted.zero_grad(set_to_none=True)
             t = timed(fn, device)
             if round_ >= args.warmup:
                 times[name].append(t)
-        bayes.zero_grad(set_to_none=True)
-        if args.label_rows:
-            restricted.zero_grad(set_to_none=True)
     out = {name: {"ms_median": 1e3 * statistics.median(t), "ms_min": 1e3 * min(t), "ms_max": 1e3 * max(t)}
            for name, t in times.items()}
     ratios = [a / b for a, b in zip(times["after"], times["before"])]
     out["after_over_before"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    ratios = [a / b for a, b in zip(times["after"], times["per_group"])]
+    out["after_over_per_group"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
     ratios = [a / b for a, b in zip(times["after"], times["autograd_z"])]
     out["after_over_autograd_z"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
     if args.label_rows:
@@ -236,11 +248,12 @@ def main() -> None:
         results[f"hidden_{hidden}"] = r
         print(f"hidden {hidden} ({args.layers} layers, vocab {args.vocab}; groups {r['groups']}; load "
               f"{r['load'][0]:.1f} -> {r['load'][1]:.1f}):")
-        for name in ("before", "projection", "autograd_z", "after", "sampler", "label_rows"):
+        for name in ("before", "projection", "autograd_z", "per_group", "after", "sampler", "label_rows"):
             if name in r:
                 v = r[name]
                 print(f"  {name:10s} {v['ms_median']:8.2f} ms  (min {v['ms_min']:.2f}, max {v['ms_max']:.2f})")
-        for name, what in (("after_over_before", "after / before"), ("after_over_autograd_z", "after / autograd_z"),
+        for name, what in (("after_over_before", "after / before"), ("after_over_per_group", "after / per_group"),
+                           ("after_over_autograd_z", "after / autograd_z"),
                            ("label_rows_over_after", "label_rows / after")):
             if name in r:
                 a = r[name]

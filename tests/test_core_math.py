@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bayeslora.core import (
-    FactorShape, InducingFactor, RowFlow, StackedFactors, apply_flows, conditional_kl, draw_group,
+    FactorShape, InducingFactor, RowFlow, StackedFactors, apply_flows, conditional_kl, draw_group, draw_groups,
     geometry, inverse_softplus, mean_flow_noise, mean_group,
 )
 from bayeslora.core.posterior import _Gram, _GramAndNoiseProduct, _PlusScaledNoise, _project, _TransposedProduct
@@ -187,6 +187,61 @@ def test_projection_in_any_order_equals_t_rows_x_t_cols(d_out, d_in, rows, cols)
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
     for a, b in zip(our_grads, their_grads):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def _groups_of_one_core(flow_depth: int):
+    """Three groups sharing R = C = 3 as a model's A (r×d_i), B (d_o×r, with W₀) and wide head factors do:
+    both sides wide, a narrow row side, a narrow column side; trained-looking (random) parameters."""
+    spec = [(2, dict(d_out=2, d_in=11)), (1, dict(d_out=13, d_in=2)), (2, dict(d_out=17, d_in=3))]
+    groups, seed = [], 0
+    for count, dims in spec:
+        factors = []
+        for _ in range(count):
+            f = make_factor(flow_depth=flow_depth, rows=3, cols=3, seed=seed, sigma=0.3, lam=0.5, **dims)
+            seed += 1
+            with torch.no_grad():
+                for q in f.parameters():
+                    q.add_(0.2 * torch.randn_like(q))
+            if dims["d_in"] == 2:  # a W₀ group beside groups without one
+                f.offset = torch.nn.Parameter(torch.randn(dims["d_out"], dims["d_in"], dtype=torch.float64))
+            factors.append(f)
+        groups.append(factors)
+    return groups
+
+
+@pytest.mark.parametrize("flow_depth", [0, 1])
+def test_drawing_groups_together_equals_drawing_each_alone(flow_depth):
+    factor_groups = _groups_of_one_core(flow_depth)
+    params = [q for fs in factor_groups for f in fs for q in f.parameters()]
+
+    def drawn(together: bool):
+        for q in params:
+            q.grad = None
+        stacked = [StackedFactors.of(fs, torch.float64) for fs in factor_groups]
+        gens = [[torch.Generator().manual_seed(10 * k + i) for i in range(3)] for k in range(len(stacked))]
+        out = (draw_groups(stacked, 3, gens) if together
+               else [draw_group(p, 3, g) for p, g in zip(stacked, gens)])
+        loss = sum((o.weights.sin().sum() + o.kl_flow.square().sum()) for o in out)
+        loss.backward()
+        return [(o.weights.detach(), o.kl_flow.detach()) for o in out], [q.grad.clone() for q in params]
+
+    (ours, our_grads), (alone, alone_grads) = drawn(True), drawn(False)
+    for (w, kl), (w_alone, kl_alone), fs in zip(ours, alone, factor_groups):
+        assert w.shape == (len(fs), 3, fs[0].shape.d_out, fs[0].shape.d_in)
+        torch.testing.assert_close(w, w_alone, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(kl, kl_alone, rtol=1e-10, atol=1e-10)
+    assert all((w[:, 0] - w[:, 1]).abs().max() > 1e-3 for w, _ in ours)  # random draws, not a constant
+    for a, b in zip(our_grads, alone_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_drawing_groups_together_refuses_groups_of_other_cores():
+    a = make_factor(rows=3, cols=3, d_out=5, d_in=7)
+    b = make_factor(rows=4, cols=3, d_out=5, d_in=7, seed=1)
+    with pytest.raises(ValueError, match="do not share an R×C core"):
+        draw_groups([StackedFactors.of([a], torch.float64), StackedFactors.of([b], torch.float64)], 1)
+    with pytest.raises(ValueError, match="2 generators for 1 groups"):
+        draw_groups([StackedFactors.of([a], torch.float64)], 1, [None, None])
 
 
 def test_gram_backward_is_autograds():

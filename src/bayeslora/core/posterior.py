@@ -25,7 +25,8 @@ from .factor import FactorShape, InducingFactor
 from .flow import apply_flows
 from .kl import conditional_kl, flow_kl_sample
 
-__all__ = ["Geometry", "GroupDraw", "StackedFactors", "draw_group", "mean_group", "mean_flow_noise"]
+__all__ = ["Geometry", "GroupDraw", "StackedFactors", "core_key", "draw_group", "draw_groups", "mean_group",
+           "mean_flow_noise"]
 
 
 @dataclass
@@ -184,12 +185,13 @@ class _PlusScaledNoise(torch.autograd.Function):
         return grad, grad_c, grad_e
 
 
-def _kernel(z: Tensor, diag: Tensor, jitter: float, defer: bool = False,
+def _kernel(z: Optional[Tensor], diag: Tensor, jitter: float, defer: bool = False,
             gram: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """K = Z Zᵀ + D² + jitter·mean(diag K)·I, its Cholesky factor, the jittered D, and whether any
     factorisation failed (a 0-d bool tensor). On the CPU a failure raises at once unless ``defer``; on
     accelerators it never does here (that would sync the host): the caller checks the flag when it
-    chooses (:meth:`PosteriorSampler.check_posterior`). ``gram``: Z Zᵀ when the caller has formed it."""
+    chooses (:meth:`PosteriorSampler.check_posterior`). ``gram``: Z Zᵀ when the caller has formed it (then ``z``
+    is not read and may be None)."""
     gram = _Gram.apply(z) if gram is None else gram
     d2 = diag.square()
     jit = jitter * (gram.diagonal(dim1=-2, dim2=-1) + d2).mean(-1, keepdim=True)
@@ -224,8 +226,12 @@ class GroupDraw:
 
 def _whitened(p: StackedFactors, eps: Tensor) -> tuple[Tensor, Tensor]:
     """U0 = m + σ ⊙ ε and U_w = T_φ(U0) row-wise; returns (U_w, ladj) with ladj (G, n, R)."""
-    u0 = p.mean.unsqueeze(1) + p.sigma.unsqueeze(1) * eps
-    flows = [f.flow for f in p.factors]
+    return _whitened_core(p.mean, p.sigma, [f.flow for f in p.factors], eps)
+
+
+def _whitened_core(mean: Tensor, sigma: Tensor, flows: list, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_whitened` on stacked m, σ (G, R, C) and the G factors' flows (all None without a flow)."""
+    u0 = mean.unsqueeze(1) + sigma.unsqueeze(1) * eps
     if flows[0] is None:
         return u0, u0.new_zeros(u0.shape[:-1])
     return apply_flows(flows, u0)
@@ -287,6 +293,25 @@ def draw_group(
     made one at a time to float rounding (batched Monte Carlo == sequential; the batched products may
     sum in another order).
     """
+    return draw_groups([p], n, [generator], defer_check)[0]
+
+
+def core_key(shape: FactorShape) -> tuple:
+    """What groups of different (d_o, d_i) must share for :func:`draw_groups` to draw their R×C cores as one
+    batch: the inducing sizes, the flow's architecture, and the jitter (one number per kernel call)."""
+    return shape.rows, shape.cols, shape.flow_depth, shape.flow_hidden, shape.jitter
+
+
+@dataclass
+class _Noise:
+    eps: Tensor  # (G, n, R, C)  the flow's base noise
+    e1: Tensor  # (G, n, d_o, d_i)
+    e3: Tensor  # (G, n, R, d_i)
+    eta: Tensor  # (G, n, R, C)  stands in for (Z_r e2 + D_r e4) through L_r (see draw_group)
+
+
+def _group_noise(p: StackedFactors, n: int, generator: torch.Generator | list[torch.Generator] | None) -> _Noise:
+    """All of a group's noise from one ``randn`` call (one per generator when given a list of n)."""
     s = p.shape
     g, rows, cols, d_o, d_i = len(p.factors), s.rows, s.cols, s.d_out, s.d_in
     sizes = [rows * cols, d_o * d_i, rows * d_i, rows * cols]
@@ -298,27 +323,78 @@ def draw_group(
     else:
         noise = torch.randn((g, n, sum(sizes)), generator=generator, **like)
     eps, e1, e3, eta = noise.split(sizes, dim=-1)
-    eps, eta = eps.view(g, n, rows, cols), eta.view(g, n, rows, cols)
-    e1, e3 = e1.view(g, n, d_o, d_i), e3.view(g, n, rows, d_i)
+    return _Noise(eps.view(g, n, rows, cols), e1.view(g, n, d_o, d_i), e3.view(g, n, rows, d_i),
+                  eta.view(g, n, rows, cols))
 
-    gram_r, z_r_e1 = _GramAndNoiseProduct.apply(p.z_rows, e1)  # Z_r's two products with one gradient buffer
-    chol_r, d_r, _, failed_r = _kernel(p.z_rows, p.d_rows, s.jitter, defer_check, gram=gram_r)
-    chol_c, d_c, _, failed_c = _kernel(p.z_cols, p.d_cols, s.jitter, defer_check)
+
+def _cat(tensors: list[Tensor]) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def draw_groups(
+    groups: list[StackedFactors], n: int,
+    generators: Optional[list[torch.Generator | list[torch.Generator] | None]] = None, defer_check: bool = False,
+) -> list[GroupDraw]:
+    """:func:`draw_group` for several groups at once, e.g. a model's A factors (r×d_i), B factors (d_o×r)
+    and lm_head: (G_k, n, d_o, d_i) weights per group.
+
+    Only the products with Z and e1 depend on a group's d_o, d_i; every step on R×R, C×C and R×C
+    matrices (the kernels' jitter and Cholesky factors, the flows, L_r U_w L_cᵀ, the prior's η term and
+    the flow KL) runs once over the factors of all groups. Their shapes must agree on
+    :func:`core_key` and share one dtype and device. Each group's noise is still its own ``randn`` call,
+    in the order given, with ``generators[k]`` as :func:`draw_group`'s ``generator``, so every group
+    draws what it would alone, up to float rounding (the batched kernels may sum in another order). On a
+    small model those R×C steps are mostly per-call overhead, once per group (benchmarks/draw_time.py).
+    """
+    if not groups:
+        return []
+    generators = [None] * len(groups) if generators is None else list(generators)
+    if len(generators) != len(groups):
+        raise ValueError(f"got {len(generators)} generators for {len(groups)} groups")
+    first = groups[0]
+    for p in groups[1:]:
+        if core_key(p.shape) != core_key(first.shape) or p.mean.dtype != first.mean.dtype \
+                or p.mean.device != first.mean.device:
+            raise ValueError(f"groups with shapes {first.shape} and {p.shape} (dtype {first.mean.dtype} and "
+                             f"{p.mean.dtype}) do not share an R×C core; draw them separately")
+    noise = [_group_noise(p, n, gen) for p, gen in zip(groups, generators)]
+    sizes = [len(p.factors) for p in groups]
+    jitter = first.shape.jitter
+
+    # d-sized: Z_r's two products (one gradient buffer) and Z_c Z_cᵀ, per group
+    gram_r, z_r_e1 = zip(*(_GramAndNoiseProduct.apply(p.z_rows, e.e1) for p, e in zip(groups, noise)))
+    gram_c = [_Gram.apply(p.z_cols) for p in groups]
+    # R×C core: every factor of every group at once
+    chol_r, d_r, _, failed_r = _kernel(None, _cat([p.d_rows for p in groups]), jitter, defer_check,
+                                       gram=_cat(list(gram_r)))
+    chol_c, d_c, _, failed_c = _kernel(None, _cat([p.d_cols for p in groups]), jitter, defer_check,
+                                       gram=_cat(gram_c))
     chol_r, chol_c = chol_r.unsqueeze(1), chol_c.unsqueeze(1)
-    u_w, ladj = _whitened(p, eps)
+    eps = _cat([e.eps for e in noise])
+    flows = [f.flow for p in groups for f in p.factors]
+    u_w, ladj = _whitened_core(_cat([p.mean for p in groups]), _cat([p.sigma for p in groups]), flows, eps)
     u = chol_r @ u_w @ chol_c.transpose(-1, -2)
-
-    z_r, z_c = p.z_rows.unsqueeze(1), p.z_cols.unsqueeze(1)
     d_r, d_c = d_r[:, None, :, None], d_c[:, None, None, :]
-    u_prior = (z_r_e1 + d_r * e3) @ z_c.transpose(-1, -2) + (chol_r @ eta) * d_c
+    # the prior draw Ū: its d_i-sized term per group, its η term on the core
+    prior_wide = [(zr_e1 + dr * e.e3) @ p.z_cols.unsqueeze(1).transpose(-1, -2)
+                  for p, e, zr_e1, dr in zip(groups, noise, z_r_e1, d_r.split(sizes))]
+    u_prior = _cat(prior_wide) + (chol_r @ _cat([e.eta for e in noise])) * d_c
+    lam = _cat([p.lam for p in groups])[:, None, None, None]
+    inner = u - lam * u_prior
+    prior_mean = _cat([p.prior_mean for p in groups])
+    kl = flow_kl_sample(eps, _cat([p.sigma for p in groups]).log(), ladj, u_w - prior_mean.unsqueeze(1))
+    failed = failed_r | failed_c
 
-    lam = p.lam[:, None, None, None]
-    weights = _PlusScaledNoise.apply(_project(u - lam * u_prior, z_r, z_c, chol_r, chol_c, s.prior_scale),
-                                     s.prior_scale * lam, e1)
-    if p.offset is not None:  # in place: _PlusScaledNoise keeps no copy of its output
-        weights.add_(p.offset.unsqueeze(1))
-    kl = flow_kl_sample(eps, p.sigma.log(), ladj, u_w - p.prior_mean.unsqueeze(1))
-    return GroupDraw(weights=weights, kl_flow=kl, failed=failed_r | failed_c)
+    out = []
+    for p, e, x, l_r, l_c, lam_k, kl_k in zip(groups, noise, inner.split(sizes), chol_r.split(sizes),
+                                             chol_c.split(sizes), lam.split(sizes), kl.split(sizes)):
+        scale = p.shape.prior_scale
+        weights = _PlusScaledNoise.apply(_project(x, p.z_rows.unsqueeze(1), p.z_cols.unsqueeze(1), l_r, l_c, scale),
+                                         scale * lam_k, e.e1)
+        if p.offset is not None:  # in place: _PlusScaledNoise keeps no copy of its output
+            weights.add_(p.offset.unsqueeze(1))
+        out.append(GroupDraw(weights=weights, kl_flow=kl_k, failed=failed))
+    return out
 
 
 def mean_flow_noise(shape: FactorShape, num_samples: int, seed: int, like: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from ..core import StackedFactors, conditional_kl_group, draw_group, mean_group
+from ..core import StackedFactors, conditional_kl_group, core_key, draw_groups, mean_group
 from ..seeding import mix_seed
 from .layer import MODES, BayesLoraLinear
 
@@ -285,17 +285,23 @@ class PosteriorSampler:
                                      "the previous one)")
 
     def _draw_groups(self, groups: dict[tuple, list[FactorRef]], generator: Optional[torch.Generator]) -> None:
-        for key, refs in groups.items():
-            stacked = StackedFactors.of([r.factor for r in refs], key[1]).widened(self.posterior_scale)
-            twin = key[3] and key[:3] + (False,) in groups
-            gen = generator if generator is not None else self._generators(key, twin)
-            drawn = draw_group(stacked, self.num_samples, gen, defer_check=self.defer_checks)
-            device = drawn.failed.device
-            self._failed[device] = drawn.failed if device not in self._failed else self._failed[device] | drawn.failed
-            kl_cond = conditional_kl_group(stacked)
-            for i, ref in enumerate(refs):
-                ref.layer._bayes_draws.setdefault(ref.adapter, {})[ref.which] = drawn.weights[i]
-                self.last_kl[(id(ref.layer), ref.adapter, ref.which)] = (drawn.kl_flow[i], kl_cond[i])
+        """Groups whose R×C cores agree (e.g. a model's A, B and lm_head factors) are drawn in one
+        :func:`draw_groups` call; each keeps its own noise stream (``_generators``)."""
+        cores: dict[tuple, list[tuple]] = {}
+        for key in groups:
+            cores.setdefault((core_key(key[0]), key[1], key[2]), []).append(key)
+        for keys in cores.values():
+            stacked = [StackedFactors.of([r.factor for r in groups[key]], key[1]).widened(self.posterior_scale)
+                       for key in keys]
+            gens = [generator if generator is not None else self._generators(key, key[3] and key[:3] + (False,) in groups)
+                    for key in keys]
+            for key, p, drawn in zip(keys, stacked, draw_groups(stacked, self.num_samples, gens, self.defer_checks)):
+                device = drawn.failed.device
+                self._failed[device] = drawn.failed if device not in self._failed else self._failed[device] | drawn.failed
+                kl_cond = conditional_kl_group(p)
+                for i, ref in enumerate(groups[key]):
+                    ref.layer._bayes_draws.setdefault(ref.adapter, {})[ref.which] = drawn.weights[i]
+                    self.last_kl[(id(ref.layer), ref.adapter, ref.which)] = (drawn.kl_flow[i], kl_cond[i])
         self._unchecked += 1
         if self._unchecked >= self.check_every:
             self.check_posterior()
