@@ -61,6 +61,19 @@ def test_nothing_imports_the_cli():
     assert not bad, bad
 
 
+def test_matplotlib_is_imported_only_where_a_plot_is_drawn():
+    """Module-level matplotlib imports reached ``bayeslora.get_model`` (via the evaluation package) and added
+    ~35 MB of resident memory to every training process, which the memory benchmark then counted as the
+    posterior's cost. Plots import it inside the function that draws."""
+    bad = []
+    for f in PACKAGE.rglob("*.py"):
+        for node in ast.parse(f.read_text()).body:  # top level only; `if TYPE_CHECKING:` blocks are fine
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad += [f"{f.relative_to(PACKAGE)} imports {n}" for n in names if n.split(".")[0] == "matplotlib"]
+    assert not bad, bad
+
+
 def test_the_checker_sees_relative_imports():
     assert "bayeslora.core.posterior" in imports_of(PACKAGE / "core" / "__init__.py")
     assert any(n.startswith("bayeslora.core") for n in imports_of(PACKAGE / "surgery" / "layer.py"))

@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any
 
 from ..compare import COVERAGES
 from ..evaluation.report import atomic_write
 from .table import protocol
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = ["write_plots"]
+
+
+def _agg_figure(**kwargs) -> Figure:
+    """A matplotlib Figure on its own Agg canvas; matplotlib is imported when a plot is drawn, not with
+    the module (as in ``evaluation.reliability``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _sets(rows: list[dict[str, Any]]) -> dict[tuple, dict[tuple, list[dict[str, Any]]]]:
@@ -53,8 +64,7 @@ def _pooled_bins(members: list[dict[str, Any]]) -> tuple[list[float], float, lis
 def _reliability(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
     cols = min(4, len(cells))
     rows_n = math.ceil(len(cells) / cols)
-    fig = Figure(figsize=(3.2 * cols, 3.2 * rows_n), dpi=90, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _agg_figure(figsize=(3.2 * cols, 3.2 * rows_n), dpi=90, layout="constrained")
     axes = fig.subplots(rows_n, cols, squeeze=False)
     for ax, ((cell, mode), members) in zip(axes.flat, sorted(cells.items())):
         acc, width, lo, counts = _pooled_bins(members)
@@ -70,8 +80,7 @@ def _reliability(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
 
 
 def _scatter(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
-    fig = Figure(figsize=(6.0, 4.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _agg_figure(figsize=(6.0, 4.5), dpi=100, layout="constrained")
     ax = fig.subplots()
     for (cell, mode), members in sorted(cells.items()):
         acc = 100 * sum(m["acc"] for m in members) / len(members)
@@ -83,8 +92,7 @@ def _scatter(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
 
 
 def _coverage(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
-    fig = Figure(figsize=(6.0, 4.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _agg_figure(figsize=(6.0, 4.5), dpi=100, layout="constrained")
     ax = fig.subplots()
     for (cell, mode), members in sorted(cells.items()):
         curve = [100 * sum(m["accuracy_at_coverage"][k] for m in members) / len(members) for k in range(len(COVERAGES))]

@@ -10,13 +10,27 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from .metrics import CalibrationBins
 from .report import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _agg_figure(**kwargs) -> Figure:
+    """A matplotlib Figure on its own Agg canvas. matplotlib is imported here, not with the module: the
+    package's import path (``bayeslora.get_model`` reaches this module) then never loads it, ~35 MB of
+    resident memory a user who only trains or evaluates does not need."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _title(bins: CalibrationBins, metrics: Mapping[str, float] | None, label: str | None) -> str:
@@ -51,8 +65,7 @@ def draw_reliability(
     acc = torch.nan_to_num(bins.accuracy[:n_bins], nan=0.0).tolist()
     conf = bins.mean_confidence[:n_bins]
 
-    fig = Figure(figsize=(5.0, 6.0), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _agg_figure(figsize=(5.0, 6.0), dpi=100, layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     top.bar(lo, acc, width=width, align="edge", color="tab:blue", edgecolor="black", linewidth=0.6, label="accuracy")
     full = [k for k in range(n_bins) if counts[k] > 0]
