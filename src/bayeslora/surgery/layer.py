@@ -273,19 +273,20 @@ class BayesLoraLinear(LoraLinear):
         h = self.lora_dropout[adapter](x).to(weight_a.dtype)
         if weight_a.dim() == 3 and weight_a.shape[0] == 1:
             weight_a, weight_b = weight_a[0], weight_b[0]
+        # the scaling multiplies the rank-r intermediate, not the d_o-wide output: on an lm_head that saves
+        # a pass and a temporary of the logits' size, forward and backward (benchmarks/memory_estimate.py)
+        scaling = self.scaling[adapter]
         if weight_a.dim() == 2:
-            out = F.linear(F.linear(h, weight_a), weight_b)
-        else:  # n draws: dim 0 holds sample-major blocks of the batch (S×B rows; batch-first activations)
-            n = weight_a.shape[0]
-            if h.shape[0] % n:
-                raise ValueError(
-                    f"batched Monte Carlo with {n} samples needs a batch that is a multiple of {n} "
-                    f"(sample-major S×B rows), got {h.shape[0]} rows"
-                )
-            blocks = h.reshape(n, -1, h.shape[-1])
-            out = (blocks @ weight_a.transpose(-1, -2)) @ weight_b.transpose(-1, -2)
-            out = out.reshape(*h.shape[:-1], weight_b.shape[-2])
-        return out * self.scaling[adapter]
+            return F.linear(F.linear(h, weight_a) * scaling, weight_b)
+        n = weight_a.shape[0]  # n draws: dim 0 holds sample-major blocks of the batch (S×B rows; batch-first)
+        if h.shape[0] % n:
+            raise ValueError(
+                f"batched Monte Carlo with {n} samples needs a batch that is a multiple of {n} "
+                f"(sample-major S×B rows), got {h.shape[0]} rows"
+            )
+        blocks = h.reshape(n, -1, h.shape[-1])
+        out = ((blocks @ weight_a.transpose(-1, -2)) * scaling) @ weight_b.transpose(-1, -2)
+        return out.reshape(*h.shape[:-1], weight_b.shape[-2])
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         self._ensure_bayes_state()
