@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import add_preset_argument, build_bayes, build_pair, label_rows, load_average  # noqa: E402
 
-from bayeslora.core import StackedFactors, draw_group, draw_groups  # noqa: E402
+from bayeslora.core import StackedFactors, core_key, draw_group, draw_groups  # noqa: E402
 from bayeslora.core import flow as flow_module  # noqa: E402
 from bayeslora.core.kl import flow_kl_sample  # noqa: E402
 from bayeslora.core.posterior import GroupDraw, _kernel, _whitened  # noqa: E402
@@ -147,7 +147,16 @@ def training_draw(groups, draw, together: bool = False) -> None:
     own (a loss such as ``W.square().mean()`` would add three passes over a 32k-row B factor to every
     variant)."""
     stacked = [StackedFactors.of([r.factor for r in refs], key[1]) for key, refs in groups.items()]
-    drawn = draw(stacked, 1) if together else [draw(p, 1) for p in stacked]
+    if together:  # one call per R×C core, as the sampler buckets them
+        cores: dict = {}
+        for i, (key, p) in enumerate(zip(groups, stacked)):
+            cores.setdefault((core_key(key[0]), key[1], key[2]), []).append(i)
+        drawn = [None] * len(stacked)
+        for members in cores.values():
+            for i, out in zip(members, draw([stacked[i] for i in members], 1)):
+                drawn[i] = out
+    else:
+        drawn = [draw(p, 1) for p in stacked]
     outputs, grads = [], []
     for key, out in zip(groups, drawn):
         upstream = _UPSTREAM.get((key, out.weights.shape))

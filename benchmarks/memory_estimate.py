@@ -3,8 +3,8 @@
 For each hidden size and each side (bayeslora, plain PEFT LoRA; same targets as ``step_time.py``) a
 fresh subprocess builds the model alone, runs a few training steps (language-modelling loss over every
 position, so ``full_logits``), and reports its peak: on CUDA ``torch.cuda.max_memory_allocated``; on CPU
-the process's peak RSS (``VmHWM``) less its RSS after the imports, i.e. what the model and the steps
-added. Printed: estimate, measured, and estimate / measured per part of the matrix.
+the process's peak RSS (``VmHWM``) less its RSS after the imports (the same modules on both sides), i.e.
+what the model and the steps added. Printed: estimate, measured, and estimate / measured per part of the matrix.
 
 Usage::
 
@@ -42,15 +42,18 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    # both sides make every import either needs before the baseline (the preset reads the method registry,
+    # get_model the adapter code and zuko): modules loaded after it were counted as the posterior's memory
+    posterior = preset_posterior(args.preset)
+    get_model = bayeslora.get_model
     baseline = _rss_kb("VmRSS") * 1024 if device.type == "cpu" else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     args.seed = 0
     base, _ = build_base(args, args.hidden_size, device, DTYPES[args.dtype])
     if args.side == "bayeslora":
-        model = bayeslora.get_model(base, bayeslora.BayesLoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
-                                                                    bayesian_modules=BAYESIAN,
-                                                                    **preset_posterior(args.preset)))
+        model = get_model(base, bayeslora.BayesLoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
+                                                          bayesian_modules=BAYESIAN, **posterior))
     else:
         model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
     estimate = estimate_training_memory(model, rows=args.batch, seq=args.seq, full_logits=True)

@@ -16,8 +16,8 @@ TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--vocab", "128"]
 
 @pytest.mark.parametrize("script, extra, keys", [
     ("step_time.py", ["--seq", "16", "--batch", "2", "--steps", "2", "--warmup", "1", "--threads", "1"], None),
-    ("draw_time.py", ["--rounds", "2", "--warmup", "1"], {"before", "after", "sampler", "after_over_before",
-                                                      "label_rows", "label_rows_over_after"}),
+    ("draw_time.py", ["--rounds", "2", "--warmup", "1"], {"before", "per_group", "after", "sampler", "after_over_before",
+                                                      "after_over_per_group", "label_rows", "label_rows_over_after"}),
 ])
 def test_the_script_runs_on_a_tiny_cpu_config_and_writes_its_json(tmp_path, script, extra, keys):
     out = tmp_path / "out.json"
@@ -30,6 +30,21 @@ def test_the_script_runs_on_a_tiny_cpu_config_and_writes_its_json(tmp_path, scri
         assert all(r["train_label_rows"]["pairs"] == r["train"]["pairs"] > 0 for r in data["results"])
     if keys is not None:
         assert keys <= set(data["hidden_32"]) and data["hidden_32"]["after"]["ms_median"] > 0
+
+
+def test_the_inference_script_runs_on_a_tiny_cpu_config_and_its_merged_models_compute_the_mean(tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "infer_time.py"), *TINY, "--seq", "16", "--batch", "2",
+                           "--samples", "1", "4", "--rounds", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())["hidden_32"]
+    assert {"base", "merged", "merged_wrapped", "mean", "batched_4", "sequential_4", "merged_over_base",
+            "batched_4_over_mean", "batched_4_over_sequential_4"} <= set(r)
+    diff = r["max_abs_logit_difference"]
+    assert diff["merged_vs_mean"] < 1e-4 and diff["merged_wrapped_vs_mean"] < 1e-4
+    assert diff["base_vs_mean"] > 1e-3  # the adapter is not a no-op, so the agreement above means something
+    assert r["sequential_4"]["ms_per_example_draw"] > 0
 
 
 def test_the_sharded_memory_script_runs_the_real_trainer_under_each_engine(tmp_path):

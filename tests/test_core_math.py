@@ -46,15 +46,20 @@ def projector(z: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
     return z.T @ torch.cholesky_solve(z, torch.linalg.cholesky(k))
 
 
-def test_matheron_noise_covariance_is_identity_minus_kron_projections():
+@pytest.mark.parametrize("position", [0, 1])
+def test_matheron_noise_covariance_is_identity_minus_kron_projections(position):
+    """For a lone factor, and for the second factor of a group whose first has other Z and D (so a
+    factor's draw cannot borrow its neighbour's geometry)."""
     f = make_factor(sigma=1e-30, sigma_max=1.0, lam=1.0, lam_max=1.0)
+    other = make_factor(sigma=1e-30, sigma_max=1.0, lam=1.0, lam_max=1.0, d=1.5, seed=9)
     with torch.no_grad():
         f.inducing_mean.zero_()
-        p = StackedFactors.of([f], torch.float64)
+        other.inducing_mean.zero_()
+        p = StackedFactors.of([other, f][1 - position:], torch.float64)
         geo = geometry(p)
-        xi = draw_group(p, N_DRAWS, torch.Generator().manual_seed(1)).weights[0] / f.shape.prior_scale
-    p_r = projector(p.z_rows[0], geo.diag_rows[0])
-    p_c = projector(p.z_cols[0], geo.diag_cols[0])
+        xi = draw_group(p, N_DRAWS, torch.Generator().manual_seed(1)).weights[position] / f.shape.prior_scale
+    p_r = projector(p.z_rows[position], geo.diag_rows[position])
+    p_c = projector(p.z_cols[position], geo.diag_cols[position])
     expected = torch.eye(35, dtype=torch.float64) - torch.kron(p_r, p_c)
     covariance_within(xi.reshape(N_DRAWS, -1), torch.zeros(35, dtype=torch.float64), expected)
 
@@ -190,9 +195,9 @@ def test_projection_in_any_order_equals_t_rows_x_t_cols(d_out, d_in, rows, cols)
 
 
 def _groups_of_one_core(flow_depth: int):
-    """Three groups sharing R = C = 3 as a model's A (r×d_i), B (d_o×r, with W₀) and wide head factors do:
-    both sides wide, a narrow row side, a narrow column side; trained-looking (random) parameters."""
-    spec = [(2, dict(d_out=2, d_in=11)), (1, dict(d_out=13, d_in=2)), (2, dict(d_out=17, d_in=3))]
+    """Three groups sharing R = C = 3 as a model's A (r×d_i), B (d_o×r, with W₀) and a wide factor do: a narrow
+    row side, a narrow column side, both sides wide; trained-looking (random) parameters and prior means."""
+    spec = [(2, dict(d_out=2, d_in=11)), (1, dict(d_out=13, d_in=2)), (2, dict(d_out=17, d_in=5))]
     groups, seed = [], 0
     for count, dims in spec:
         factors = []
@@ -202,6 +207,7 @@ def _groups_of_one_core(flow_depth: int):
             with torch.no_grad():
                 for q in f.parameters():
                     q.add_(0.2 * torch.randn_like(q))
+                f.prior_mean.copy_(0.3 * torch.randn_like(f.prior_mean))
             if dims["d_in"] == 2:  # a W₀ group beside groups without one
                 f.offset = torch.nn.Parameter(torch.randn(dims["d_out"], dims["d_in"], dtype=torch.float64))
             factors.append(f)
@@ -233,6 +239,33 @@ def test_drawing_groups_together_equals_drawing_each_alone(flow_depth):
     assert all((w[:, 0] - w[:, 1]).abs().max() > 1e-3 for w, _ in ours)  # random draws, not a constant
     for a, b in zip(our_grads, alone_grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_drawing_groups_together_reads_the_global_rng_group_by_group():
+    """Without generators each group's noise is the next ``randn`` of torch's global RNG, in order, as when
+    the groups are drawn one after another."""
+    stacked = [StackedFactors.of(fs, torch.float64) for fs in _groups_of_one_core(1)]
+    with torch.no_grad():
+        torch.manual_seed(3)
+        ours = draw_groups(stacked, 2)
+        torch.manual_seed(3)
+        alone = [draw_group(p, 2) for p in stacked]
+    for a, b in zip(ours, alone):
+        torch.testing.assert_close(a.weights, b.weights, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad_side", ["z_rows", "z_cols"])
+def test_a_kernel_that_fails_in_any_group_of_a_call_raises_or_flags_every_group(bad_side):
+    factor_groups = _groups_of_one_core(0)
+    with torch.no_grad():
+        getattr(factor_groups[1][0], bad_side).fill_(float("nan"))
+        stacked = [StackedFactors.of(fs, torch.float64) for fs in factor_groups]
+        with pytest.raises(FloatingPointError, match="not positive definite"):
+            draw_groups(stacked, 1)
+        flags = [d.failed for d in draw_groups(stacked, 1, defer_check=True)]
+        assert all(bool(f) for f in flags)
+        fine = [StackedFactors.of(fs, torch.float64) for fs in _groups_of_one_core(0)]
+        assert not any(bool(d.failed) for d in draw_groups(fine, 1, defer_check=True))
 
 
 def test_drawing_groups_together_refuses_groups_of_other_cores():

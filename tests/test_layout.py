@@ -62,8 +62,8 @@ def test_nothing_imports_the_cli():
 
 
 def test_matplotlib_is_imported_only_where_a_plot_is_drawn():
-    """Module-level matplotlib imports reached ``bayeslora.get_model`` (via the evaluation package) and added
-    ~35 MB of resident memory to every training process, which the memory benchmark then counted as the
+    """Module-level matplotlib imports came with the evaluation package (so with every method): ~30 MB of
+    resident memory to any process that never draws a plot, which the memory benchmark counted as the
     posterior's cost. Plots import it inside the function that draws."""
     bad = []
     for f in PACKAGE.rglob("*.py"):
@@ -72,6 +72,20 @@ def test_matplotlib_is_imported_only_where_a_plot_is_drawn():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             bad += [f"{f.relative_to(PACKAGE)} imports {n}" for n in names if n.split(".")[0] == "matplotlib"]
     assert not bad, bad
+
+
+def test_importing_the_methods_and_evaluation_loads_no_matplotlib():
+    """The goal behind the check above, in a fresh interpreter: the method registry (which the CLI, the
+    presets and the benchmarks import) reaches the evaluation package, whose reliability plot used to
+    import matplotlib with the module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bayeslora.methods.bayes, bayeslora.evaluation, bayeslora.bench.plots\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_the_checker_sees_relative_imports():

@@ -217,7 +217,8 @@ def geometry(p: StackedFactors) -> Geometry:
 @dataclass
 class GroupDraw:
     """Weights drawn for a group, (G, n, d_o, d_i), the one-sample flow KL of each factor, (G,), and
-    whether a kernel of the group failed to factorise (0-d bool; only ever True when checks are deferred)."""
+    whether a kernel failed to factorise (0-d bool; only ever True when checks are deferred): from
+    :func:`draw_groups`, any kernel of any group of the call, the same flag in each group's draw."""
 
     weights: Tensor
     kl_flow: Tensor
@@ -338,13 +339,16 @@ def draw_groups(
     """:func:`draw_group` for several groups at once, e.g. a model's A factors (r×d_i), B factors (d_o×r)
     and lm_head: (G_k, n, d_o, d_i) weights per group.
 
-    Only the products with Z and e1 depend on a group's d_o, d_i; every step on R×R, C×C and R×C
-    matrices (the kernels' jitter and Cholesky factors, the flows, L_r U_w L_cᵀ, the prior's η term and
-    the flow KL) runs once over the factors of all groups. Their shapes must agree on
-    :func:`core_key` and share one dtype and device. Each group's noise is still its own ``randn`` call,
-    in the order given, with ``generators[k]`` as :func:`draw_group`'s ``generator``, so every group
-    draws what it would alone, up to float rounding (the batched kernels may sum in another order). On a
-    small model those R×C steps are mostly per-call overhead, once per group (benchmarks/draw_time.py).
+    The kernels' jitter and Cholesky factors, the flows, L_r U_w L_cᵀ, the prior's η term and the flow KL
+    run once over the factors of all groups; what involves a group's d_o or d_i (the products with Z and
+    e1, a narrow side's formed T) and the R×C solves of the projection stay per group. The shapes must
+    agree on :func:`core_key` and share one dtype and device. Each group's noise is still its own
+    ``randn`` call, in the order given, with ``generators[k]`` as :func:`draw_group`'s ``generator``, so
+    every group draws what it would alone, up to float rounding (the batched kernels may sum in another
+    order). On a small model those R×C steps are mostly per-call overhead, once per group
+    (benchmarks/draw_time.py). Every group's noise (e1 is the size of its weights) is held until the last
+    group is projected, where drawing group by group freed it after each: without gradients (sample-mode
+    evaluation) the peak grows by the other groups' e1.
     """
     if not groups:
         return []

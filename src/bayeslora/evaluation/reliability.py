@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 
 
 def _agg_figure(**kwargs) -> Figure:
-    """A matplotlib Figure on its own Agg canvas. matplotlib is imported here, not with the module: the
-    package's import path (``bayeslora.get_model`` reaches this module) then never loads it, ~35 MB of
-    resident memory a user who only trains or evaluates does not need."""
+    """A matplotlib Figure on its own Agg canvas. matplotlib is imported here, not with the module: every
+    method imports the evaluation package, so a process that never draws a plot would carry ~30 MB of
+    resident memory for it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -4,10 +4,11 @@ Registered as a forward pre-hook on the innermost model (the one PEFT wraps), so
 model forward whatever the entry point (``PeftModel.__call__``, ``generate``, the bare model) and
 *outside* any gradient-checkpointed block: a recomputed block reads the same drawn weights, so its
 gradients are exact. Factors are grouped by :class:`~bayeslora.core.FactorShape` and inducing dtype
-and each group is drawn with one batched call (batched Cholesky, one flow call, one ``randn``).
+(one ``randn`` per group), and the groups whose R×C cores agree (usually all of a model's) are drawn by one
+:func:`~bayeslora.core.draw_groups` call (one batched Cholesky per side, one flow call).
 
 Draws use torch's global RNG on the factors' device, so ``torch.manual_seed(s)`` before a forward
-reproduces it; :meth:`PosteriorSampler.set_draw_seed` switches to per-group generators seeded by
+reproduces it (groups take their noise in the order of :meth:`PosteriorSampler._draw_groups`); :meth:`PosteriorSampler.set_draw_seed` switches to per-group generators seeded by
 (seed, group), identical on every data-parallel rank.
 """
 
@@ -268,7 +269,7 @@ class PosteriorSampler:
 
     def draw(self, generator: Optional[torch.Generator] = None,
              layers: Optional[list[tuple[str, BayesLoraLinear]]] = None) -> None:
-        """Draw ``num_samples`` weights for every active factor, one batched call per group."""
+        """Draw ``num_samples`` weights for every active factor, one batched call per R×C core."""
         layers = self.layers() if layers is None else layers
         self.clear(layers)
         groups = self.groups(self.active_factors(layers))
@@ -286,7 +287,10 @@ class PosteriorSampler:
 
     def _draw_groups(self, groups: dict[tuple, list[FactorRef]], generator: Optional[torch.Generator]) -> None:
         """Groups whose R×C cores agree (e.g. a model's A, B and lm_head factors) are drawn in one
-        :func:`draw_groups` call; each keeps its own noise stream (``_generators``)."""
+        :func:`draw_groups` call. With draw seeds each group has its own generator (``_generators``), so the
+        order does not matter. Without them every group of a device reads torch's global RNG in turn, core
+        by core: where one device holds groups of different cores (several adapters of other R, C or flow),
+        that order, and so an unseeded draw, differs from the releases that drew group by group (same law)."""
         cores: dict[tuple, list[tuple]] = {}
         for key in groups:
             cores.setdefault((core_key(key[0]), key[1], key[2]), []).append(key)
