@@ -47,6 +47,31 @@ def test_the_inference_script_runs_on_a_tiny_cpu_config_and_its_merged_models_co
     assert r["sequential_4"]["ms_per_example_draw"] > 0
 
 
+def test_the_prepared_suite_runs_its_scripts_and_scores_every_target(tmp_path):
+    """benchmarks/perf_suite.py, the one script a GPU session runs: two of its scripts at the tiny size end to
+    end, and every target read from the committed CPU results (so a changed JSON layout fails here)."""
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "perf_suite.py"), "--size", "tiny", "--out", str(tmp_path),
+                           "--only", "draw_time", "infer_time"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["status"] for r in summary["runs"]] == ["ok", "ok"]
+    assert {t["target"].split(",")[0] for t in summary["targets"]} == {
+        "one training draw of every factor", "merged / base model", "sample mode S = 4 as one S×B batch / mean mode"}
+    assert (tmp_path / "summary.md").read_text().count("|") > 10
+
+    sys.path.insert(0, str(SCRIPTS))
+    from perf_suite import READERS
+
+    results = SCRIPTS / "results"
+    step = READERS["step_time"](json.loads((results / "step_time_cpu_h64_threads1_stop33.json").read_text()), "cpu")
+    assert step == [("training step bayeslora / lora, hidden 64", pytest.approx(0.870, abs=5e-4), 1.05)]
+    memory = READERS["memory_estimate"](json.loads((results / "memory_estimate_cpu_stop33.json").read_text()), "cpu")
+    assert [m[0] for m in memory] == ["peak memory bayeslora / lora, hidden 64", "peak memory bayeslora / lora, hidden 512"]
+    assert all(0.5 < m[1] < 2 for m in memory)
+    draw = READERS["draw_time"](json.loads((results / "draw_time_cpu_stop33.json").read_text()), "cpu")
+    assert draw[0][0].endswith("hidden 64 (ms)") and draw[0][1] == pytest.approx(6.49, abs=0.01)
+
+
 def test_the_sharded_memory_script_runs_the_real_trainer_under_each_engine(tmp_path):
     """benchmarks/sharded_memory.py at its smoke size: one process and two engines, figures from the runs."""
     import importlib.util
