@@ -107,6 +107,33 @@ def test_seeded_draws_ignore_the_global_rng():
     assert torch.equal(a, b)
 
 
+def test_a_model_on_one_device_keeps_its_streams_and_a_split_model_gets_one_per_device(monkeypatch):
+    """Seeded streams hash the device type, not its index (data-parallel ranks agree); a model split over
+    devices in one process (``device_map``) adds the device's place, so cuda:0's and cuda:1's same-shaped
+    groups do not draw the same noise. Place 0 is the stream every earlier release used."""
+    import zlib
+
+    from bayeslora.surgery.sampler import PosteriorSampler
+
+    model = llama_model()
+    sampler = bayeslora.get_sampler(model)
+    places = []
+    original = sampler._generators
+    monkeypatch.setattr(sampler, "_generators", lambda key, twin=False, place=0: places.append(place) or
+                        original(key, twin, place))
+    bayeslora.set_draw_seed(model, 7)
+    with torch.no_grad():
+        outputs(model, inputs())
+    assert places and set(places) == {0}  # one device: every group at place 0
+    key = next(iter(sampler.groups(sampler.active_factors())))
+    shape, dtype = key[0], key[1]
+    assert PosteriorSampler.group_stream(key) == zlib.crc32(f"{shape.key()}|{dtype}|cpu".encode())
+    rank0, rank1 = ((shape, dtype, torch.device("cuda", i)) + key[3:] for i in (0, 1))
+    assert PosteriorSampler.group_stream(rank1) == PosteriorSampler.group_stream(rank0)  # rank r == rank 0
+    assert len({PosteriorSampler.group_stream(key, place=p) for p in range(3)}) == 3
+    assert PosteriorSampler.group_stream(key, twin=True) != PosteriorSampler.group_stream(key)
+
+
 def test_every_trainable_parameter_gets_gradients_and_inducing_locations_move():
     model = llama_model(flow_depth=1)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -232,11 +232,9 @@ class PosteriorSampler:
         self.posterior_scale = float(scale)
         self.clear()
 
-    def _generators(self, key: tuple, twin: bool = False) -> Optional[list[torch.Generator]]:
-        """Seeded generators for one draw group, or None for torch's global RNG. The group's stream hashes
-        its shape, dtype and device type; ``twin`` marks a W₀ group beside a group of the same shape
-        without W₀ (two adapters of different constructions), which then gets a stream of its own. A
-        model of one construction keeps the streams it always had."""
+    def _generators(self, key: tuple, twin: bool = False, place: int = 0) -> Optional[list[torch.Generator]]:
+        """Seeded generators for one draw group (streams by :meth:`group_stream`), or None for torch's
+        global RNG."""
         if self.draw_seeds is not None:
             seeds = self.draw_seeds
             if len(seeds) != self.num_samples:
@@ -245,11 +243,20 @@ class PosteriorSampler:
             seeds = [mix_seed(self.draw_seed, i) for i in range(self.num_samples)]
         else:
             return None
+        group_id = self.group_stream(key, twin, place)
+        return [torch.Generator(device=key[2]).manual_seed(mix_seed(s, group_id)) for s in seeds]
+
+    @staticmethod
+    def group_stream(key: tuple, twin: bool = False, place: int = 0) -> int:
+        """What a draw group's seeds are mixed with: a hash of its shape, dtype and device *type*, not the
+        device's index, so rank r on cuda:r draws what rank 0 draws on cuda:0. ``twin`` marks a W₀ group
+        beside a group of the same shape without W₀ (two adapters of different constructions); ``place``
+        is the group's device's position among the devices this process's factors occupy (first seen, first
+        counted), so a model split over devices (``device_map``) does not give same-shaped groups on cuda:0
+        and cuda:1 the same noise. A model of one construction on one device keeps the streams it always had."""
         shape, dtype, device = key[:3]
-        # the device *type*, not its index: rank r on cuda:r must draw what rank 0 draws on cuda:0
-        twin_tag = "|w0" if twin else ""
-        group_id = zlib.crc32(f"{shape.key()}|{dtype}|{torch.device(device).type}{twin_tag}".encode())
-        return [torch.Generator(device=device).manual_seed(mix_seed(s, group_id)) for s in seeds]
+        tags = ("|w0" if twin else "") + (f"|place{place}" if place else "")
+        return zlib.crc32(f"{shape.key()}|{dtype}|{torch.device(device).type}{tags}".encode())
 
     def clear(self, layers: Optional[list[tuple[str, BayesLoraLinear]]] = None) -> None:
         self.last_kl.clear()
@@ -291,13 +298,17 @@ class PosteriorSampler:
         order does not matter. Without them every group of a device reads torch's global RNG in turn, core
         by core: where one device holds groups of different cores (several adapters of other R, C or flow),
         that order, and so an unseeded draw, differs from the releases that drew group by group (same law)."""
+        places: dict = {}  # device -> its position among this process's devices, first seen first
+        for key in groups:
+            places.setdefault(key[2], len(places))
         cores: dict[tuple, list[tuple]] = {}
         for key in groups:
             cores.setdefault((core_key(key[0]), key[1], key[2]), []).append(key)
         for keys in cores.values():
             stacked = [StackedFactors.of([r.factor for r in groups[key]], key[1]).widened(self.posterior_scale)
                        for key in keys]
-            gens = [generator if generator is not None else self._generators(key, key[3] and key[:3] + (False,) in groups)
+            gens = [generator if generator is not None
+                    else self._generators(key, key[3] and key[:3] + (False,) in groups, places[key[2]])
                     for key in keys]
             for key, p, drawn in zip(keys, stacked, draw_groups(stacked, self.num_samples, gens, self.defer_checks)):
                 device = drawn.failed.device
