@@ -83,16 +83,29 @@ def variants(args: argparse.Namespace, hidden: int, device: torch.device) -> dic
                 bayes(input_ids=rows, use_cache=False)
         def setup():
             bayeslora.set_mode(bayes, mode, count)
-            if mode == "mean":  # the switch empties the cached means; a deployment computes them once
+            if mode == "mean":  # means are cached by parameter version: make sure they are, untimed
                 bayes(input_ids=rows[:1], use_cache=False)
         return setup, run
 
     with torch.no_grad():  # what is timed must compute the same thing: merged == wrapped == mean mode
         bayeslora.set_mode(bayes, "mean")
         logits = [m(input_ids=ids, use_cache=False).logits.float() for m in (bayes, merged, wrapped, base)]
+        # and S seeded draws as one S×B batch (sample-major blocks) must equal S single-draw passes
+        seeds = [11, 12]
+        bayeslora.set_mode(bayes, "sample", len(seeds))
+        bayeslora.set_draw_seeds(bayes, seeds)
+        batched = bayes(input_ids=ids.repeat(len(seeds), 1), use_cache=False).logits.float()
+        bayeslora.set_mode(bayes, "sample", 1)
+        one_by_one = []
+        for seed in seeds:
+            bayeslora.set_draw_seeds(bayes, [seed])
+            one_by_one.append(bayes(input_ids=ids, use_cache=False).logits.float())
+        bayeslora.set_draw_seeds(bayes, None)  # timed draws use the global RNG, as an unseeded user's do
     agreement = {"merged_vs_mean": (logits[1] - logits[0]).abs().max().item(),
                  "merged_wrapped_vs_mean": (logits[2] - logits[0]).abs().max().item(),
-                 "base_vs_mean": (logits[3] - logits[0]).abs().max().item()}
+                 "base_vs_mean": (logits[3] - logits[0]).abs().max().item(),
+                 "batched_vs_sequential_draws": (batched - torch.cat(one_by_one)).abs().max().item(),
+                 "draw_1_vs_draw_2": (one_by_one[0] - one_by_one[1]).abs().max().item()}
     out = {"base": forward(base, ids), "merged": forward(merged, ids), "merged_wrapped": forward(wrapped, ids),
            "mean": bayes_mode("mean", 1, ids)}
     for s in args.samples:
@@ -171,10 +184,16 @@ def main() -> None:
     for hidden in args.hidden:
         r = measure(args, hidden, device)
         results[f"hidden_{hidden}"] = r
+        if args.json:  # after each size, so a run stopped by a time limit keeps what it finished
+            Path(args.json).write_text(json.dumps(results, indent=2))
         print(f"hidden {hidden} ({args.layers} layers, vocab {args.vocab}, batch {args.batch} × seq {args.seq}; "
               f"median of {args.rounds} interleaved rounds; load {r['load'][0]:.1f} -> {r['load'][1]:.1f}):")
         print("  max |logit difference| from mean mode: " + ", ".join(
-            f"{k.replace('_vs_mean', '')} {v:.2e}" for k, v in r["max_abs_logit_difference"].items()))
+            f"{k.replace('_vs_mean', '')} {v:.2e}" for k, v in r["max_abs_logit_difference"].items()
+            if k.endswith("_vs_mean")))
+        diff = r["max_abs_logit_difference"]
+        print(f"  S seeded draws as one S×B batch vs one by one: max |logit difference| "
+              f"{diff['batched_vs_sequential_draws']:.2e} (two draws differ by {diff['draw_1_vs_draw_2']:.2e})")
         for name in ("base", "merged", "merged_wrapped", "mean"):
             v = r[name]
             print(f"  {name:15s} {v['ms_median']:9.1f} ms  (min {v['ms_min']:.1f}, max {v['ms_max']:.1f})")
@@ -186,8 +205,6 @@ def main() -> None:
             b, q, a = r[f"batched_{s}"], r[f"sequential_{s}"], r[f"batched_{s}_over_sequential_{s}"]
             print(f"  {s} | {b['ms_median']:14.1f} | {q['ms_median']:13.1f} | x{a['median']:.3f} "
                   f"[{a['min']:.3f}, {a['max']:.3f}] | {b['ms_per_example_draw']:.2f} vs {q['ms_per_example_draw']:.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

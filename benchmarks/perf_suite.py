@@ -14,7 +14,9 @@ Sizes (the issue's):
 * ``cpu``: the CPU targets' model, hidden 64 (and 512 where a script takes two), fp32, one thread;
 * ``tiny``: seconds on a CPU, so a test can run the whole script (figures meaningless).
 
-A script that fails or runs out of time is recorded as such and the rest go on. A machine without internet
+A script that fails or runs out of time is recorded as such and the rest go on; the summary is rewritten
+after every script, and a script stopped by its limit keeps the sizes it finished (``infer_time.py`` writes
+its JSON after each). A machine without internet
 access needs zuko installed from a carried wheel first (``pip install --no-deps zuko-*.whl``).
 
 Usage::
@@ -74,10 +76,15 @@ def _step(data: dict, size: str) -> list[tuple[str, float, float]]:
     return [(f"training step bayeslora / lora, hidden {r['hidden']}", r["train"]["ratio_median"], TRAIN_BOUND[size])]
 
 
-def _draw(data: dict, size: str) -> list[tuple[str, float, float]]:
-    smallest = min((k for k in data if k.startswith("hidden_")), key=lambda k: int(k.split("_")[1]))
-    return [(f"one training draw of every factor, {smallest.replace('_', ' ')} (ms)",
-             data[smallest]["after"]["ms_median"], 10.0)]
+def _draw(data: dict, size: str) -> list[tuple[str, float, float | None]]:
+    """The ≤ 10 ms target is the CPU's, at hidden 64 where the draw dominates a step; other sizes and the
+    GPU's figures are reported without a bound."""
+    out = []
+    for key in sorted((k for k in data if k.startswith("hidden_")), key=lambda k: int(k.split("_")[1])):
+        bound = 10.0 if size != "gpu" and key == "hidden_64" else None
+        out.append((f"one training draw of every factor, {key.replace('_', ' ')} (ms)", data[key]["after"]["ms_median"],
+                    bound))
+    return out
 
 
 def _memory(data: list, size: str) -> list[tuple[str, float, float]]:
@@ -103,6 +110,7 @@ READERS = {"step_time": _step, "draw_time": _draw, "memory_estimate": _memory, "
 def run_script(name: str, args: list[str], out: Path, limit: float) -> dict:
     """One benchmark script in a subprocess; its stdout and stderr go to ``out/name.log``."""
     target = out / f"{name}.json"
+    target.unlink(missing_ok=True)  # a JSON left by an earlier run in this folder is not this run's
     start = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:
         try:
@@ -119,10 +127,12 @@ def main() -> None:
     p.add_argument("--size", choices=sorted(SIZES), help="default: gpu when CUDA is available, else cpu")
     p.add_argument("--out", type=Path, required=True, help="folder for the JSONs, logs and the summary")
     p.add_argument("--only", nargs="+", choices=sorted(SIZES["cpu"]), help="run these scripts only")
-    p.add_argument("--limit", type=float, default=150.0,
-                   help="seconds each script may run (4 scripts: a GPU run fits a 10-minute slot)")
+    p.add_argument("--limit", type=float,
+                   help="seconds each script may run (default: gpu 150, so four fit a 10-minute slot; cpu 1200; "
+                        "tiny 300)")
     args = p.parse_args()
     size = args.size or ("gpu" if torch.cuda.is_available() else "cpu")
+    limit = args.limit or {"gpu": 150.0, "cpu": 1200.0, "tiny": 300.0}[size]
     args.out.mkdir(parents=True, exist_ok=True)
     env = {"size": size, "torch": torch.__version__, "cuda": torch.cuda.is_available(),
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
@@ -130,23 +140,28 @@ def main() -> None:
     for name, script_args in SIZES[size].items():
         if args.only and name not in args.only:
             continue
-        run = run_script(name, script_args, args.out, args.limit)
+        run = run_script(name, script_args, args.out, limit)
         runs.append(run)
         print(f"{name}: {run['status']} in {run['seconds']} s", flush=True)
-        if run["status"] == "ok":
+        if (args.out / f"{name}.json").exists():  # a timed-out script may have written the sizes it finished
             data = json.loads((args.out / f"{name}.json").read_text())
             for what, value, bound in READERS[name](data, size):
-                targets.append({"target": what, "measured": value, "bound": bound, "met": value <= bound})
-    summary = {"environment": env, "runs": runs, "targets": targets}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    lines = [f"# Performance suite ({size}; torch {env['torch']}; {env['gpu'] or 'CPU'})", "",
+                targets.append({"target": what, "measured": value, "bound": bound,
+                                "met": None if bound is None else value <= bound})
+        write_summary(args.out, env, runs, targets)  # after every script: a killed suite keeps what it has
+    print((args.out / "summary.md").read_text())
+
+
+def write_summary(out: Path, env: dict, runs: list[dict], targets: list[dict]) -> None:
+    (out / "summary.json").write_text(json.dumps({"environment": env, "runs": runs, "targets": targets}, indent=2))
+    met = {True: "yes", False: "no", None: "(no target here)"}
+    lines = [f"# Performance suite ({env['size']}; torch {env['torch']}; {env['gpu'] or 'CPU'})", "",
              "| target | measured | bound | met |", "|---|---|---|---|"]
-    lines += [f"| {t['target']} | {t['measured']:.3f} | ≤ {t['bound']:g} | {'yes' if t['met'] else 'no'} |"
-              for t in targets]
+    bounds = ["" if t["bound"] is None else f"≤ {t['bound']:g}" for t in targets]
+    lines += [f"| {t['target']} | {t['measured']:.3f} | {b} | {met[t['met']]} |" for t, b in zip(targets, bounds)]
     lines += ["", "| script | status | seconds |", "|---|---|---|"]
     lines += [f"| {r['script']} | {r['status']} | {r['seconds']} |" for r in runs]
-    (args.out / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,26 @@ def test_a_model_on_one_device_keeps_its_streams_and_a_split_model_gets_one_per_
     assert PosteriorSampler.group_stream(key, twin=True) != PosteriorSampler.group_stream(key)
 
 
+def test_groups_on_two_devices_take_places_in_the_order_first_seen(monkeypatch):
+    """How ``_draw_groups`` numbers devices, on the CPU: the groups' keys are relabelled as if the model were
+    split over cuda:3 (seen first) and cuda:2, and the generators it asks for are recorded."""
+    model = llama_model()
+    sampler = bayeslora.get_sampler(model)
+    groups = sampler.groups(sampler.active_factors())
+    assert len(groups) >= 2
+    relabelled = {}
+    for i, (key, refs) in enumerate(groups.items()):
+        fake = torch.device("cuda", 3 if i == 0 else 2)
+        relabelled[key[:2] + (fake,) + key[3:]] = refs
+    asked = []
+    monkeypatch.setattr(sampler, "_generators",
+                        lambda key, twin=False, place=0: asked.append((str(key[2]), place)) or None)
+    sampler.num_samples = 1
+    with torch.no_grad():
+        sampler._draw_groups(relabelled, None)
+    assert sorted(set(asked)) == [("cuda:2", 1), ("cuda:3", 0)]  # not the device index, not all 0
+
+
 def test_every_trainable_parameter_gets_gradients_and_inducing_locations_move():
     model = llama_model(flow_depth=1)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -44,6 +44,8 @@ def test_the_inference_script_runs_on_a_tiny_cpu_config_and_its_merged_models_co
     diff = r["max_abs_logit_difference"]
     assert diff["merged_vs_mean"] < 1e-4 and diff["merged_wrapped_vs_mean"] < 1e-4
     assert diff["base_vs_mean"] > 1e-3  # the adapter is not a no-op, so the agreement above means something
+    # the timed S×B layout is the sampler's: block i of a seeded batch is draw i's own pass
+    assert diff["batched_vs_sequential_draws"] < 1e-4 < diff["draw_1_vs_draw_2"]
     assert r["sequential_4"]["ms_per_example_draw"] > 0
 
 

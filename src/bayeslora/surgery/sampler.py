@@ -297,7 +297,9 @@ class PosteriorSampler:
         :func:`draw_groups` call. With draw seeds each group has its own generator (``_generators``), so the
         order does not matter. Without them every group of a device reads torch's global RNG in turn, core
         by core: where one device holds groups of different cores (several adapters of other R, C or flow),
-        that order, and so an unseeded draw, differs from the releases that drew group by group (same law)."""
+        that order, and so an unseeded draw, differs from the releases that drew group by group (same law).
+        ``torch.manual_seed`` seeds every CUDA device alike, so unseeded draws of a model split over devices
+        may repeat across them; seed the draws there (``set_draw_seed``, as training and evaluation do)."""
         places: dict = {}  # device -> its position among this process's devices, first seen first
         for key in groups:
             places.setdefault(key[2], len(places))
