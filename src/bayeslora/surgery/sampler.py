@@ -8,8 +8,9 @@ gradients are exact. Factors are grouped by :class:`~bayeslora.core.FactorShape`
 :func:`~bayeslora.core.draw_groups` call (one batched Cholesky per side, one flow call).
 
 Draws use torch's global RNG on the factors' device, so ``torch.manual_seed(s)`` before a forward
-reproduces it (groups take their noise in the order of :meth:`PosteriorSampler._draw_groups`); :meth:`PosteriorSampler.set_draw_seed` switches to per-group generators seeded by
-(seed, group), identical on every data-parallel rank.
+reproduces it (groups take their noise in the order of :meth:`PosteriorSampler._draw_groups`);
+:meth:`PosteriorSampler.set_draw_seed` switches to per-group generators seeded by (seed, group), identical
+on every data-parallel rank.
 """
 
 from __future__ import annotations
