@@ -49,19 +49,21 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import add_preset_argument, build_bayes, build_pair, label_rows, load_average  # noqa: E402
+from step_time import (  # noqa: E402
+    add_preset_argument, build_bayes, build_pair, label_rows, load_average, timed_call,
+)
 
-from bayeslora.core import StackedFactors, core_key, draw_group, draw_groups  # noqa: E402
+from bayeslora.core import StackedFactors, draw_group, draw_groups  # noqa: E402
 from bayeslora.core import flow as flow_module  # noqa: E402
 from bayeslora.core.kl import flow_kl_sample  # noqa: E402
 from bayeslora.core.posterior import GroupDraw, _kernel, _whitened  # noqa: E402
 import bayeslora  # noqa: E402
+from bayeslora.surgery.sampler import PosteriorSampler  # noqa: E402
 
 
 def before_draw_group(p: StackedFactors, n: int) -> GroupDraw:
@@ -148,11 +150,10 @@ def training_draw(groups, draw, together: bool = False) -> None:
     variant)."""
     stacked = [StackedFactors.of([r.factor for r in refs], key[1]) for key, refs in groups.items()]
     if together:  # one call per R×C core, as the sampler buckets them
-        cores: dict = {}
-        for i, (key, p) in enumerate(zip(groups, stacked)):
-            cores.setdefault((core_key(key[0]), key[1], key[2]), []).append(i)
+        index = {key: i for i, key in enumerate(groups)}
         drawn = [None] * len(stacked)
-        for members in cores.values():
+        for keys in PosteriorSampler.cores(groups):
+            members = [index[key] for key in keys]
             for i, out in zip(members, draw([stacked[i] for i in members], 1)):
                 drawn[i] = out
     else:
@@ -165,16 +166,6 @@ def training_draw(groups, draw, together: bool = False) -> None:
         outputs += [out.weights, out.kl_flow.sum()]
         grads += [upstream, torch.ones((), dtype=out.kl_flow.dtype, device=out.kl_flow.device)]
     torch.autograd.backward(outputs, grads)
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def measure(args, hidden: int, device: torch.device) -> dict:
@@ -203,7 +194,7 @@ def measure(args, hidden: int, device: torch.device) -> dict:
             bayes.zero_grad(set_to_none=True)
             if args.label_rows:
                 restricted.zero_grad(set_to_none=True)
-            t = timed(fn, device)
+            t = timed_call(fn, device)
             if round_ >= args.warmup:
                 times[name].append(t)
     out = {name: {"ms_median": 1e3 * statistics.median(t), "ms_min": 1e3 * min(t), "ms_max": 1e3 * max(t)}

@@ -34,25 +34,17 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import DTYPES, add_preset_argument, build_base, build_bayes, load_average  # noqa: E402
+from step_time import (  # noqa: E402
+    DTYPES, add_model_arguments, add_preset_argument, build_base, build_bayes, load_average, resolve_device,
+    timed_call,
+)
 
 import bayeslora  # noqa: E402
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def variants(args: argparse.Namespace, hidden: int, device: torch.device) -> dict:
@@ -127,7 +119,7 @@ def measure(args: argparse.Namespace, hidden: int, device: torch.device) -> dict
         for round_ in range(args.warmup + args.rounds):
             for name, (setup, fn) in fns.items():
                 setup()
-                t = timed(fn, device)
+                t = timed_call(fn, device)
                 if round_ >= args.warmup:
                     times[name].append(t)
     out = {name: {"ms_median": 1e3 * statistics.median(t), "ms_min": 1e3 * min(t), "ms_max": 1e3 * max(t)}
@@ -148,14 +140,7 @@ def measure(args: argparse.Namespace, hidden: int, device: torch.device) -> dict
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--hidden", type=int, nargs="+", default=[512])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=int, default=16)
+    add_model_arguments(p, hidden=[512])
     p.add_argument("--samples", type=int, nargs="+", default=[1, 2, 4, 8], help="the S of the table")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--warmup", type=int, default=1)
@@ -166,10 +151,7 @@ def main() -> None:
     add_preset_argument(p)
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda but torch.cuda.is_available() is False")
+    resolve_device(p, args)
     if 4 not in args.samples:
         p.error("--samples must include 4 (the target is set for S = 4)")
     torch.set_num_threads(args.threads)

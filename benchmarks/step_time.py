@@ -67,14 +67,7 @@ KL_WEIGHT = 1e-3  # β; its value does not change the cost
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--hidden", type=int, nargs="+", default=[512, 64], help="hidden sizes to measure")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=int, default=16)
+    add_model_arguments(p, hidden=[512, 64])
     p.add_argument("--steps", type=int, default=16,
                    help="measured pairs (bayeslora, lora) per training measurement; the forward-only "
                         "measurement takes 2x and hidden sizes below 256 take 4x, their steps being short")
@@ -89,13 +82,30 @@ def parse_args() -> argparse.Namespace:
     add_preset_argument(p)
     p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args()
+    resolve_device(p, args)
+    if args.dtype == "bf16" and not args.device.startswith("cuda"):
+        p.error("--dtype bf16 is meant for CUDA (bf16 matmuls on CPU are not representative)")
+    return args
+
+
+def add_model_arguments(p: argparse.ArgumentParser, hidden: list[int]) -> None:
+    """The benchmark model's size and its LoRA (``--hidden`` defaults to ``hidden``), shared by the scripts."""
+    p.add_argument("--hidden", type=int, nargs="+", default=hidden, help="hidden sizes to measure")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=int, default=16)
+
+
+def resolve_device(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--device auto`` becomes cuda when available; an unavailable cuda is a usage error."""
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
-    if args.dtype == "bf16" and not args.device.startswith("cuda"):
-        p.error("--dtype bf16 is meant for CUDA (bf16 matmuls on CPU are not representative)")
-    return args
 
 
 # ------------------------------------------------------------------------------------ models
@@ -195,15 +205,19 @@ def _fmt_load(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
-def timed(fn: Callable[[torch.Tensor], None], ids: torch.Tensor, device: torch.device) -> float:
+def timed_call(fn: Callable[[], object], device: torch.device) -> float:
     """Seconds one call takes, with the device idle before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    fn(ids)
+    fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def timed(fn: Callable[[torch.Tensor], None], ids: torch.Tensor, device: torch.device) -> float:
+    return timed_call(lambda: fn(ids), device)
 
 
 def interleaved(bayes_fn, lora_fn, args, device: torch.device, steps: int) -> dict:

@@ -376,7 +376,8 @@ def draw_groups(
     chol_r, chol_c = chol_r.unsqueeze(1), chol_c.unsqueeze(1)
     eps = _cat([e.eps for e in noise])
     flows = [f.flow for p in groups for f in p.factors]
-    u_w, ladj = _whitened_core(_cat([p.mean for p in groups]), _cat([p.sigma for p in groups]), flows, eps)
+    sigma = _cat([p.sigma for p in groups])
+    u_w, ladj = _whitened_core(_cat([p.mean for p in groups]), sigma, flows, eps)
     u = chol_r @ u_w @ chol_c.transpose(-1, -2)
     d_r, d_c = d_r[:, None, :, None], d_c[:, None, None, :]
     # the prior draw Ū: its d_i-sized term per group, its η term on the core
@@ -386,7 +387,7 @@ def draw_groups(
     lam = _cat([p.lam for p in groups])[:, None, None, None]
     inner = u - lam * u_prior
     prior_mean = _cat([p.prior_mean for p in groups])
-    kl = flow_kl_sample(eps, _cat([p.sigma for p in groups]).log(), ladj, u_w - prior_mean.unsqueeze(1))
+    kl = flow_kl_sample(eps, sigma.log(), ladj, u_w - prior_mean.unsqueeze(1))
     failed = failed_r | failed_c
 
     out = []

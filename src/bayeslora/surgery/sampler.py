@@ -293,6 +293,15 @@ class PosteriorSampler:
             raise FloatingPointError(f"{NOT_POSITIVE_DEFINITE} (found at a deferred check of the draws since "
                                      "the previous one)")
 
+    @staticmethod
+    def cores(groups: dict[tuple, list[FactorRef]]) -> list[list[tuple]]:
+        """The group keys drawn together by one :func:`draw_groups` call: same R×C core, dtype and device, in
+        the order first seen."""
+        cores: dict[tuple, list[tuple]] = {}
+        for key in groups:
+            cores.setdefault((core_key(key[0]), key[1], key[2]), []).append(key)
+        return list(cores.values())
+
     def _draw_groups(self, groups: dict[tuple, list[FactorRef]], generator: Optional[torch.Generator]) -> None:
         """Groups whose R×C cores agree (e.g. a model's A, B and lm_head factors) are drawn in one
         :func:`draw_groups` call. With draw seeds each group has its own generator (``_generators``), so the
@@ -304,10 +313,7 @@ class PosteriorSampler:
         places: dict = {}  # device -> its position among this process's devices, first seen first
         for key in groups:
             places.setdefault(key[2], len(places))
-        cores: dict[tuple, list[tuple]] = {}
-        for key in groups:
-            cores.setdefault((core_key(key[0]), key[1], key[2]), []).append(key)
-        for keys in cores.values():
+        for keys in self.cores(groups):
             stacked = [StackedFactors.of([r.factor for r in groups[key]], key[1]).widened(self.posterior_scale)
                        for key in keys]
             gens = [generator if generator is not None
