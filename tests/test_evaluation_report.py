@@ -53,6 +53,28 @@ def test_write_json_atomic_failure_keeps_the_old_file(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path: Path, umask: int) -> None:
+    """mkstemp makes 0600 files: results and adapter configs were unreadable to others under umask 022."""
+    import os
+    import stat
+
+    from bayeslora.config import BayesLoraConfig
+
+    old = os.umask(umask)
+    try:
+        target = write_json_atomic(tmp_path / "metrics.json", {"a": 1})
+        BayesLoraConfig(r=2, target_modules=["q"]).save_pretrained(str(tmp_path / "adapter"))
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    want = stat.S_IMODE((tmp_path / "plain.json").stat().st_mode)
+    assert want == 0o666 & ~umask
+    assert stat.S_IMODE(target.stat().st_mode) == want
+    assert stat.S_IMODE((tmp_path / "adapter" / "adapter_config.json").stat().st_mode) == want
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json"]
+
+
 def test_find_metrics_files_accepts_file_folder_and_eval_subfolder(tmp_path: Path) -> None:
     run = tmp_path / "run1"
     a = _write(run / "metrics.json", _metrics())

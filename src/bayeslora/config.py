@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
 from peft import LoraConfig
+
+from .atomic import atomic_write
 
 __all__ = ["BayesLoraConfig", "SAVED_PEFT_TYPE", "matches_module"]
 
@@ -184,10 +185,8 @@ class BayesLoraConfig(LoraConfig):
         auto_mapping = kwargs.pop("auto_mapping_dict", None)
         if auto_mapping is not None:
             output["auto_mapping"] = auto_mapping
-        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=".adapter_config.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(output, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, os.path.join(save_directory, CONFIG_NAME))
+        text = json.dumps(output, indent=2, sort_keys=True, default=str).encode("utf-8")
+        atomic_write(os.path.join(save_directory, CONFIG_NAME), lambda fh: fh.write(text))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None,

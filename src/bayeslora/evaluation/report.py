@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ..atomic import atomic_write
 from ..layout import METRICS_GLOB, RunFolder, method_label
 
 REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
@@ -31,36 +31,6 @@ OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
 
 class MetricsFileError(ValueError):
     """A metrics file is unreadable or lacks / mistypes a field; the message names file and field."""
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Write a file all-or-nothing: ``write`` fills a temp file in the same folder, then fsync + rename.
-
-    Readers (and a crash at any point) see either the old file or the complete new one, never a
-    truncated one. The temp file is removed if ``write`` raises. Returns the path.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable; not possible on every platform / filesystem
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int = 2) -> Path:
