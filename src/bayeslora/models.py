@@ -61,6 +61,10 @@ def resolve_model_path(name: str) -> str:
         from .gguf_cache import dequantised_folder
 
         return str(dequantised_folder(smollm2_gguf() if name == "smollm2" else name))
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"--model {name}: no such file or folder (a Hub id is 'name' or 'org/name')")
     return name
 
 
