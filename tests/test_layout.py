@@ -102,3 +102,31 @@ def test_zero_shot_files_keep_each_protocol_and_each_hub_organisation_apart(tmp_
     local = tmp_path / "checkpoints" / "my-lm"
     local.mkdir(parents=True)
     assert zero_shot_files(str(local), "s", "loglik").metrics == Path("zero-shot/my-lm/loglik/metrics-s.json")
+
+
+def test_evaluations_with_other_draw_seeds_get_their_own_files():
+    """Two `evaluate --seed` runs wrote one metrics file: the second erased the first."""
+    from bayeslora.layout import eval_stem
+
+    base = eval_stem("arc_easy", "dev", "bayeslora", "sample", 4)
+    assert base == "arc_easy-dev-bayeslora-sample-S4"  # seed 0 keeps the names existing runs have
+    assert eval_stem("arc_easy", "dev", "bayeslora", "sample", 4, seed=1) == base + "-seed1"
+    assert eval_stem("arc_easy", "dev", "bayeslora", "sample", 4, first=20, seed=2) == base + "-first20-seed2"
+    assert eval_stem("arc_easy", "dev", "lora", "mean", 1, seed=3) == "arc_easy-dev-lora-mean-S1"  # no draws
+
+
+def test_a_run_folder_removes_only_what_a_run_wrote(tmp_path):
+    from bayeslora.layout import RunFolder, previous_version
+
+    folder = RunFolder(tmp_path)
+    assert folder.run_entries() == []
+    (tmp_path / "mine.txt").write_text("keep")
+    assert folder.run_entries() == []
+    for path in (folder.config, folder.history, folder.root / "metrics_dev.json"):
+        path.write_text("{}")
+    for path in (folder.adapters_dir / "epoch-0", folder.checkpoint, previous_version(folder.checkpoint),
+                 folder.eval_dir, folder.calibration_dir):
+        path.mkdir(parents=True)
+    assert folder.run_entries()[0] == folder.config and len(folder.run_entries()) == 8
+    folder.remove_run()
+    assert folder.run_entries() == [] and [p.name for p in tmp_path.iterdir()] == ["mine.txt"]

@@ -88,8 +88,12 @@ def test_train_evaluate_report(workspace, kind, method, capsys):
     assert len(history) == epochs and all("nll" in h["val"] for h in history)
     assert all(h["timed_steps"] == 4 and h["train_seconds"] > 0 for h in history)  # 32 rows, batch 8
     assert json.loads((run / "selection.json").read_text())["rule"] == "best-val-nll"
-    assert cli.main(["evaluate", "--run", str(run), "--task", "jsonl", "--data-file",
-                     str(workspace["data"][kind]), "--split", "train", "--samples", "3"]) == 0
+    evaluate = ["evaluate", "--run", str(run), "--task", "jsonl", "--data-file", str(workspace["data"][kind]),
+                "--split", "train"]
+    if DRAWS[method] == 1:  # a count the method would not use is refused, not silently replaced
+        assert cli.main(evaluate + ["--samples", "3"]) == 2
+        assert "predicts with 1 draw whatever --samples says" in capsys.readouterr().err
+    assert cli.main(evaluate + (["--samples", "3"] if DRAWS[method] == 3 else [])) == 0
     metrics_files = list((run / "eval").glob("metrics-*.json"))
     assert len(metrics_files) == 1
     metrics = json.loads(metrics_files[0].read_text())
@@ -403,3 +407,97 @@ def test_a_learning_rate_factor_that_cannot_work_is_refused_by_name(workspace, t
     assert cli.main(train_args(workspace, "causal", "bayeslora", tmp_path / "run", "--max-steps", "1",
                                flag, value)) == 2
     assert f"{flag} must be a positive finite number" in capsys.readouterr().err
+
+
+def test_training_over_a_run_is_refused_unless_overwritten(workspace, tmp_path, capsys):
+    """Training into a finished run used to leave its evaluations beside the new adapter (the report then
+    listed the old method's rows for the new run); --overwrite removes only what a run wrote."""
+    run = tmp_path / "run"
+    first = train_args(workspace, "causal", "lora", run, "--max-steps", "1")
+    assert cli.main(first) == 0
+    (run / "eval").mkdir()
+    (run / "eval" / "metrics-old.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    second = train_args(workspace, "causal", "map", run, "--max-steps", "1")
+    assert cli.main(second) == 2
+    err = capsys.readouterr().err
+    assert "holds a run already" in err and "--overwrite" in err
+    assert json.loads((run / "config.json").read_text())["train"]["method"] == "lora"  # untouched
+    assert cli.main(second + ["--overwrite"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["method"] == "map"
+    assert not (run / "eval").exists() and (run / "notes.txt").read_text() == "mine"
+    assert cli.main(second + ["--overwrite", "--resume"]) == 2
+    assert "pass one" in capsys.readouterr().err
+
+
+def test_resume_reads_the_folder_given_from_any_directory(workspace, tmp_path, monkeypatch, capsys):
+    """config.json recorded --output as typed ('r'): a resume from another directory looked for ./r."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir(), elsewhere.mkdir()
+    data = Path(workspace["data"]["causal"])
+    (here / "task.jsonl").write_text(data.read_text())
+    monkeypatch.chdir(here)
+    args = train_args(workspace, "causal", "lora", "r", "--max-steps", "2", "--save-steps", "1")
+    args[args.index("--train-file") + 1] = args[args.index("--val-file") + 1] = "task.jsonl"  # relative
+    assert cli.main(args) == 0
+    recorded = json.loads((here / "r" / "config.json").read_text())["train"]
+    assert recorded["train_file"] == str(here / "task.jsonl")  # absolute: calibrate works from anywhere
+    monkeypatch.chdir(elsewhere)
+    (elsewhere / "r").mkdir()  # a decoy with the recorded relative name: it must not be the one read
+    assert cli.main(["train", "--resume", "--output", "../here/r", "--no-progress",
+                     "--train-file", "../here/task.jsonl"]) == 0  # the recorded file, named another way
+    assert list((elsewhere / "r").iterdir()) == []
+    assert "run folder: ../here/r" in capsys.readouterr().out
+
+
+def test_resume_refuses_options_it_would_ignore(workspace, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(train_args(workspace, "causal", "bayeslora", run, "--max-steps", "1", "--lr", "1e-2")) == 0
+    resume = ["train", "--resume", "--output", str(run), "--no-progress"]
+    assert cli.main(resume + ["--max-steps", "5"]) == 2
+    assert "--max-steps 5 (the run has 1)" in capsys.readouterr().err
+    assert cli.main(resume + ["--flow-depth", "2"]) == 2
+    assert "--flow-depth 2" in capsys.readouterr().err
+    # the recorded values repeated (as when re-running the original command with --resume) are fine
+    assert cli.main(resume + ["--lr", "1e-2", "--method", "bayeslora", "--max-steps", "1"]) == 0
+
+
+@pytest.mark.parametrize("method, recipe, option, value", [
+    ("lora", "paper", "warmup_ratio", 0.5), ("bayeslora", "paper", "kl_warmup_steps", 10),
+    ("blob", None, "kl_warmup_steps", 10)])
+def test_an_option_the_recipe_does_not_read_is_refused(method, recipe, option, value):
+    from bayeslora.training import TrainConfig, resolve
+
+    cfg = TrainConfig(task="arc_easy", method=method, recipe=recipe, **{option: value})
+    with pytest.raises(ValueError, match=f"does not read --{option.replace('_', '-')} {value}"):
+        resolve(cfg)
+    resolve(TrainConfig(task="arc_easy", method=method, recipe=recipe))  # unset: fine
+
+
+@pytest.mark.parametrize("value", [1.0, 2, -0.1])
+def test_warmup_ratio_outside_zero_one_is_refused(value):
+    from bayeslora.training import TrainConfig
+
+    with pytest.raises(ValueError, match="--warmup-ratio must be in"):
+        TrainConfig(task="arc_easy", method="lora", warmup_ratio=value)
+
+
+def test_calibrate_and_resume_refuse_data_that_changed_since_training(workspace, tmp_path, capsys):
+    """The sha256 of each data file was recorded but never compared: a replaced train file gave calibrate
+    another val slice than the run was selected on, with no word said."""
+    data = tmp_path / "task.jsonl"
+    original = Path(workspace["data"]["causal"]).read_text()
+    data.write_text(original)
+    run = tmp_path / "run"
+    args = train_args(workspace, "causal", "lora", run, "--max-steps", "1", "--save-steps", "1")
+    args[args.index("--train-file") + 1] = args[args.index("--val-file") + 1] = str(data)
+    assert cli.main(args) == 0
+    lines = original.splitlines(keepends=True)
+    data.write_text("".join(lines[1:] + lines[:1]))  # the same rows in another order: other bytes
+    assert cli.main(["calibrate", "--run", str(run), "--calibration", "temperature"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: not the train data this run trained on" in err
+    assert cli.main(["train", "--resume", "--output", str(run), "--no-progress"]) == 2
+    assert "sha256 differs" in capsys.readouterr().err
+    data.write_text(original)
+    assert cli.main(["calibrate", "--run", str(run), "--calibration", "temperature"]) == 0

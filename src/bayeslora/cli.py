@@ -22,7 +22,10 @@ def _train_parser(sub, full: bool = True) -> None:
     from .training import add_train_arguments
 
     add_train_arguments(p)
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint, "
+                   "with the settings it recorded (only --gradient-checkpointing and --data-dir may change)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output (its config, "
+                   "history, adapters, checkpoint, evaluations and calibrations are deleted first)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     owners: dict[str, tuple[str, str, object]] = {}  # dest -> (method, flag, default)
     for cls in METHODS.values():
@@ -39,11 +42,17 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.output is None:
         raise ValueError("the following arguments are required: --output")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --output and --overwrite replaces it: pass one")
     if args.resume:
         cfg = TrainConfig.from_run(args.output)  # the run's own configuration, not the command line
+        _refuse_changes_on_resume(args, cfg)
+        cfg.output = args.output  # the folder given, wherever the command runs from (config.json may be relative)
         cfg.progress = not args.no_progress
         if args.gradient_checkpointing:  # memory and speed only: a run that ran out of memory can resume
             cfg.gradient_checkpointing = True
+        if args.data_dir is not None:  # the data moved; its files are checked against the recorded sha256
+            cfg.data_dir = args.data_dir
     else:
         missing = [f"--{name}" for name in ("task", "method") if getattr(args, name) is None]
         if missing:
@@ -54,9 +63,41 @@ def _train(args: argparse.Namespace) -> int:
             if owner != args.method and getattr(args, dest) != default:
                 raise ValueError(f"{flag} is an option of --method {owner}, not of --method {args.method}")
         cfg = config_from_args(args, METHODS[args.method].options_from_args(args))
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"run folder: {cfg.output}")
     return 0
+
+
+# Train options a resume may take from the command line: where things are, and memory/speed only.
+_RESUME_MAY_CHANGE = ("output", "data_dir", "gradient_checkpointing")
+
+
+def _refuse_changes_on_resume(args: argparse.Namespace, cfg) -> None:
+    """A resumed run keeps the settings it recorded: an option given with other values would be ignored
+    silently, so name it instead (an option repeated with the recorded value is fine)."""
+    from dataclasses import MISSING, fields
+
+    from .training import TrainConfig
+    from .training.config import DATA_PATHS
+
+    def same(name: str, given, recorded) -> bool:
+        if name in DATA_PATHS and given is not None and recorded is not None:  # recorded absolute (older: as typed)
+            return Path(given).expanduser().resolve() == Path(recorded).expanduser().resolve()
+        return given == recorded
+
+    changed = []
+    for f in fields(TrainConfig):
+        if not f.metadata.get("flag", True) or f.name in _RESUME_MAY_CHANGE:
+            continue
+        given, default = getattr(args, f.name), None if f.default is MISSING else f.default
+        if given != default and not same(f.name, given, getattr(cfg, f.name)):
+            changed.append(f"--{f.name.replace('_', '-')} {given} (the run has {getattr(cfg, f.name)!r})")
+    for dest, (_, flag, default) in getattr(args, "_method_flags", {}).items():
+        if getattr(args, dest) != default:
+            changed.append(f"{flag} {getattr(args, dest)}")
+    if changed:
+        raise ValueError(f"--resume continues {args.output} with the settings in its config.json; these would be "
+                         f"ignored, so drop them (or train a new run): {'; '.join(changed)}")
 
 
 def _evaluate_parser(sub) -> None:
@@ -69,7 +110,8 @@ def _evaluate_parser(sub) -> None:
                    help="zero-shot scoring protocol (default loglik; a run uses its recorded one)")
     p.add_argument("--max-length", type=int, help="zero-shot: truncate prompts to this many tokens")
     p.add_argument("--task", required=True)
-    p.add_argument("--split", required=True, help="train, dev, test (MMLU: dev, test, fewshot; synthetic: ood)")
+    p.add_argument("--split", required=True, help="train, val (a run's val slice), dev, test (MMLU: dev, test, "
+                                                  "fewshot; synthetic: ood)")
     p.add_argument("--data-dir")
     p.add_argument("--data-file", help="score this file instead of the task's split")
     p.add_argument("--samples", type=int, help="predictive draws in sample mode (default 4; a run only)")
@@ -157,7 +199,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         record = evaluate_run(args.run, args.task, args.split, data_dir=args.data_dir, data_file=args.data_file,
                               mode=args.mode, output=args.output, batch_size=args.batch_size,
                               batched=not args.sequential, max_examples=args.max_examples,
-                              device=args.device, calibration=args.calibration, **draws)
+                              device=args.device, calibration=args.calibration,
+                              exact_samples=args.samples is not None, **draws)
     print(f"{record['task']}/{record['split']} {method_label(record['method'], record['calibration'])} {record['mode']} S={record['samples']} "
           f"n={record['n']}: acc {100 * record['acc']:.2f} ece {100 * record['ece']:.2f} "
           f"nll {record['nll']:.4f} brier {record['brier']:.4f}")

@@ -57,7 +57,10 @@ class BayesLoraConfig(LoraConfig):
     prior_std: float = field(default=1.0, metadata={"help": "Prior std; σ_p = prior_std / sqrt(d_in) (1 = the "
                                                     "LeCun scale of LoRA's own init; the paper: 0.1)."})
     lambda_init: float = field(default=1e-3, metadata={"help": "Initial conditional-noise scale λ."})
-    lambda_max: float = field(default=0.03, metadata={"help": "Upper clamp of λ (the paper's 0.03; unclamped, the ELBO drives λ up and the model to chance)."})
+    lambda_max: float = field(default=0.03, metadata={"help": (
+        "Upper clamp of λ (the paper's 0.03). With the factors centred on W₀ (lora_offset; the CLI's default preset "
+        "sets the bound to 10) the ELBO settles λ near 1, below the bound; in the paper's construction an "
+        "unclamped λ grew and drove the predictions to chance.")})
     sigma_u_init: float = field(default=1e-3, metadata={"help": "Initial inducing std σ_U."})
     sigma_u_max: float = field(default=1.0, metadata={"help": "Upper clamp of σ_U (1 = the prior's; the paper: 0.1)."})
     prior_at_init: bool = field(

@@ -41,11 +41,13 @@ def method_label(method: str, calibration: str | None = None) -> str:
 
 
 def eval_stem(task: str, split: str, method: str, mode: str, samples: int, calibration: str | None = None,
-              first: int | None = None) -> str:
+              first: int | None = None, seed: int = 0) -> str:
     """The name shared by one evaluation's metrics, predictions and reliability files; ``first``: only the
-    split's first N examples were scored (``-first200``), so a partial score is never taken for a full one."""
+    split's first N examples were scored (``-first200``), so a partial score is never taken for a full one;
+    ``seed``: the draws' seed in sample mode (``-seed1``; 0 unnamed), so scores of other draws sit side by side."""
     stem = f"{task}-{split}-{method_label(method, calibration)}-{mode}-S{samples}"
-    return stem if first is None else f"{stem}-first{first}"
+    stem = stem if first is None else f"{stem}-first{first}"
+    return stem if seed == 0 or mode != "sample" else f"{stem}-seed{seed}"
 
 
 def zero_shot_files(model: str, stem: str, scoring: str) -> "EvalFiles":
@@ -123,6 +125,25 @@ class RunFolder:
         """Every metrics file of the run: ``metrics*.json`` in the run folder, then in ``eval/``."""
         found = sorted(p for p in self.root.glob(METRICS_GLOB) if p.is_file())
         return found + sorted(p for p in self.eval_dir.glob(METRICS_GLOB) if p.is_file())
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.root / "adapters"
+
+    def run_entries(self) -> list[Path]:
+        """What a run wrote into this folder (the files and folders above, and metrics files at its top):
+        empty for a new folder or one holding only other files."""
+        owned = [self.config, self.history, self.selection, self.adapters_dir, self.checkpoint,
+                 previous_version(self.checkpoint), self.calibration_dir, self.eval_dir]
+        return [p for p in owned if p.exists()] + sorted(p for p in self.root.glob(METRICS_GLOB) if p.is_file())
+
+    def remove_run(self) -> None:
+        """Delete what :meth:`run_entries` lists (never other files in the folder); config.json goes first, so an
+        interrupted removal leaves no folder that reads as a run with parts missing."""
+        import shutil
+
+        for path in self.run_entries():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     # ------------------------------------------------------------------ reading back
     def _read(self, path: Path, what: str) -> Any:

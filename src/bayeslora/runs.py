@@ -27,7 +27,7 @@ from .methods import get_method
 from .layout import EvalFiles, RunFolder, eval_stem, method_label, zero_shot_files
 from .models import load_base_model
 from .scoring import legacy_protocol, make_scorer
-from .training import fit_and_val_sets
+from .training.loop import check_run_data, fit_and_val_sets
 from .training.config import TrainConfig
 
 __all__ = ["PreparedRun", "calibrate_run", "evaluate_base", "evaluate_run", "load_run_model", "prepare_run"]
@@ -93,12 +93,18 @@ def evaluate_run(run_dir: str | Path, task: str, split: str, *, data_dir: Option
                  data_file: Optional[str] = None, samples: int = 4, mode: Optional[str] = None,
                  output: Optional[str | Path] = None, batch_size: int = 32, seed: int = 0,
                  batched: bool = True, max_examples: Optional[int] = None,
-                 device: Optional[str] = None, calibration: Optional[str] = None) -> dict[str, Any]:
+                 device: Optional[str] = None, calibration: Optional[str] = None,
+                 exact_samples: bool = False) -> dict[str, Any]:
     """Score a split with the run's selected adapter, optionally through a fitted calibration (in the
-    mode it was fitted in)."""
+    mode it was fitted in). ``exact_samples``: refuse a ``samples`` the predictor would not use (a
+    deterministic mode draws once, an ensemble once per member) instead of scoring with its own count."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run = prepare_run(run_dir, mode=mode, calibration=calibration, device=device)
     try:
+        draws = run.predictor.draws(run.mode, samples)
+        if exact_samples and draws != samples:
+            raise ValueError(f"--samples {samples}: {method_label(run.cfg.method, calibration)} in {run.mode} mode "
+                             f"predicts with {draws} draw{'s' if draws > 1 else ''} whatever --samples says; drop it")
         return _score(run.predictor, run.model, run.scorer, run.tokenizer, task, split, run.facts,
                       data_dir=data_dir, data_file=data_file, samples=samples, mode=run.mode,
                       batch_size=batch_size, seed=seed, batched=batched, max_examples=max_examples, device=device,
@@ -153,6 +159,8 @@ def calibrate_run(run_dir: str | Path, calibration: str, *, mode: Optional[str] 
         raise ValueError(f"--calibration {calibration} does not apply to a {cfg.method} run")
     mode = mode or calibrator.mode_for(method) or method.default_mode
     model = method.prepare_eval(model, calibrator.base_mode(method, mode))
+    folder = RunFolder(run_dir)
+    check_run_data(cfg, folder.read_config().get("data_files", {}), data_dir, where=str(folder.config))
     fit, val = fit_and_val_sets(cfg, data_dir)
     collator = scorer.make_collator(tokenizer, cfg.max_length)
 
@@ -169,7 +177,6 @@ def calibrate_run(run_dir: str | Path, calibration: str, *, mode: Optional[str] 
 
     start = time.perf_counter()
     fitted = calibrator.fit(Fitting(method, model, val, mode, samples, seed, predictor, fit))
-    folder = RunFolder(run_dir)
     folder.calibration_dir.mkdir(parents=True, exist_ok=True)
     tensors = fitted.pop("tensors", None)
     if tensors is not None:  # written first: the record that names its sha256 lands after it
@@ -240,7 +247,7 @@ def _score(method, model, scorer, tokenizer, task: str, split: str, facts: dict[
         "data_file": data_file, "model": facts["model"], "calibration": facts["calibration"],
         "calibration_params": facts["calibration_params"],
     }
-    stem = eval_stem(task, split, facts["method"], mode, draws, facts["calibration"], first=max_examples)
+    stem = eval_stem(task, split, facts["method"], mode, draws, facts["calibration"], first=max_examples, seed=seed)
     files = EvalFiles(Path(output)) if output else default_files(stem)
     out = files.metrics
     out.parent.mkdir(parents=True, exist_ok=True)

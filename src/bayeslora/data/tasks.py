@@ -111,7 +111,8 @@ def plan_split(task: str, split: str, data_dir: Path | str | None, file: Path | 
     if file is not None:
         return _file_plan(task, Path(file))
     if task == "jsonl":
-        raise SplitUnavailableError("task 'jsonl' reads users' own data: pass file= (--train-file/--eval-file)")
+        raise SplitUnavailableError("task 'jsonl' reads your own data: pass its file (train: --train-file, and --val-file or "
+                                     "a val slice carved from it; evaluate and predict: --data-file)")
     root = require_data_dir(data_dir)
     if task in ARC_DIRS:
         name = ARC_DIRS[task]

@@ -57,6 +57,13 @@ POSTERIOR_FIELDS = {
     "mean_samples": int, "prior_at_init": _flag, "mean_init_std": _std_or_lora, "lora_offset": _flag,
 }
 
+# PEFT's own help of a field it declares, where Bayesian-LoRA accepts less than PEFT does.
+HELP_OVERRIDES = {
+    "init_lora_weights": "true: E[B] = 0 at init, so the adapter starts at the base model; false: random inducing "
+                         "means (the paper's init). PEFT's other schemes (gaussian, pissa, loftq, ...) are not "
+                         "supported for Bayesian factors",
+}
+
 LABEL_ROWS_HELP = ("true: the Bayesian output head (lm_head: add it to --target-modules and --bayesian-modules) "
                    "changes only the rows of the answer-label tokens, so its B factor is labels×r instead of "
                    "vocabulary×r, the largest draw of a causal LM; needs --scoring labels (the other protocols "
@@ -148,7 +155,8 @@ class BayesLoraMethod(Method):
         for name, kind in POSTERIOR_FIELDS.items():
             default = PRESETS["default"].posterior.get(name, fields[name].default)  # what an unset flag gets
             group.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                               help=f"{fields[name].metadata.get('help')} (default {default})")
+                               help=f"{HELP_OVERRIDES.get(name, fields[name].metadata.get('help'))} "
+                                    f"(default {default})")
         for role, what in LR_FACTOR_HELP.items():
             group.add_argument(f"--{role}-lr-factor", type=float, default=None,
                                help=f"learning-rate multiplier of the {what} "

@@ -37,7 +37,8 @@ class TrainConfig:
     task: Optional[str] = option(None, "arc_easy, arc_challenge, openbookqa, winogrande_s, boolq, jsonl, synthetic, ...")
     method: Optional[str] = option(None, "fine-tuning method")
     output: Optional[str] = option(None, "run folder")
-    data_dir: Optional[str] = option(None, "folder with the task files (default: $BAYESLORA_DATA_DIR or ../shared/data)")
+    data_dir: Optional[str] = option(None, "folder with the task files (default: $BAYESLORA_DATA_DIR, else "
+                                     "shared/data beside a source checkout's folder)")
     train_file: Optional[str] = option(None, "train on this file instead of the task's train split")
     val_file: Optional[str] = option(None, "select on this file instead of the val slice carved from train")
     model_kind: Optional[str] = option(None, "override the detected model kind", choices=["causal", "encoder"])
@@ -58,8 +59,10 @@ class TrainConfig:
         None, "default: per-architecture (q_proj,v_proj / query,value ...)", nargs="+")
     recipe: Optional[str] = option(None, "training recipe (default: the method's)")
     epochs: Optional[int] = option(None, "epochs (default: the recipe's or method's, else 3)")
-    max_steps: Optional[int] = option(None, "stop after this many optimizer steps")
-    batch_size: int = option(8, "examples per optimizer step and process")
+    max_steps: Optional[int] = option(None, "train exactly this many optimizer steps, in as many epochs as "
+                                      "they take (replaces --epochs, as transformers' max_steps does)")
+    batch_size: int = option(8, "examples per forward pass and process (an optimizer step takes --grad-accum "
+                             "of them)")
     eval_batch_size: int = option(32, "examples per evaluation batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: Optional[float] = option(None, "learning rate (default: the recipe's or method's)")
@@ -71,11 +74,13 @@ class TrainConfig:
                                           action="store_true")
     head_lr_factor: float = option(1.0, "learning-rate multiplier of the encoder scoring head (a linear probe "
                                    "on the pooled hidden state; causal LMs have none)")
-    warmup_ratio: float = option(0.0, "linear lr warm-up over this fraction of the steps (elbo recipe)")
+    warmup_ratio: float = option(0.0, "linear lr warm-up over this fraction of the steps (elbo and blob "
+                                 "recipes; the paper recipe has its own schedule)")
     max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
     seed: int = option(0, "seed of data order, initialisation and draws")
     kl_scale: Optional[float] = option(None, "β = kl_scale / N_train (1 = the per-example ELBO; < 1 tempers it)")
-    kl_warmup_steps: int = option(0, "ramp β linearly from 0 over N steps")
+    kl_warmup_steps: int = option(0, "ramp β linearly from 0 over N steps (elbo recipe; blob and paper "
+                                  "weight the KL their own way)")
     label_smoothing: Optional[float] = option(None, "mix the target with the uniform distribution over each "
                                               "item's choices (default: the recipe's; elbo 0, paper 0.05)")
     entropy_bonus: Optional[float] = option(None, "subtract this × the predictive entropy from the loss "
@@ -99,6 +104,12 @@ class TrainConfig:
             value = getattr(self, name)
             if (value is not None or name in positive) and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if isinstance(self.warmup_ratio, bool) or not isinstance(self.warmup_ratio, (int, float)) \
+                or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if isinstance(self.kl_warmup_steps, bool) or not isinstance(self.kl_warmup_steps, int) \
+                or self.kl_warmup_steps < 0:
+            raise ValueError(f"--kl-warmup-steps must be an integer >= 0, got {self.kl_warmup_steps!r}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"--max-steps must be positive, got {self.max_steps}")
         if self.kl_scale is not None and not self.kl_scale >= 0:
@@ -179,6 +190,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     layers = [recipe.defaults, own]
     if recipe.name == own_recipe:
         layers.reverse()  # the method's own values win over its own recipe's
+    unread = [name for name in recipe.ignores if getattr(cfg, name) != TrainConfig.__dataclass_fields__[name].default]
+    if unread:
+        flags = ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in unread)
+        raise ValueError(f"the {recipe.name} recipe does not read {flags}: drop it, or choose another --recipe")
     values = cfg.to_dict()
     values["recipe"] = recipe.name
     for name in values:
@@ -220,6 +235,14 @@ def _scalar_type(annotation: Any) -> type:
     raise TypeError(f"no command-line type for {annotation!r}")
 
 
+# Paths a run reads again later (calibrate, evaluate on val, resume), recorded absolute so those commands
+# work from any working directory.
+DATA_PATHS = ("data_dir", "train_file", "val_file")
+
+
 def config_from_args(args: argparse.Namespace, method_options: dict[str, Any]) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.metadata.get("flag", True)}
+    for name in DATA_PATHS:
+        if values[name] is not None:
+            values[name] = str(Path(values[name]).expanduser().resolve())
     return TrainConfig(**values, method_options=method_options, progress=not args.no_progress)

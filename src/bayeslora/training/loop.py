@@ -119,6 +119,28 @@ def _scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, total_steps: i
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def run_data_files(cfg: TrainConfig, data_dir: Optional[str] = None) -> dict[str, list[dict[str, Any]]]:
+    """The files a run's fit and val rows come from, with their sha256 (as ``config.json`` records them)."""
+    data_dir = data_dir or cfg.data_dir
+    return {split: file_records(split_files(cfg.task, split, data_dir, file))
+            for split, file in (("train", cfg.train_file), ("val", cfg.val_file or cfg.train_file))}
+
+
+def check_run_data(cfg: TrainConfig, recorded: dict[str, Any], data_dir: Optional[str] = None,
+                   where: str = "config.json") -> None:
+    """Refuse data whose bytes differ from what the run trained on: its val slice would be other rows than
+    the ones it was selected on, so a calibration or a resumed epoch would quietly use other data."""
+    now = run_data_files(cfg, data_dir)
+    for split, files in recorded.items():
+        before = [f["sha256"] for f in files]
+        after = now.get(split, [])
+        if before != [f["sha256"] for f in after]:
+            changed = next((a["path"] for a, b in zip(after, files) if a["sha256"] != b["sha256"]),
+                           ", ".join(str(f["path"]) for f in after) or "(none)")
+            raise ValueError(f"{changed}: not the {split} data this run trained on (its sha256 differs from the one "
+                             f"recorded in {where}); restore that file, or pass --data-dir with the original data")
+
+
 def fit_and_val_sets(cfg: TrainConfig, data_dir: Optional[str] = None) -> tuple[list, list]:
     """The rows a run fits on and its ``val`` rows (checkpoint selection, post-hoc calibration).
 
@@ -138,13 +160,15 @@ def fit_and_val_sets(cfg: TrainConfig, data_dir: Optional[str] = None) -> tuple[
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: Optional[bool] = None) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.cfg, self.folder = cfg, RunFolder(cfg.output)
         # cpu=True without an accelerator, so a multi-process launch on CPUs takes the gloo backend
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        if not resume and overwrite is not None:
+            self._make_room(overwrite)
         self.engine = engine_for(self.acc)  # how state is spread over ranks: .sharding
         set_seed(cfg.seed)
         self.method = get_method(cfg.method, cfg.method_options)
@@ -183,6 +207,7 @@ class Trainer:
         self.wrapped, self.optimizer = self.acc.prepare(self.module, self.optimizer)
         self.engine.after_prepare(self.module)
         if resume:  # after prepare: FSDP re-keys the optimizer, ZeRO partitions it
+            check_run_data(cfg, self.folder.read_config().get("data_files", {}), where=str(self.folder.config))
             state, weights = load_checkpoint(self.folder.root, self.module,
                                              self.engine.checkpointable(self.module, self.optimizer),
                                              self.scheduler, rank=self.acc.process_index)
@@ -191,6 +216,18 @@ class Trainer:
             self.history = state["history"]
         if not resume:
             self._write_run_config()
+
+    def _make_room(self, overwrite: bool) -> None:
+        """Refuse to train over a run (its old evaluations would sit beside the new adapter); ``overwrite``
+        deletes what it wrote first. Every rank looks before any writes (the first write follows
+        ``prepare``, which all ranks reach), so all refuse alike; only the main process deletes."""
+        found = self.folder.run_entries()
+        if found and not overwrite:
+            raise ValueError(f"--output {self.cfg.output} holds a run already ({', '.join(p.name for p in found)}): "
+                             "pass --resume to continue it, --overwrite to replace it, or another --output")
+        if found and self.acc.is_main_process:
+            self.folder.remove_run()
+        self.acc.wait_for_everyone()
 
     def _estimate_memory(self):
         """Printed before training (per process), recorded in config.json: see :mod:`bayeslora.memory_estimate`."""
@@ -215,13 +252,13 @@ class Trainer:
             return
         self.folder.root.mkdir(parents=True, exist_ok=True)
         cfg = self.cfg
-        files = {split: file_records(split_files(cfg.task, split, cfg.data_dir, file))
-                 for split, file in (("train", cfg.train_file), ("val", cfg.val_file or cfg.train_file))}
+        files = run_data_files(cfg)
         write_json_atomic(self.folder.config, {
             "train": cfg.to_dict(), "versions": versions(), "seed": cfg.seed, "data_files": files,
             "model_kind": self.kind, "num_processes": self.acc.num_processes,
             "distributed": self.acc.distributed_type.value, "n_train": len(self.train_set),
             "n_val": len(self.val_set), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "epochs_to_run": self.epochs,  # --max-steps replaces --epochs: the epochs its steps take
             # whole tensors, also where ZeRO-3 partitioned the base as it loaded
             "trainable_parameters": sum(numel(p) for p in self.module.parameters() if p.requires_grad),
             "parameters": sum(numel(p) for p in self.module.parameters()),
@@ -370,10 +407,13 @@ def _broadcast(acc, obj):
     return holder[0]
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> list[dict[str, Any]]:
-    """Train (or resume) a run; returns the per-epoch history written to ``history.json``."""
+def train(cfg: TrainConfig, resume: bool = False, overwrite: Optional[bool] = None) -> list[dict[str, Any]]:
+    """Train (or resume) a run; returns the per-epoch history written to ``history.json``.
+
+    ``overwrite``: False refuses an output folder that holds a run, True deletes that run first; None (the
+    library's callers, which own their folders: compare, bench, quickstart) trains into it as it is."""
     if resume:
         folder = RunFolder(cfg.output).checkpoint
         if not (existing_dir(folder) / "state.json").exists():
             raise FileNotFoundError(f"{cfg.output}: nothing to resume (no {folder.name}/state.json)")
-    return Trainer(resolve(cfg), resume=resume).fit()
+    return Trainer(resolve(cfg), resume=resume, overwrite=overwrite).fit()

@@ -39,6 +39,7 @@ class Recipe:
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     decays_variational: ClassVar[bool] = False  # whether weight decay reaches variational parameters
+    ignores: ClassVar[tuple[str, ...]] = ()  # TrainConfig options this recipe never reads (set: an error)
 
     def loss(self, out: dict[str, Any], batch: dict[str, Any], ctx: StepContext, cfg) -> LossParts:
         raise NotImplementedError
@@ -70,6 +71,7 @@ class ElboRecipe(Recipe):
 
 class BlobRecipe(ElboRecipe):
     name = "blob"
+    ignores = ("kl_warmup_steps",)
 
     def loss(self, out, batch, ctx, cfg) -> LossParts:
         weight = cfg.kl_scale / ctx.steps_per_epoch
@@ -82,6 +84,7 @@ class PaperRecipe(Recipe):
     defaults = {"lr": PAPER.lr, "epochs": PAPER.epochs, "weight_decay": PAPER.weight_decay, "kl_scale": 1.0,
                 "label_smoothing": PAPER.label_smoothing, "entropy_bonus": PAPER.entropy_bonus}
     decays_variational = True
+    ignores = ("warmup_ratio", "kl_warmup_steps")
 
     def loss(self, out, batch, ctx, cfg) -> LossParts:
         mask = _choice_mask(batch)
