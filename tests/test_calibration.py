@@ -12,7 +12,7 @@ from tiny_models import inputs, save_tiny_causal, tiny
 
 import bayeslora
 from bayeslora import BayesLoraConfig, cli
-from bayeslora.calibration import bisect_sigma, fit_temperature, search_scale, tempered, widest_scale
+from bayeslora.calibration import bisect_sigma, fit_temperature, get_calibration, search_scale, tempered, widest_scale
 from bayeslora.calibration.posterior_scale import TAU_MAX, WIDEN_TOLERANCE
 from bayeslora.data import causal_prompt, load_task
 
@@ -164,9 +164,10 @@ def runs(tmp_path_factory):
     return out
 
 
-def evaluate(run, data, *extra):
+def evaluate(run, data, *extra, samples=2):
+    """``samples=None`` for a deterministic predictor: evaluate refuses a --samples it would not use."""
     return cli.main(["evaluate", "--run", str(run), "--task", "jsonl", "--data-file", str(data), "--split", "train",
-                     "--samples", "2", *extra])
+                     *(["--samples", str(samples)] if samples else []), *extra])
 
 
 @pytest.mark.parametrize("method,calibration", [("lora", "temperature"), ("bayeslora", "temperature"),
@@ -182,11 +183,12 @@ def test_calibrate_then_evaluate_through_the_cli(runs, method, calibration, caps
         assert record["val_after"]["nll"] <= record["val_before"]["nll"] + slack + 1e-12
     if calibration == "posterior-widen":
         assert record["params"]["scale"] >= 1.0 and record["search"][0]["scale"] == 1.0
+    assert record["at_search_bound"] == get_calibration(calibration).at_bound(record["params"])
     on_train = calibration in ("tfb", "laplace")  # tfb's anchors and laplace's curvature: training rows
     assert record["fitted_on"]["split"] == ("train" if on_train else "val") and record["fitted_on"]["n"] == 32
     deterministic = (method, calibration) in (("lora", "temperature"), ("lora", "laplace"))
     assert record["mode"] == ("mean" if deterministic else "sample")
-    assert evaluate(run, runs["data"], "--calibration", calibration) == 0
+    assert evaluate(run, runs["data"], "--calibration", calibration, samples=None if deterministic else 2) == 0
     out = capsys.readouterr().out
     assert f"{method}+{calibration}" in out
     metrics_file = next((run / "eval").glob(f"metrics-*{method}+{calibration}*.json"))
@@ -209,7 +211,7 @@ def test_laplace_on_an_encoder_run_in_sample_mode_and_its_factors_file(tmp_path,
     assert record["mode"] == "sample" and "scorer.head" in record["covered"] and not record["not_covered"]
     values = [e["log_evidence"] for e in record["evidence"]]
     assert all(b >= a for a, b in zip(values, values[1:]))
-    assert evaluate(run, data, "--calibration", "laplace", "--samples", "3") == 0
+    assert evaluate(run, data, "--calibration", "laplace", samples=3) == 0
     metrics = json.loads(next((run / "eval").glob("metrics-*lora+laplace-sample-S3.json")).read_text())
     predictions = [json.loads(line) for line in
                    next((run / "eval").glob("predictions-*lora+laplace-sample-S3.jsonl")).read_text().splitlines()]
@@ -221,10 +223,10 @@ def test_laplace_on_an_encoder_run_in_sample_mode_and_its_factors_file(tmp_path,
     data_bytes = factors.read_bytes()
     factors.write_bytes(data_bytes[:-8] + bytes(8))
     capsys.readouterr()
-    assert evaluate(run, data, "--calibration", "laplace", "--samples", "3") == 2
+    assert evaluate(run, data, "--calibration", "laplace", samples=3) == 2
     assert "laplace.safetensors: does not match the sha256" in capsys.readouterr().err
     factors.unlink()
-    assert evaluate(run, data, "--calibration", "laplace", "--samples", "3") == 2
+    assert evaluate(run, data, "--calibration", "laplace", samples=3) == 2
     assert "tensors are missing" in capsys.readouterr().err
 
 
@@ -300,3 +302,23 @@ def test_tfb_noise_is_zero_at_sigma_zero_and_lies_in_the_column_space_of_b():
     u, _, _ = torch.linalg.svd(layer.lora_B["default"].weight.double(), full_matrices=False)
     outside = delta.double() - (delta.double() @ u) @ u.T
     assert outside.abs().max() < 1e-5 * delta.abs().max()
+
+
+@pytest.mark.parametrize("name, params, flagged", [
+    ("temperature", {"temperature": 100.0}, ["temperature"]), ("temperature", {"temperature": 0.01}, ["temperature"]),
+    ("temperature", {"temperature": 1.7}, []), ("posterior-scale", {"scale": 1024.0}, ["scale"]),
+    ("posterior-scale", {"scale": 1 / 64}, ["scale"]), ("posterior-scale", {"scale": 2.0}, []),
+    ("posterior-widen", {"scale": 1.0}, []), ("posterior-widen", {"scale": 1024.0}, ["scale"]),
+    ("tfb", {"sigma": 0.0}, ["sigma"]), ("tfb", {"sigma": 1.0}, ["sigma"]), ("tfb", {"sigma": 0.01}, [])])
+def test_a_fit_that_ended_on_its_search_range_is_flagged(name, params, flagged):
+    """Temperature fitted on 8 val rows ended at its bound of 100 with no word said: the range chose it."""
+    assert get_calibration(name).at_bound(params) == flagged
+
+
+def test_the_cli_warns_of_a_fit_at_its_bound(runs, capsys, monkeypatch):
+    from bayeslora.calibration import temperature
+
+    monkeypatch.setattr(temperature, "fit_temperature", lambda *a: (temperature.T_MAX, 1.0, 0.9))
+    assert cli.main(["calibrate", "--run", str(runs["lora"]), "--calibration", "temperature"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: temperature 100 ended on an end of its search range" in err and "n=32 val rows" in err

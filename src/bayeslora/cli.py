@@ -172,6 +172,10 @@ def _calibrate(args: argparse.Namespace) -> int:
           f"{record['mode']} mode): {params}; val "
           f"nll {before['nll']:.4f} -> {after['nll']:.4f}, ece {100 * before['ece']:.2f} -> {100 * after['ece']:.2f}, "
           f"acc {100 * before['acc']:.2f} -> {100 * after['acc']:.2f}")
+    for name in record["at_search_bound"]:
+        print(f"warning: {name} {record['params'][name]:.4g} ended on an end of its search range, so the range chose "
+              f"it, not the data (n={record['fitted_on']['n']} {record['fitted_on']['split']} rows: too few, or a "
+              "degenerate model?); treat this calibration with care", file=sys.stderr)
     print(f"calibration: {record['file']}")
     return 0
 

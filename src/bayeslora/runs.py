@@ -188,7 +188,8 @@ def calibrate_run(run_dir: str | Path, calibration: str, *, mode: Optional[str] 
               "adapter": selection["adapter"], "selected_epoch": selection["epoch"],
               "fitted_on": {"task": cfg.task, "split": split, "n": n_fitted, "val_file": cfg.val_file,
                             "train_file": cfg.train_file},
-              "fit_seconds": time.perf_counter() - start}
+              "fit_seconds": time.perf_counter() - start,
+              "at_search_bound": calibrator.at_bound(fitted["params"])}
     write_json_atomic(folder.calibration_file(calibration), record)
     record["file"] = str(folder.calibration_file(calibration))
     return record

@@ -111,6 +111,16 @@ class Calibration:
         """Validate parameters read back from a file (``where`` names it in errors)."""
         return params
 
+    def search_bounds(self) -> dict[str, tuple[float, float]]:
+        """Per parameter, the ends of the range its search may reach: a fit that ends on one was stopped by
+        the range, not chosen by the data (too few val rows, a degenerate model), and is flagged."""
+        return {}
+
+    def at_bound(self, params: dict[str, Any]) -> list[str]:
+        """The parameters that ended on an end of their search range (see :meth:`search_bounds`)."""
+        return [name for name, (low, high) in self.search_bounds().items()
+                if name in params and not low < params[name] < high]
+
     def fitted_values(self, params: dict[str, Any]) -> int:
         """How many of ``params`` are fitted values (the rest is bookkeeping), for cost tables."""
         return len(params)

@@ -113,6 +113,9 @@ class PosteriorScale(Calibration):
         """Fields of the fitted record beside params, val metrics and the search."""
         return {}
 
+    def search_bounds(self) -> dict[str, tuple[float, float]]:
+        return {"scale": (TAU_MIN, TAU_MAX)}
+
     def prepare(self, method: Any, model, params: dict[str, Any], tensors=None) -> Any:
         method.set_posterior_scale(model, params["scale"])
         return method
@@ -132,6 +135,9 @@ class PosteriorWiden(PosteriorScale):
 
     def record_extras(self) -> dict[str, Any]:
         return {"tolerance": WIDEN_TOLERANCE}
+
+    def search_bounds(self) -> dict[str, tuple[float, float]]:
+        return {"scale": (0.0, TAU_MAX)}  # τ = 1 (no widening) is a choice, not the range's end
 
     def check_params(self, params: dict[str, Any], where: str) -> dict[str, Any]:
         scale = positive_param(params, "scale", where)

@@ -74,6 +74,9 @@ class TemperatureScaling(Calibration):
         return {"params": params, "val_before": val_metrics(result),
                 "val_after": val_metrics(result, self.transform(result.log_probs, result.mask, params))}
 
+    def search_bounds(self) -> dict[str, tuple[float, float]]:
+        return {"temperature": (T_MIN, T_MAX)}
+
     def transform(self, log_probs: Tensor, mask: Tensor, params: dict[str, Any]) -> Tensor:
         return tempered(log_probs, mask, params["temperature"]).detach()
 
