@@ -224,6 +224,7 @@ def test_the_reliability_plot_keeps_the_confidence_one_bucket():
     ('[budget]\nbatch_size = 1.9', "budget.batch_size: must be a positive integer"),
     ('[defaults]\nmax_grad_norm = inf', "defaults.max_grad_norm: NaN and infinity"),
     ('[ood]\ntrain = "arc_easy"\neval = ["mmlu_stme"]', "ood.eval: unknown task 'mmlu_stme'"),
+    ('[cells.lora]\nlr = "fast"', "cells.lora: --lr must be a number, got 'fast'"),
 ])
 def test_a_bad_suite_is_refused_naming_the_file_and_the_key(tmp_path, bad, message):
     head = 'description = "d"\n' + ("" if bad.startswith("tasks") else 'tasks = ["arc_easy"]\n')
