@@ -225,6 +225,9 @@ def test_the_reliability_plot_keeps_the_confidence_one_bucket():
     ('[defaults]\nmax_grad_norm = inf', "defaults.max_grad_norm: NaN and infinity"),
     ('[ood]\ntrain = "arc_easy"\neval = ["mmlu_stme"]', "ood.eval: unknown task 'mmlu_stme'"),
     ('[cells.lora]\nlr = "fast"', "cells.lora: --lr must be a number, got 'fast'"),
+    # the method's own config is built at load too, not hours later at the cell's unit
+    ('[cells.bayeslora]\nflow_depth = "two"', "cells.bayeslora: BayesLoraConfig.flow_depth must be an integer >= 0"),
+    ('[cells.ensemble]\nsize = 1', "cells.ensemble: --ensemble-size must be an integer >= 2"),
 ])
 def test_a_bad_suite_is_refused_naming_the_file_and_the_key(tmp_path, bad, message):
     head = 'description = "d"\n' + ("" if bad.startswith("tasks") else 'tasks = ["arc_easy"]\n')

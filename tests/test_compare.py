@@ -255,6 +255,22 @@ def test_plan_refuses_unknown_methods_duplicate_labels_and_reserved_cell_keys(tm
         Cell.parse('x={"method": "lora", "seed": 3}')
 
 
+@pytest.mark.parametrize("tasks, cell, message", [
+    (["arc_easy", "arc_eazy"], "lora", "--tasks: unknown task 'arc_eazy'"),
+    (["arc_easy"], 'b={"method": "bayeslora", "flow_dept": 2}', r"--cells b: .*unknown method options \['flow_dept'\]"),
+    (["arc_easy"], 'b={"method": "bayeslora", "flow_depth": "two"}', "--cells b: BayesLoraConfig.flow_depth must be"),
+    (["arc_easy"], 'l={"method": "lora", "lr": "fast"}', "--cells l: --lr must be a number, got 'fast'"),
+])
+def test_a_bad_task_or_cell_setting_fails_before_the_first_unit_trains(tmp_path, tasks, cell, message):
+    plan = Plan(output=tmp_path / "out", tasks=tasks, cells=[Cell.parse("lora"), Cell.parse(cell)]
+                if cell != "lora" else [Cell.parse("lora")], seeds=[0], budgets=[BUDGETS["short"]],
+                ood_train=None, ood_eval=[])
+    logs: list[str] = []
+    with pytest.raises(ValueError, match=message):
+        run_plan(plan, log=logs.append)
+    assert logs == [] and not (tmp_path / "out").exists()  # nothing trained, not even the first cell
+
+
 def test_ece_noise_floor_shrinks_with_n_and_is_about_five_points_at_300():
     gen = torch.Generator().manual_seed(1)
     conf = 0.3 + 0.6 * torch.rand(3000, generator=gen, dtype=torch.float64)

@@ -110,26 +110,47 @@ class Plan:
         calibration = next(c for cell in self.cells for name, c in self.variants(cell) if name == label)
         return (calibration and get_calibration(calibration).mode_for(method)) or method.default_mode
 
-    def validate(self) -> None:
+    def validate(self, cell_key: str = "--cells {}") -> None:
+        """Refuse what a unit would fail on, before the first unit trains; ``cell_key`` names a cell in the
+        errors (``cells.{}`` in a suite file)."""
         from .calibration import CALIBRATIONS
         from .methods import METHODS
 
         unknown = sorted(set(self.calibrations) - set(CALIBRATIONS))
         if unknown:
             raise ValueError(f"--calibrations: unknown {unknown}; available: {', '.join(sorted(CALIBRATIONS))}")
+        for flag, names in (("--tasks", self.tasks), ("--ood-train", [self.ood_train] if self.ood_train else []),
+                            ("--ood-eval", self.ood_eval if self.ood_train else [])):
+            typo = next((n for n in names if not is_task(n)), None)
+            if typo is not None:
+                raise ValueError(f"{flag}: unknown task {typo!r}")
         labels = [c.label for c in self.cells]
         if len(set(labels)) != len(labels):
             raise ValueError(f"--cells: labels must be unique, got {labels}")
         for c in self.cells:
             if c.method not in METHODS:
-                raise ValueError(f"--cells {c.label}: unknown method {c.method!r}; available: {', '.join(sorted(METHODS))}"
-                                 " (name a variant LABEL='{\"method\": ...}')")
+                raise ValueError(f"{cell_key.format(c.label)}: unknown method {c.method!r}; available: "
+                                 f"{', '.join(sorted(METHODS))} (name a variant LABEL='{{\"method\": ...}}')")
+            try:
+                self.check_cell(c)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{cell_key.format(c.label)}: {err}") from err
         for name, only in self.calibration_cells.items():
             missing = sorted(set(only) - set(labels))
             if name not in self.calibrations or missing:
                 raise ValueError(f"calibration cells for {name!r}: {'not a listed calibration' if name not in self.calibrations else f'unknown cells {missing}'}")
         if self.ood_train in self.ood_eval:
             raise ValueError(f"--ood-eval must not contain the OOD training task {self.ood_train!r}")
+
+    def check_cell(self, cell: Cell) -> None:
+        """Build what each of the cell's units builds before its model loads (the resolved training config,
+        the method's own config), so a bad setting fails at the start, not hours later at its unit."""
+        from .methods import get_method
+        from .training import resolve
+
+        for budget in self.budgets:
+            cfg = resolve(train_config(self, budget, self.train_tasks()[0], cell, self.seeds[0]))
+            get_method(cfg.method, cfg.method_options).check(cfg.lora())
 
     def train_tasks(self) -> list[str]:
         extra = [self.ood_train] if self.ood_train and self.ood_train not in self.tasks else []
@@ -151,6 +172,21 @@ class Plan:
 
     def stem(self, eval_task: str, method: str, mode: str, samples: int, calibration: Optional[str] = None) -> str:
         return eval_stem(eval_task, self.split, method, mode, samples, calibration, first=self.max_eval_examples)
+
+
+def is_task(name: str) -> bool:
+    """A registered task, or an MMLU subject or group name."""
+    from .data.mmlu_subjects import resolve_mmlu_subjects
+    from .data.tasks import TASKS
+
+    if name in TASKS:
+        return True
+    if name.startswith(("mmlu_", "mmlu:")):
+        try:
+            return bool(resolve_mmlu_subjects(name))
+        except (ValueError, KeyError):
+            return False
+    return False
 
 
 def train_config(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int):
