@@ -255,6 +255,17 @@ def test_plan_refuses_unknown_methods_duplicate_labels_and_reserved_cell_keys(tm
         Cell.parse('x={"method": "lora", "seed": 3}')
 
 
+def test_a_cells_data_folder_serves_its_training_evaluation_and_calibration(setup, tmp_path):
+    root, model = setup
+    cell = Cell("lora", "lora", {"target_modules": ["query", "value"], "lr": 5e-2, "data_dir": str(root / "data")})
+    plan = Plan(output=tmp_path / "out", tasks=["arc_easy"], cells=[cell], seeds=[0], budgets=[BUDGETS["short"]],
+                ood_train=None, ood_eval=[], model=model, data_dir=str(tmp_path / "no-data-here"), samples=2,
+                max_length=32, calibrations=["temperature"], max_eval_examples=4)
+    run_plan(plan, log=lambda line: None)  # --data-dir names a folder without the data: only the cell's is read
+    rows = summarise(plan)["rows"]
+    assert {(r["cell"], r["n"]) for r in rows} == {("lora", 4), ("lora+temperature", 4)}
+
+
 @pytest.mark.parametrize("tasks, cell, message", [
     (["arc_easy", "arc_eazy"], "lora", "--tasks: unknown task 'arc_eazy'"),
     (["arc_easy"], 'b={"method": "bayeslora", "flow_dept": 2}', r"--cells b: .*unknown method options \['flow_dept'\]"),

@@ -189,17 +189,23 @@ def is_task(name: str) -> bool:
     return False
 
 
+def data_dir_of(plan: Plan, cell: Cell) -> Optional[str]:
+    """The data folder of a cell's units: the cell's own ``data_dir``, else the plan's. Training, evaluation
+    and calibration all read this one, so a unit is never trained on one folder and scored on another."""
+    return cell.settings.get("data_dir", plan.data_dir)
+
+
 def train_config(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int):
     from dataclasses import fields
 
     from .training import TrainConfig
 
     known = {f.name for f in fields(TrainConfig)}
-    train_fields = {k: v for k, v in cell.settings.items() if k in known}
+    train_fields = {k: v for k, v in cell.settings.items() if k in known and k != "data_dir"}
     options = {k: v for k, v in cell.settings.items() if k not in known}
-    base = dict(model=plan.model, task=task, method=cell.method, data_dir=plan.data_dir, epochs=budget.epochs,
-                batch_size=budget.batch_size, seed=seed, samples=plan.samples, max_length=plan.max_length,
-                progress=False)
+    base = dict(model=plan.model, task=task, method=cell.method, data_dir=data_dir_of(plan, cell),
+                epochs=budget.epochs, batch_size=budget.batch_size, seed=seed, samples=plan.samples,
+                max_length=plan.max_length, progress=False)
     return TrainConfig(**{**base, **train_fields, "output": str(plan.run_dir(budget, task, cell, seed))},
                        method_options=options)
 
@@ -288,29 +294,30 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
             samples = _draws(folder, mode, cfg.samples)
             if folder.eval_files(plan.stem(eval_task, cfg.method, mode, samples)).metrics.exists():
                 continue
-            r = evaluate_run(folder.root, eval_task, plan.split, data_dir=plan.data_dir, samples=samples,
-                             mode=mode, seed=seed, max_examples=plan.max_eval_examples)
+            r = evaluate_run(folder.root, eval_task, plan.split, data_dir=data_dir_of(plan, cell),
+                             samples=samples, mode=mode, seed=seed, max_examples=plan.max_eval_examples)
             log(f"{label}: {eval_task}/{plan.split} {mode}: acc {100 * r['acc']:.1f} ece {100 * r['ece']:.1f} "
                 f"nll {r['nll']:.4f}")
     for _, calibration in plan.variants(cell)[1:]:
-        _calibrated_evals(plan, folder, cfg.method, calibration, task, seed, label, log)
+        _calibrated_evals(plan, folder, cell, calibration, task, seed, label, log)
 
 
-def _calibrated_evals(plan: Plan, folder: RunFolder, method: str, calibration: str, task: str, seed: int,
+def _calibrated_evals(plan: Plan, folder: RunFolder, cell: Cell, calibration: str, task: str, seed: int,
                       label: str, log) -> None:
     """Fit ``calibration`` on the run's val slice once, then score every set of the run through it."""
     from .runs import calibrate_run, evaluate_run
 
+    method, data_dir = folder.read_config()["train"]["method"], data_dir_of(plan, cell)
     draws = folder.read_config()["train"]["samples"]  # the suite's S unless the cell sets its own
     mode, samples = _calibrated_mode(folder, calibration, draws)
     if not folder.calibration_file(calibration).exists():
-        r = calibrate_run(folder.root, calibration, mode=mode, samples=draws, seed=seed, data_dir=plan.data_dir)
+        r = calibrate_run(folder.root, calibration, mode=mode, samples=draws, seed=seed, data_dir=data_dir)
         log(f"{label}: {calibration} fitted on {r['fitted_on']['split']}: {r['params']}, val nll {r['val_before']['nll']:.4f} -> "
             f"{r['val_after']['nll']:.4f}")
     for eval_task, _ in plan.evals_of(task):
         if folder.eval_files(plan.stem(eval_task, method, mode, samples, calibration)).metrics.exists():
             continue
-        r = evaluate_run(folder.root, eval_task, plan.split, data_dir=plan.data_dir, samples=samples, seed=seed,
+        r = evaluate_run(folder.root, eval_task, plan.split, data_dir=data_dir, samples=samples, seed=seed,
                          calibration=calibration, max_examples=plan.max_eval_examples)
         log(f"{label}: {eval_task}/{plan.split} +{calibration}: acc {100 * r['acc']:.1f} ece {100 * r['ece']:.1f} "
             f"nll {r['nll']:.4f}")
