@@ -139,6 +139,16 @@ def test_a_failing_unit_is_recorded_and_the_others_go_on(setup):
     assert len([r for r in latest if r["unit"] == "dev/tiny/arc_easy/broken/seed-0"]) == 1
 
 
+def test_a_missing_split_file_fails_before_the_first_unit(setup, tmp_path):
+    root, model = setup
+    suite = load_suite(suite_file(root, model))
+    logs: list[str] = []
+    with pytest.raises(FileNotFoundError, match=r"arc_easy 'test' split: .*ARC-Easy-Test.jsonl does not exist"):
+        run_bench(suite, tmp_path / "out", split="test", data_dir=str(root / "data"), progress=False,
+                  log=logs.append)
+    assert logs == [] and not (tmp_path / "out").exists()  # no unit trained, nothing recorded
+
+
 def test_shards_partition_the_matrix_and_merge_by_concatenation(setup, tmp_path):
     root, model = setup
     suite = load_suite(suite_file(root, model))

@@ -266,6 +266,20 @@ def test_a_cells_data_folder_serves_its_training_evaluation_and_calibration(setu
     assert {(r["cell"], r["n"]) for r in rows} == {("lora", 4), ("lora+temperature", 4)}
 
 
+def test_a_missing_split_or_training_file_fails_before_the_first_run(setup, tmp_path):
+    root, model = setup
+    cells = [Cell("lora", "lora", {}), Cell("own", "lora", {"train_file": str(tmp_path / "mine.jsonl")})]
+    plan = Plan(output=tmp_path / "out", tasks=["arc_easy"], cells=cells[:1], seeds=[0], budgets=[BUDGETS["short"]],
+                ood_train="arc_easy", ood_eval=["arc_challenge"], model=model, data_dir=str(root / "data"),
+                split="test")
+    logs: list[str] = []
+    with pytest.raises(FileNotFoundError, match=r"ARC-Easy-Test.jsonl does not exist"):
+        run_plan(plan, log=logs.append)
+    with pytest.raises(FileNotFoundError, match=r"arc_easy: file .*mine.jsonl does not exist"):
+        run_plan(dataclasses.replace(plan, cells=cells, split="dev"), log=logs.append)
+    assert logs == [] and not (tmp_path / "out").exists()  # checked before the first run trained
+
+
 @pytest.mark.parametrize("tasks, cell, message", [
     (["arc_easy", "arc_eazy"], "lora", "--tasks: unknown task 'arc_eazy'"),
     (["arc_easy"], 'b={"method": "bayeslora", "flow_dept": 2}', r"--cells b: .*unknown method options \['flow_dept'\]"),

@@ -30,7 +30,7 @@ import torch
 
 from .layout import RunFolder, eval_stem, method_label
 
-__all__ = ["Budget", "Cell", "Plan", "run_plan", "summarise"]
+__all__ = ["Budget", "Cell", "Plan", "check_data", "run_plan", "summarise"]
 
 
 @dataclass(frozen=True)
@@ -210,6 +210,22 @@ def train_config(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int):
                        method_options=options)
 
 
+def check_data(plan: Plan, runs: list[tuple[Budget, str, Cell, int]]) -> None:
+    """Raise naming the file when one the runs read (training data, each eval set's split) is missing from
+    its unit's data folder: checked before the first run trains, not after each one has."""
+    from .data import split_files
+
+    seen = set()
+    for budget, task, cell, seed in runs:
+        cfg = train_config(plan, budget, task, cell, seed)
+        needs = [(task, "train", cfg.train_file), (task, "train", cfg.val_file) if cfg.val_file else None,
+                 *((t, plan.split, None) for t, _ in plan.evals_of(task))]
+        for need in filter(None, needs):
+            if (need, cfg.data_dir) not in seen:
+                seen.add((need, cfg.data_dir))
+                split_files(need[0], need[1], cfg.data_dir, need[2])
+
+
 MI_NOISE = 1e-12  # mutual information below this is float rounding: a deterministic predictor's
 
 
@@ -245,6 +261,7 @@ def run_plan(plan: Plan, log=print) -> None:
     """Train every run and evaluate it on its sets, skipping what the output folder already holds."""
     plan.validate()
     runs = plan.runs()
+    check_data(plan, runs)
     n_evals = sum(len(_modes(c.method, k)) for _, t, c, _ in runs for _, k in plan.evals_of(t))
     log(f"compare: {len(runs)} training runs ({len(plan.budgets)} budgets × {len(plan.train_tasks())} tasks × "
         f"{len(plan.cells)} cells × {len(plan.seeds)} seeds), {n_evals} evaluations on '{plan.split}', "

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from ..compare import Budget, Cell, Plan, run_unit, unit_rows
+from ..compare import Budget, Cell, Plan, check_data, run_unit, unit_rows
 from ..layout import RunFolder
 from .results import append_rows, finite, latest_rows, read_rows, results_file, results_files
 from .suite import Suite
@@ -99,6 +99,7 @@ def run_bench(suite: Suite, output: Path, *, split: Optional[str] = None, data_d
     done = finished_units(output)
     signatures = {u[0]: unit_signature(plan, *u[1:]) for u in mine}
     todo = [u for u in mine if done.get(u[0]) != signatures[u[0]]]
+    check_data(plan, [u[1:] for u in todo])
     target = results_file(output, shard)
     where = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
     log(f"bench {suite.name}{where}: {len(mine)} units, {len(mine) - len(todo)} already finished; "
