@@ -66,9 +66,9 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes_without_work(setup):
     suite = load_suite(suite_file(root, model))
     out = root / "out"
     logs: list[str] = []
-    results, units = run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=logs.append)
+    results, units, failed = run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=logs.append)
     rows = read_rows([results])
-    assert units == 2 and {r["unit"] for r in rows} == {"dev/tiny/arc_easy/lora/seed-0", "dev/tiny/arc_easy/bayeslora/seed-0"}
+    assert units == 2 and failed == [] and {r["unit"] for r in rows} == {"dev/tiny/arc_easy/lora/seed-0", "dev/tiny/arc_easy/bayeslora/seed-0"}
     assert all(r["status"] == "ok" for r in rows)
     variants = {(r["cell"], r["eval_task"], r["mode"]) for r in rows}
     assert ("lora+temperature", "arc_challenge", "mean") in variants and ("bayeslora", "arc_easy", "mean") in variants
@@ -116,13 +116,14 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes_without_work(setup):
     assert before != load_suite(path).sha256
 
 
-def test_a_failing_unit_is_recorded_and_the_others_go_on(setup):
+def test_a_failing_unit_is_recorded_and_the_others_go_on(setup, capsys):
     root, model = setup
     extra = '[cells.broken]\nmethod = "lora"\nlr = 5e-2\ntarget_modules = ["no_such_module"]'
-    suite = load_suite(suite_file(root, model, "broken", extra))
+    path = suite_file(root, model, "broken", extra)
+    suite = load_suite(path)
     out = root / "broken-out"
     logs: list[str] = []
-    results, _ = run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=logs.append)
+    results, _, failed_ids = run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=logs.append)
     rows = read_rows([results])
     failed = [r for r in rows if r["status"] == "error"]
     assert [r["unit"] for r in failed] == ["dev/tiny/arc_easy/broken/seed-0"] and "no_such_module" in failed[0]["error"]
@@ -137,6 +138,15 @@ def test_a_failing_unit_is_recorded_and_the_others_go_on(setup):
     assert "2 already finished" in retry[0]
     latest = latest_rows(read_rows([results]))
     assert len([r for r in latest if r["unit"] == "dev/tiny/arc_easy/broken/seed-0"]) == 1
+    assert failed_ids == ["dev/tiny/arc_easy/broken/seed-0"]
+
+    # the command fails when a unit of its shard did (after the others ran), saying where the errors are
+    capsys.readouterr()
+    assert cli.main(["bench", "--suite", str(path), "--output", str(out), "--data-dir", str(root / "data"),
+                     "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "1 of 3 units failed (dev/tiny/arc_easy/broken/seed-0)" in captured.err and str(results) in captured.err
+    assert "Failed units" in captured.out  # the report was still written
 
 
 def test_a_missing_split_file_fails_before_the_first_unit(setup, tmp_path):
