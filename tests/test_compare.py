@@ -280,6 +280,15 @@ def test_a_missing_split_or_training_file_fails_before_the_first_run(setup, tmp_
     assert logs == [] and not (tmp_path / "out").exists()  # checked before the first run trained
 
 
+def test_summary_only_on_a_folder_without_results_says_so(tmp_path, capsys):
+    from bayeslora import cli
+
+    for folder in (tmp_path / "cmp0", tmp_path):  # missing, and there but empty
+        assert cli.main(["compare", "--summary-only", "--output", str(folder)]) == 2
+        assert f"{folder}: nothing to summarise" in capsys.readouterr().err
+    assert not (tmp_path / "cmp0").exists() and not (tmp_path / "compare.json").exists()
+
+
 @pytest.mark.parametrize("tasks, cell, message", [
     (["arc_easy", "arc_eazy"], "lora", "--tasks: unknown task 'arc_eazy'"),
     (["arc_easy"], 'b={"method": "bayeslora", "flow_dept": 2}', r"--cells b: .*unknown method options \['flow_dept'\]"),

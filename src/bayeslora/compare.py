@@ -517,6 +517,9 @@ def summarise(plan: Plan) -> dict[str, Any]:
         rows += unit
         for (eval_task, name, mode), ex in examples.items():
             per_example.setdefault((budget.name, task, eval_task, name, mode), {})[seed] = ex
+    if not rows:
+        raise FileNotFoundError(f"{plan.output}: nothing to summarise (no evaluation of this comparison's runs "
+                                "there; check --output and the matrix flags)")
     groups: dict[tuple, list[dict[str, Any]]] = {}
     by_seed = {(r["budget"], r["train_task"], r["eval_task"], r["cell"], r["mode"], r["seed"]): r for r in rows}
     for r in rows:
