@@ -267,6 +267,7 @@ def test_shipped_suites_load_and_the_cli_lists_them(capsys):
     for name in names:
         suite = load_suite(name)
         assert suite.description.strip() and suite.plan(Path("x")).runs()
+        assert "Cost" in suite.description, f"{name}: --list shows the description, which must state the cost"
     assert load_suite("cpu").plan(Path("x"), split="test").ood_eval[-2:] == ["mmlu_chem", "mmlu_phy"]
     assert cli.main(["bench", "--list"]) == 0
     assert "cpu-quick:" in capsys.readouterr().out
