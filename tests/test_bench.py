@@ -66,9 +66,9 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes_without_work(setup):
     suite = load_suite(suite_file(root, model))
     out = root / "out"
     logs: list[str] = []
-    results, units = run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=logs.append)
+    results, units, failed = run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=logs.append)
     rows = read_rows([results])
-    assert units == 2 and {r["unit"] for r in rows} == {"dev/tiny/arc_easy/lora/seed-0", "dev/tiny/arc_easy/bayeslora/seed-0"}
+    assert units == 2 and failed == [] and {r["unit"] for r in rows} == {"dev/tiny/arc_easy/lora/seed-0", "dev/tiny/arc_easy/bayeslora/seed-0"}
     assert all(r["status"] == "ok" for r in rows)
     variants = {(r["cell"], r["eval_task"], r["mode"]) for r in rows}
     assert ("lora+temperature", "arc_challenge", "mean") in variants and ("bayeslora", "arc_easy", "mean") in variants
@@ -116,13 +116,14 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes_without_work(setup):
     assert before != load_suite(path).sha256
 
 
-def test_a_failing_unit_is_recorded_and_the_others_go_on(setup):
+def test_a_failing_unit_is_recorded_and_the_others_go_on(setup, capsys):
     root, model = setup
     extra = '[cells.broken]\nmethod = "lora"\nlr = 5e-2\ntarget_modules = ["no_such_module"]'
-    suite = load_suite(suite_file(root, model, "broken", extra))
+    path = suite_file(root, model, "broken", extra)
+    suite = load_suite(path)
     out = root / "broken-out"
     logs: list[str] = []
-    results, _ = run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=logs.append)
+    results, _, failed_ids = run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=logs.append)
     rows = read_rows([results])
     failed = [r for r in rows if r["status"] == "error"]
     assert [r["unit"] for r in failed] == ["dev/tiny/arc_easy/broken/seed-0"] and "no_such_module" in failed[0]["error"]
@@ -137,6 +138,25 @@ def test_a_failing_unit_is_recorded_and_the_others_go_on(setup):
     assert "2 already finished" in retry[0]
     latest = latest_rows(read_rows([results]))
     assert len([r for r in latest if r["unit"] == "dev/tiny/arc_easy/broken/seed-0"]) == 1
+    assert failed_ids == ["dev/tiny/arc_easy/broken/seed-0"]
+
+    # the command fails when a unit of its shard did (after the others ran), saying where the errors are
+    capsys.readouterr()
+    assert cli.main(["bench", "--suite", str(path), "--output", str(out), "--data-dir", str(root / "data"),
+                     "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "1 of 3 units failed (dev/tiny/arc_easy/broken/seed-0)" in captured.err and str(results) in captured.err
+    assert "Failed units" in captured.out  # the report was still written
+
+
+def test_a_missing_split_file_fails_before_the_first_unit(setup, tmp_path):
+    root, model = setup
+    suite = load_suite(suite_file(root, model))
+    logs: list[str] = []
+    with pytest.raises(FileNotFoundError, match=r"arc_easy 'test' split: .*ARC-Easy-Test.jsonl does not exist"):
+        run_bench(suite, tmp_path / "out", split="test", data_dir=str(root / "data"), progress=False,
+                  log=logs.append)
+    assert logs == [] and not (tmp_path / "out").exists()  # no unit trained, nothing recorded
 
 
 def test_shards_partition_the_matrix_and_merge_by_concatenation(setup, tmp_path):
@@ -224,6 +244,10 @@ def test_the_reliability_plot_keeps_the_confidence_one_bucket():
     ('[budget]\nbatch_size = 1.9', "budget.batch_size: must be a positive integer"),
     ('[defaults]\nmax_grad_norm = inf', "defaults.max_grad_norm: NaN and infinity"),
     ('[ood]\ntrain = "arc_easy"\neval = ["mmlu_stme"]', "ood.eval: unknown task 'mmlu_stme'"),
+    ('[cells.lora]\nlr = "fast"', "cells.lora: --lr must be a number, got 'fast'"),
+    # the method's own config is built at load too, not hours later at the cell's unit
+    ('[cells.bayeslora]\nflow_depth = "two"', "cells.bayeslora: BayesLoraConfig.flow_depth must be an integer >= 0"),
+    ('[cells.ensemble]\nsize = 1', "cells.ensemble: --ensemble-size must be an integer >= 2"),
 ])
 def test_a_bad_suite_is_refused_naming_the_file_and_the_key(tmp_path, bad, message):
     head = 'description = "d"\n' + ("" if bad.startswith("tasks") else 'tasks = ["arc_easy"]\n')
@@ -243,6 +267,7 @@ def test_shipped_suites_load_and_the_cli_lists_them(capsys):
     for name in names:
         suite = load_suite(name)
         assert suite.description.strip() and suite.plan(Path("x")).runs()
+        assert "Cost" in suite.description, f"{name}: --list shows the description, which must state the cost"
     assert load_suite("cpu").plan(Path("x"), split="test").ood_eval[-2:] == ["mmlu_chem", "mmlu_phy"]
     assert cli.main(["bench", "--list"]) == 0
     assert "cpu-quick:" in capsys.readouterr().out

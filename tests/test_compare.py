@@ -255,6 +255,56 @@ def test_plan_refuses_unknown_methods_duplicate_labels_and_reserved_cell_keys(tm
         Cell.parse('x={"method": "lora", "seed": 3}')
 
 
+def test_a_cells_data_folder_serves_its_training_evaluation_and_calibration(setup, tmp_path):
+    root, model = setup
+    cell = Cell("lora", "lora", {"target_modules": ["query", "value"], "lr": 5e-2, "data_dir": str(root / "data")})
+    plan = Plan(output=tmp_path / "out", tasks=["arc_easy"], cells=[cell], seeds=[0], budgets=[BUDGETS["short"]],
+                ood_train=None, ood_eval=[], model=model, data_dir=str(tmp_path / "no-data-here"), samples=2,
+                max_length=32, calibrations=["temperature"], max_eval_examples=4)
+    run_plan(plan, log=lambda line: None)  # --data-dir names a folder without the data: only the cell's is read
+    rows = summarise(plan)["rows"]
+    assert {(r["cell"], r["n"]) for r in rows} == {("lora", 4), ("lora+temperature", 4)}
+
+
+def test_a_missing_split_or_training_file_fails_before_the_first_run(setup, tmp_path):
+    root, model = setup
+    cells = [Cell("lora", "lora", {}), Cell("own", "lora", {"train_file": str(tmp_path / "mine.jsonl")})]
+    plan = Plan(output=tmp_path / "out", tasks=["arc_easy"], cells=cells[:1], seeds=[0], budgets=[BUDGETS["short"]],
+                ood_train="arc_easy", ood_eval=["arc_challenge"], model=model, data_dir=str(root / "data"),
+                split="test")
+    logs: list[str] = []
+    with pytest.raises(FileNotFoundError, match=r"ARC-Easy-Test.jsonl does not exist"):
+        run_plan(plan, log=logs.append)
+    with pytest.raises(FileNotFoundError, match=r"arc_easy: file .*mine.jsonl does not exist"):
+        run_plan(dataclasses.replace(plan, cells=cells, split="dev"), log=logs.append)
+    assert logs == [] and not (tmp_path / "out").exists()  # checked before the first run trained
+
+
+def test_summary_only_on_a_folder_without_results_says_so(tmp_path, capsys):
+    from bayeslora import cli
+
+    for folder in (tmp_path / "cmp0", tmp_path):  # missing, and there but empty
+        assert cli.main(["compare", "--summary-only", "--output", str(folder)]) == 2
+        assert f"{folder}: nothing to summarise" in capsys.readouterr().err
+    assert not (tmp_path / "cmp0").exists() and not (tmp_path / "compare.json").exists()
+
+
+@pytest.mark.parametrize("tasks, cell, message", [
+    (["arc_easy", "arc_eazy"], "lora", "--tasks: unknown task 'arc_eazy'"),
+    (["arc_easy"], 'b={"method": "bayeslora", "flow_dept": 2}', r"--cells b: .*unknown method options \['flow_dept'\]"),
+    (["arc_easy"], 'b={"method": "bayeslora", "flow_depth": "two"}', "--cells b: BayesLoraConfig.flow_depth must be"),
+    (["arc_easy"], 'l={"method": "lora", "lr": "fast"}', "--cells l: --lr must be a number, got 'fast'"),
+])
+def test_a_bad_task_or_cell_setting_fails_before_the_first_unit_trains(tmp_path, tasks, cell, message):
+    plan = Plan(output=tmp_path / "out", tasks=tasks, cells=[Cell.parse("lora"), Cell.parse(cell)]
+                if cell != "lora" else [Cell.parse("lora")], seeds=[0], budgets=[BUDGETS["short"]],
+                ood_train=None, ood_eval=[])
+    logs: list[str] = []
+    with pytest.raises(ValueError, match=message):
+        run_plan(plan, log=logs.append)
+    assert logs == [] and not (tmp_path / "out").exists()  # nothing trained, not even the first cell
+
+
 def test_ece_noise_floor_shrinks_with_n_and_is_about_five_points_at_300():
     gen = torch.Generator().manual_seed(1)
     conf = 0.3 + 0.6 * torch.rand(3000, generator=gen, dtype=torch.float64)

@@ -295,8 +295,12 @@ def test_new_options_are_type_checked():
 
     with pytest.raises(ValueError, match="--gradient-checkpointing must be true or false"):
         TrainConfig(gradient_checkpointing="false")
-    with pytest.raises(ValueError, match="--head-lr-factor must be > 0"):
+    with pytest.raises(ValueError, match="--head-lr-factor must be a number, got True"):
         TrainConfig(head_lr_factor=True)
+    with pytest.raises(ValueError, match="--lr must be a number, got 'fast'"):  # a suite's or JSON cell's
+        TrainConfig(lr="fast")
+    with pytest.raises(ValueError, match=r"--target-modules must be a list of strings, got \['query', 1\]"):
+        TrainConfig(target_modules=["query", 1])
 
 
 def test_gradient_checkpointing_on_a_model_without_it_fails_clearly():

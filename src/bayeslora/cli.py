@@ -345,8 +345,8 @@ def _bench(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     if not args.report_only:
         print(f"suite {suite.name} ({suite.source}): {suite.description.strip()}")
-        results, units = run_bench(suite, output, split=args.split, data_dir=args.data_dir, shard=shard,
-                                   progress=not args.no_progress)
+        results, units, failed = run_bench(suite, output, split=args.split, data_dir=args.data_dir, shard=shard,
+                                           progress=not args.no_progress)
         print(f"results: {results}")
         if units == 0:  # more shards than units: nothing to do is not a failure of a job array
             print(f"shard {args.shard} holds no unit of this suite; nothing to run or report")
@@ -354,6 +354,10 @@ def _bench(args: argparse.Namespace) -> int:
     table, plots = write_report(output, description=suite.description)
     print(table.read_text())
     print(f"table: {table}\nplots: {len(plots)} files in {output / 'plots'}")
+    if not args.report_only and failed:  # a job array or script must see it; the other units still ran
+        print(f"bayeslora bench: {len(failed)} of {units} units failed ({', '.join(failed)}); their errors and "
+              f"tracebacks are in {results}; rerun the same command to retry only them", file=sys.stderr)
+        return 1
     return 0
 
 

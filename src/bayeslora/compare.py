@@ -30,7 +30,7 @@ import torch
 
 from .layout import RunFolder, eval_stem, method_label
 
-__all__ = ["Budget", "Cell", "Plan", "run_plan", "summarise"]
+__all__ = ["Budget", "Cell", "Plan", "check_data", "run_plan", "summarise"]
 
 
 @dataclass(frozen=True)
@@ -110,26 +110,47 @@ class Plan:
         calibration = next(c for cell in self.cells for name, c in self.variants(cell) if name == label)
         return (calibration and get_calibration(calibration).mode_for(method)) or method.default_mode
 
-    def validate(self) -> None:
+    def validate(self, cell_key: str = "--cells {}") -> None:
+        """Refuse what a unit would fail on, before the first unit trains; ``cell_key`` names a cell in the
+        errors (``cells.{}`` in a suite file)."""
         from .calibration import CALIBRATIONS
         from .methods import METHODS
 
         unknown = sorted(set(self.calibrations) - set(CALIBRATIONS))
         if unknown:
             raise ValueError(f"--calibrations: unknown {unknown}; available: {', '.join(sorted(CALIBRATIONS))}")
+        for flag, names in (("--tasks", self.tasks), ("--ood-train", [self.ood_train] if self.ood_train else []),
+                            ("--ood-eval", self.ood_eval if self.ood_train else [])):
+            typo = next((n for n in names if not is_task(n)), None)
+            if typo is not None:
+                raise ValueError(f"{flag}: unknown task {typo!r}")
         labels = [c.label for c in self.cells]
         if len(set(labels)) != len(labels):
             raise ValueError(f"--cells: labels must be unique, got {labels}")
         for c in self.cells:
             if c.method not in METHODS:
-                raise ValueError(f"--cells {c.label}: unknown method {c.method!r}; available: {', '.join(sorted(METHODS))}"
-                                 " (name a variant LABEL='{\"method\": ...}')")
+                raise ValueError(f"{cell_key.format(c.label)}: unknown method {c.method!r}; available: "
+                                 f"{', '.join(sorted(METHODS))} (name a variant LABEL='{{\"method\": ...}}')")
+            try:
+                self.check_cell(c)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{cell_key.format(c.label)}: {err}") from err
         for name, only in self.calibration_cells.items():
             missing = sorted(set(only) - set(labels))
             if name not in self.calibrations or missing:
                 raise ValueError(f"calibration cells for {name!r}: {'not a listed calibration' if name not in self.calibrations else f'unknown cells {missing}'}")
         if self.ood_train in self.ood_eval:
             raise ValueError(f"--ood-eval must not contain the OOD training task {self.ood_train!r}")
+
+    def check_cell(self, cell: Cell) -> None:
+        """Build what each of the cell's units builds before its model loads (the resolved training config,
+        the method's own config), so a bad setting fails at the start, not hours later at its unit."""
+        from .methods import get_method
+        from .training import resolve
+
+        for budget in self.budgets:
+            cfg = resolve(train_config(self, budget, self.train_tasks()[0], cell, self.seeds[0]))
+            get_method(cfg.method, cfg.method_options).check(cfg.lora())
 
     def train_tasks(self) -> list[str]:
         extra = [self.ood_train] if self.ood_train and self.ood_train not in self.tasks else []
@@ -153,19 +174,56 @@ class Plan:
         return eval_stem(eval_task, self.split, method, mode, samples, calibration, first=self.max_eval_examples)
 
 
+def is_task(name: str) -> bool:
+    """A registered task, or an MMLU subject or group name."""
+    from .data.mmlu_subjects import resolve_mmlu_subjects
+    from .data.tasks import TASKS
+
+    if name in TASKS:
+        return True
+    if name.startswith(("mmlu_", "mmlu:")):
+        try:
+            return bool(resolve_mmlu_subjects(name))
+        except (ValueError, KeyError):
+            return False
+    return False
+
+
+def data_dir_of(plan: Plan, cell: Cell) -> Optional[str]:
+    """The data folder of a cell's units: the cell's own ``data_dir``, else the plan's. Training, evaluation
+    and calibration all read this one, so a unit is never trained on one folder and scored on another."""
+    return cell.settings.get("data_dir", plan.data_dir)
+
+
 def train_config(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int):
     from dataclasses import fields
 
     from .training import TrainConfig
 
     known = {f.name for f in fields(TrainConfig)}
-    train_fields = {k: v for k, v in cell.settings.items() if k in known}
+    train_fields = {k: v for k, v in cell.settings.items() if k in known and k != "data_dir"}
     options = {k: v for k, v in cell.settings.items() if k not in known}
-    base = dict(model=plan.model, task=task, method=cell.method, data_dir=plan.data_dir, epochs=budget.epochs,
-                batch_size=budget.batch_size, seed=seed, samples=plan.samples, max_length=plan.max_length,
-                progress=False)
+    base = dict(model=plan.model, task=task, method=cell.method, data_dir=data_dir_of(plan, cell),
+                epochs=budget.epochs, batch_size=budget.batch_size, seed=seed, samples=plan.samples,
+                max_length=plan.max_length, progress=False)
     return TrainConfig(**{**base, **train_fields, "output": str(plan.run_dir(budget, task, cell, seed))},
                        method_options=options)
+
+
+def check_data(plan: Plan, runs: list[tuple[Budget, str, Cell, int]]) -> None:
+    """Raise naming the file when one the runs read (training data, each eval set's split) is missing from
+    its unit's data folder: checked before the first run trains, not after each one has."""
+    from .data import split_files
+
+    seen = set()
+    for budget, task, cell, seed in runs:
+        cfg = train_config(plan, budget, task, cell, seed)
+        needs = [(task, "train", cfg.train_file), (task, "train", cfg.val_file) if cfg.val_file else None,
+                 *((t, plan.split, None) for t, _ in plan.evals_of(task))]
+        for need in filter(None, needs):
+            if (need, cfg.data_dir) not in seen:
+                seen.add((need, cfg.data_dir))
+                split_files(need[0], need[1], cfg.data_dir, need[2])
 
 
 MI_NOISE = 1e-12  # mutual information below this is float rounding: a deterministic predictor's
@@ -203,6 +261,7 @@ def run_plan(plan: Plan, log=print) -> None:
     """Train every run and evaluate it on its sets, skipping what the output folder already holds."""
     plan.validate()
     runs = plan.runs()
+    check_data(plan, runs)
     n_evals = sum(len(_modes(c.method, k)) for _, t, c, _ in runs for _, k in plan.evals_of(t))
     log(f"compare: {len(runs)} training runs ({len(plan.budgets)} budgets × {len(plan.train_tasks())} tasks × "
         f"{len(plan.cells)} cells × {len(plan.seeds)} seeds), {n_evals} evaluations on '{plan.split}', "
@@ -252,29 +311,30 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
             samples = _draws(folder, mode, cfg.samples)
             if folder.eval_files(plan.stem(eval_task, cfg.method, mode, samples)).metrics.exists():
                 continue
-            r = evaluate_run(folder.root, eval_task, plan.split, data_dir=plan.data_dir, samples=samples,
-                             mode=mode, seed=seed, max_examples=plan.max_eval_examples)
+            r = evaluate_run(folder.root, eval_task, plan.split, data_dir=data_dir_of(plan, cell),
+                             samples=samples, mode=mode, seed=seed, max_examples=plan.max_eval_examples)
             log(f"{label}: {eval_task}/{plan.split} {mode}: acc {100 * r['acc']:.1f} ece {100 * r['ece']:.1f} "
                 f"nll {r['nll']:.4f}")
     for _, calibration in plan.variants(cell)[1:]:
-        _calibrated_evals(plan, folder, cfg.method, calibration, task, seed, label, log)
+        _calibrated_evals(plan, folder, cell, calibration, task, seed, label, log)
 
 
-def _calibrated_evals(plan: Plan, folder: RunFolder, method: str, calibration: str, task: str, seed: int,
+def _calibrated_evals(plan: Plan, folder: RunFolder, cell: Cell, calibration: str, task: str, seed: int,
                       label: str, log) -> None:
     """Fit ``calibration`` on the run's val slice once, then score every set of the run through it."""
     from .runs import calibrate_run, evaluate_run
 
+    method, data_dir = folder.read_config()["train"]["method"], data_dir_of(plan, cell)
     draws = folder.read_config()["train"]["samples"]  # the suite's S unless the cell sets its own
     mode, samples = _calibrated_mode(folder, calibration, draws)
     if not folder.calibration_file(calibration).exists():
-        r = calibrate_run(folder.root, calibration, mode=mode, samples=draws, seed=seed, data_dir=plan.data_dir)
+        r = calibrate_run(folder.root, calibration, mode=mode, samples=draws, seed=seed, data_dir=data_dir)
         log(f"{label}: {calibration} fitted on {r['fitted_on']['split']}: {r['params']}, val nll {r['val_before']['nll']:.4f} -> "
             f"{r['val_after']['nll']:.4f}")
     for eval_task, _ in plan.evals_of(task):
         if folder.eval_files(plan.stem(eval_task, method, mode, samples, calibration)).metrics.exists():
             continue
-        r = evaluate_run(folder.root, eval_task, plan.split, data_dir=plan.data_dir, samples=samples, seed=seed,
+        r = evaluate_run(folder.root, eval_task, plan.split, data_dir=data_dir, samples=samples, seed=seed,
                          calibration=calibration, max_examples=plan.max_eval_examples)
         log(f"{label}: {eval_task}/{plan.split} +{calibration}: acc {100 * r['acc']:.1f} ece {100 * r['ece']:.1f} "
             f"nll {r['nll']:.4f}")
@@ -457,6 +517,9 @@ def summarise(plan: Plan) -> dict[str, Any]:
         rows += unit
         for (eval_task, name, mode), ex in examples.items():
             per_example.setdefault((budget.name, task, eval_task, name, mode), {})[seed] = ex
+    if not rows:
+        raise FileNotFoundError(f"{plan.output}: nothing to summarise (no evaluation of this comparison's runs "
+                                "there; check --output and the matrix flags)")
     groups: dict[tuple, list[dict[str, Any]]] = {}
     by_seed = {(r["budget"], r["train_task"], r["eval_task"], r["cell"], r["mode"], r["seed"]): r for r in rows}
     for r in rows:

@@ -5,7 +5,8 @@ evaluations on every set, its post-hoc calibrations and their evaluations. A pos
 always runs in the same shard as the run it is fitted on, and OOD detection compares sets scored by the
 same adapter. ``--shard i/n`` takes units i, i+n, i+2n, ... of the suite's fixed order, so the shards
 partition the matrix. A unit whose latest row in the output's results is ``ok`` is skipped; a unit that
-raises is recorded with its error and traceback and the others go on (the next invocation retries it).
+raises is recorded with its error and traceback and the others go on (the next invocation retries it);
+``run_bench`` returns the failed ones, and ``bayeslora bench`` exits 1 when there are any.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from ..compare import Budget, Cell, Plan, run_unit, unit_rows
+from ..compare import Budget, Cell, Plan, check_data, run_unit, unit_rows
 from ..layout import RunFolder
 from .results import append_rows, finite, latest_rows, read_rows, results_file, results_files
 from .suite import Suite
@@ -87,8 +88,10 @@ def finished_units(output: Path) -> dict[str, str]:
 
 
 def run_bench(suite: Suite, output: Path, *, split: Optional[str] = None, data_dir: Optional[str] = None,
-              shard: Optional[tuple[int, int]] = None, progress: bool = True, log=print) -> tuple[Path, int]:
-    """Run this shard's unfinished units; returns the results file it appends to and the shard's unit count."""
+              shard: Optional[tuple[int, int]] = None, progress: bool = True, log=print,
+              ) -> tuple[Path, int, list[str]]:
+    """Run this shard's unfinished units; returns the results file it appends to, the shard's unit count and
+    the ids of the units that failed this time (recorded there; the others went on)."""
     from tqdm.auto import tqdm
 
     from ..training.loop import versions
@@ -99,6 +102,7 @@ def run_bench(suite: Suite, output: Path, *, split: Optional[str] = None, data_d
     done = finished_units(output)
     signatures = {u[0]: unit_signature(plan, *u[1:]) for u in mine}
     todo = [u for u in mine if done.get(u[0]) != signatures[u[0]]]
+    check_data(plan, [u[1:] for u in todo])
     target = results_file(output, shard)
     where = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
     log(f"bench {suite.name}{where}: {len(mine)} units, {len(mine) - len(todo)} already finished; "
@@ -108,6 +112,7 @@ def run_bench(suite: Suite, output: Path, *, split: Optional[str] = None, data_d
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="bench units", unit="unit",
                disable=not progress, dynamic_ncols=True)
     say = (lambda text: bar.write(text)) if progress else log
+    failed = []
     for unit_id, budget, task, cell, seed in todo:
         bar.set_postfix_str(unit_id)
         started = time.perf_counter()
@@ -124,13 +129,14 @@ def run_bench(suite: Suite, output: Path, *, split: Optional[str] = None, data_d
             rows = [{**attempt, "status": "error", "budget": budget.name, "train_task": task, "cell": cell.label,
                      "seed": seed, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}]
             say(f"{unit_id}: FAILED ({type(err).__name__}: {err}); recorded, going on")
+            failed.append(unit_id)
         stamp = datetime.now(timezone.utc).isoformat()
         for r in rows:
             r["finished_at"], r["unit_seconds"], r["rows_in_attempt"] = stamp, time.perf_counter() - started, len(rows)
         append_rows(target, rows)
         bar.update(1)
     bar.close()
-    return target, len(mine)
+    return target, len(mine), failed
 
 
 def _run_facts(run_dir: Path) -> dict[str, Any]:

@@ -37,7 +37,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from ..compare import Budget, Cell, Plan
+from ..compare import Budget, Cell, Plan, is_task
 
 __all__ = ["SUITES_DIR", "Suite", "load_suite", "shipped_suites"]
 
@@ -46,20 +46,6 @@ _KEYS = {"description", "model", "tasks", "seeds", "split", "samples", "max_leng
          "reference", "calibrations", "calibration_cells", "budget", "ood", "defaults", "cells"}
 _RESERVED = {"method_options", "progress", "output", "task", "seed", "epochs", "batch_size"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # labels become folder names
-
-
-def _is_task(name: str) -> bool:
-    from ..data.mmlu_subjects import resolve_mmlu_subjects
-    from ..data.tasks import TASKS
-
-    if name in TASKS:
-        return True
-    if name.startswith(("mmlu_", "mmlu:")):
-        try:
-            return bool(resolve_mmlu_subjects(name))
-        except (ValueError, KeyError):
-            return False
-    return False
 
 
 def _non_finite(value: Any, where: str = "") -> Optional[str]:
@@ -110,7 +96,7 @@ class Suite:
                     model=self.model, data_dir=data_dir, split=split, samples=self.samples,
                     max_length=self.max_length, reference=self.reference, calibrations=list(self.calibrations),
                     max_eval_examples=self.max_eval_examples, calibration_cells=dict(self.calibration_cells))
-        plan.validate()
+        plan.validate(cell_key="cells.{}")
         return plan
 
 
@@ -145,7 +131,7 @@ def _parse(data: dict[str, Any], path: Path, sha256: str) -> Suite:
 
     def task_list(key: str, value: Any) -> list[str]:
         names = str_list(key, value)
-        unknown = [n for n in names if not _is_task(n)]
+        unknown = [n for n in names if not is_task(n)]
         if unknown:
             raise bad(key, f"unknown task {unknown[0]!r}")
         if len(set(names)) != len(names):
@@ -197,7 +183,7 @@ def _parse(data: dict[str, Any], path: Path, sha256: str) -> Suite:
     if extra:
         raise bad(f"ood.{extra[0]}", "unknown key (known: train, eval)")
     ood_train = ood.get("train", "")
-    if not isinstance(ood_train, str) or (ood_train and not _is_task(ood_train)):
+    if not isinstance(ood_train, str) or (ood_train and not is_task(ood_train)):
         raise bad("ood.train", f"must be a task name (or \"\" for none), got {ood_train!r}")
     ood_train = ood_train or None
     ood_eval_raw = ood.get("eval", [])
@@ -243,16 +229,8 @@ def _parse(data: dict[str, Any], path: Path, sha256: str) -> Suite:
                   calibrations=str_list("calibrations", get("calibrations", list, [])),
                   calibration_cells=calibration_cells, budget=budget, ood_train=ood_train, ood_eval=ood_eval,
                   cells=cells)
-    from ..compare import train_config
-    from ..training import resolve
-
-    try:
-        plan = suite.plan(Path("."), split=split)  # the matrix itself: methods, calibrations, labels
+    try:  # the matrix itself (methods, calibrations, labels) and every cell's settings, built as a unit builds them
+        suite.plan(Path("."), split=split)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
-    for cell in plan.cells:  # every cell's settings, before hours of training reach a typo
-        try:
-            resolve(train_config(plan, suite.budget, tasks[0], cell, seeds[0]))
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{path}: cells.{cell.label}: {err}") from err
     return suite

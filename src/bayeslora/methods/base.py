@@ -109,6 +109,11 @@ class Method:
             raise ValueError(f"method {self.name!r} takes no options, got {sorted(self.options)}")
         return {}
 
+    def check(self, lora: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming the option when this configuration cannot work, without a model: a
+        suite or comparison checks every cell before its first unit trains."""
+        self.resolved_options()
+
     # ---- model
     def build(self, base_model: nn.Module, lora: dict[str, Any]) -> nn.Module:
         raise NotImplementedError

@@ -224,6 +224,9 @@ class BayesLoraMethod(Method):
         fields = {k: v for k, v in options.items() if k in POSTERIOR_FIELDS or k == "bayesian_modules"}
         return BayesLoraConfig(**lora_config_kwargs(lora), **fields, output_rows=output_rows)
 
+    def check(self, lora: dict[str, Any]) -> None:
+        self.config(lora)  # BayesLoraConfig validates the posterior fields
+
     def lr_factors(self, model: nn.Module, lr: float) -> dict[str, float]:
         options = self.resolved_options()
         factors = dict(options["lr_factors"])

@@ -30,6 +30,28 @@ def option(default: Any = None, help: str = "", *, flag: bool = True, **argparse
     return field(default=default, metadata=meta)
 
 
+_KINDS = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+          "bool": ((bool,), "true or false"), "list[str]": ((list,), "a list of strings"),
+          "dict[str, Any]": ((dict,), "a table of options")}
+
+
+def _check_type(f: Any, value: Any) -> None:
+    """Raise naming the field and the type it takes: a suite or JSON cell sets fields without argparse's
+    conversion, and ``"fast" > 0`` would otherwise fail as a bare TypeError naming neither."""
+    text = str(f.type)
+    optional = text.startswith("Optional[")
+    if optional and value is None:
+        return
+    kind = text[len("Optional["):-1] if optional else text
+    if kind not in _KINDS:
+        raise TypeError(f"TrainConfig.{f.name}: no type check for {text!r}; add one to _KINDS")
+    kinds, what = _KINDS[kind]
+    bad = (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+           or (what == "a list of strings" and not all(isinstance(v, str) for v in value)))
+    if bad:
+        raise ValueError(f"--{f.name.replace('_', '-')} must be {what}, got {value!r}")
+
+
 @dataclass
 class TrainConfig:
     model: str = option("minilm", "Hub id, local folder, .gguf file, or an embedded model: 'minilm' "
@@ -99,6 +121,8 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        for f in fields(self):
+            _check_type(f, getattr(self, f.name))
         positive = ("r", "lora_alpha", "batch_size", "eval_batch_size", "grad_accum", "train_samples", "samples")
         for name in positive + ("epochs",):
             value = getattr(self, name)
@@ -120,10 +144,7 @@ class TrainConfig:
             raise ValueError(f"--entropy-bonus must be >= 0, got {self.entropy_bonus}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ValueError(f"--gradient-checkpointing must be true or false, got {self.gradient_checkpointing!r}")
-        if isinstance(self.head_lr_factor, bool) or not isinstance(self.head_lr_factor, (int, float)) \
-                or not self.head_lr_factor > 0:
+        if not self.head_lr_factor > 0:
             raise ValueError(f"--head-lr-factor must be > 0, got {self.head_lr_factor}")
         if self.weight_decay is not None and not self.weight_decay >= 0:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
