@@ -128,11 +128,9 @@ class TrainConfig:
             value = getattr(self, name)
             if (value is not None or name in positive) and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if isinstance(self.warmup_ratio, bool) or not isinstance(self.warmup_ratio, (int, float)) \
-                or not 0 <= self.warmup_ratio < 1:
+        if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if isinstance(self.kl_warmup_steps, bool) or not isinstance(self.kl_warmup_steps, int) \
-                or self.kl_warmup_steps < 0:
+        if self.kl_warmup_steps < 0:
             raise ValueError(f"--kl-warmup-steps must be an integer >= 0, got {self.kl_warmup_steps!r}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"--max-steps must be positive, got {self.max_steps}")
