@@ -184,7 +184,7 @@ def test_generic_jsonl_synthetic_and_unknown_tasks(tmp_path: Path) -> None:
     mine = write_jsonl(tmp_path / "mine.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": "A"}])
     assert [e.answer for e in load_task("jsonl", "train", file=mine)] == [0]
     assert split_files("jsonl", "dev", file=mine) == [mine]
-    with pytest.raises(SplitUnavailableError, match="pass file="):
+    with pytest.raises(SplitUnavailableError, match="pass its file"):
         load_task("jsonl", "train", tmp_path)
     with pytest.raises(ValueError, match="takes no file"):
         load_task("synthetic", "train", file=mine)

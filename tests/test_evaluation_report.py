@@ -54,14 +54,16 @@ def test_write_json_atomic_failure_keeps_the_old_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
-def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path: Path, umask: int) -> None:
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path: Path, umask: int, monkeypatch) -> None:
     """mkstemp makes 0600 files: results and adapter configs were unreadable to others under umask 022."""
     import os
     import stat
 
+    from bayeslora import atomic
     from bayeslora.config import BayesLoraConfig
 
     old = os.umask(umask)
+    monkeypatch.setattr(atomic, "_UMASK", atomic._read_umask())  # read at import; here, as this test sets it
     try:
         target = write_json_atomic(tmp_path / "metrics.json", {"a": 1})
         BayesLoraConfig(r=2, target_modules=["q"]).save_pretrained(str(tmp_path / "adapter"))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "bayeslora"
 
 
@@ -124,6 +126,11 @@ def test_a_run_folder_removes_only_what_a_run_wrote(tmp_path):
     assert folder.run_entries() == []
     for path in (folder.config, folder.history, folder.root / "metrics_dev.json"):
         path.write_text("{}")
+    assert not folder.holds_run()  # a model folder's config.json is not a run's
+    with pytest.raises(ValueError, match="not a bayeslora run folder; nothing deleted"):
+        folder.remove_run()
+    folder.config.write_text('{"train": {}}')
+    assert folder.holds_run()
     for path in (folder.adapters_dir / "epoch-0", folder.checkpoint, previous_version(folder.checkpoint),
                  folder.eval_dir, folder.calibration_dir):
         path.mkdir(parents=True)

@@ -23,7 +23,8 @@ def _train_parser(sub, full: bool = True) -> None:
 
     add_train_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint, "
-                   "with the settings it recorded (only --gradient-checkpointing and --data-dir may change)")
+                   "with the settings it recorded (only --gradient-checkpointing, --eval-batch-size and --data-dir may "
+                   "change)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output (its config, "
                    "history, adapters, checkpoint, evaluations and calibrations are deleted first)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -53,6 +54,8 @@ def _train(args: argparse.Namespace) -> int:
             cfg.gradient_checkpointing = True
         if args.data_dir is not None:  # the data moved; its files are checked against the recorded sha256
             cfg.data_dir = args.data_dir
+        if args.eval_batch_size != TrainConfig.__dataclass_fields__["eval_batch_size"].default:  # memory only
+            cfg.eval_batch_size = args.eval_batch_size
     else:
         missing = [f"--{name}" for name in ("task", "method") if getattr(args, name) is None]
         if missing:
@@ -69,7 +72,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 # Train options a resume may take from the command line: where things are, and memory/speed only.
-_RESUME_MAY_CHANGE = ("output", "data_dir", "gradient_checkpointing")
+_RESUME_MAY_CHANGE = ("output", "data_dir", "gradient_checkpointing", "eval_batch_size")
 
 
 def _refuse_changes_on_resume(args: argparse.Namespace, cfg) -> None:
@@ -78,11 +81,12 @@ def _refuse_changes_on_resume(args: argparse.Namespace, cfg) -> None:
     from dataclasses import MISSING, fields
 
     from .training import TrainConfig
-    from .training.config import DATA_PATHS
+    from .training.config import DATA_PATHS, absolute_path
 
     def same(name: str, given, recorded) -> bool:
-        if name in DATA_PATHS and given is not None and recorded is not None:  # recorded absolute (older: as typed)
-            return Path(given).expanduser().resolve() == Path(recorded).expanduser().resolve()
+        paths = name in DATA_PATHS or (name == "model" and Path(str(given)).expanduser().exists())
+        if paths and given is not None and recorded is not None:  # recorded absolute (older runs: as typed)
+            return absolute_path(given) == absolute_path(recorded)
         return given == recorded
 
     changed = []
@@ -93,8 +97,9 @@ def _refuse_changes_on_resume(args: argparse.Namespace, cfg) -> None:
         if given != default and not same(f.name, given, getattr(cfg, f.name)):
             changed.append(f"--{f.name.replace('_', '-')} {given} (the run has {getattr(cfg, f.name)!r})")
     for dest, (_, flag, default) in getattr(args, "_method_flags", {}).items():
-        if getattr(args, dest) != default:
-            changed.append(f"{flag} {getattr(args, dest)}")
+        given = getattr(args, dest)
+        if given != default and given != cfg.method_options.get(dest, MISSING):
+            changed.append(f"{flag} {given}")
     if changed:
         raise ValueError(f"--resume continues {args.output} with the settings in its config.json; these would be "
                          f"ignored, so drop them (or train a new run): {'; '.join(changed)}")
@@ -204,7 +209,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                               mode=args.mode, output=args.output, batch_size=args.batch_size,
                               batched=not args.sequential, max_examples=args.max_examples,
                               device=args.device, calibration=args.calibration,
-                              exact_samples=args.samples is not None, **draws)
+                              note_samples=args.samples is not None, name_seed=args.seed is not None, **draws)
     print(f"{record['task']}/{record['split']} {method_label(record['method'], record['calibration'])} {record['mode']} S={record['samples']} "
           f"n={record['n']}: acc {100 * record['acc']:.2f} ece {100 * record['ece']:.2f} "
           f"nll {record['nll']:.4f} brier {record['brier']:.4f}")

@@ -297,7 +297,9 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
     if not folder.is_trained():
         if folder.has_training_state():
             log(f"{label}: resuming training")
-            train(TrainConfig.from_run(folder.root), resume=True)
+            recorded = TrainConfig.from_run(folder.root)
+            recorded.output = str(folder.root)  # this folder, whatever the recorded (maybe relative) output says
+            train(recorded, resume=True)
         elif folder.selection.exists():
             raise ValueError(f"{folder.root}: an adapter was selected but the checkpoint is gone; "
                              "restore it or remove the run folder to retrain")

@@ -137,11 +137,23 @@ class RunFolder:
                  previous_version(self.checkpoint), self.calibration_dir, self.eval_dir]
         return [p for p in owned if p.exists()] + sorted(p for p in self.root.glob(METRICS_GLOB) if p.is_file())
 
+    def holds_run(self) -> bool:
+        """Whether a bayeslora run wrote here: a config.json with its ``train`` record, or training state (a
+        model folder's config.json, or a project's eval/, does not make a folder a run)."""
+        try:
+            recorded = json.loads(self.config.read_text()) if self.config.is_file() else None
+        except (OSError, ValueError):
+            recorded = None
+        return (isinstance(recorded, dict) and "train" in recorded) or self._state().exists()
+
     def remove_run(self) -> None:
-        """Delete what :meth:`run_entries` lists (never other files in the folder); config.json goes first, so an
-        interrupted removal leaves no folder that reads as a run with parts missing."""
+        """Delete what :meth:`run_entries` lists (never other files in the folder) of a folder that
+        :meth:`holds_run`; config.json goes first, so an interrupted removal leaves no folder that reads as a
+        run with parts missing."""
         import shutil
 
+        if not self.holds_run():
+            raise ValueError(f"{self.root}: not a bayeslora run folder; nothing deleted")
         for path in self.run_entries():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 

@@ -94,22 +94,25 @@ def evaluate_run(run_dir: str | Path, task: str, split: str, *, data_dir: Option
                  output: Optional[str | Path] = None, batch_size: int = 32, seed: int = 0,
                  batched: bool = True, max_examples: Optional[int] = None,
                  device: Optional[str] = None, calibration: Optional[str] = None,
-                 exact_samples: bool = False) -> dict[str, Any]:
+                 note_samples: bool = False, name_seed: bool = False) -> dict[str, Any]:
     """Score a split with the run's selected adapter, optionally through a fitted calibration (in the
-    mode it was fitted in). ``exact_samples``: refuse a ``samples`` the predictor would not use (a
-    deterministic mode draws once, an ensemble once per member) instead of scoring with its own count."""
+    mode it was fitted in). ``note_samples``: say on stderr when the predictor will not use ``samples``
+    (a deterministic mode draws once, an ensemble once per member). ``name_seed``: a sample-mode score
+    with another draw seed than 0 gets files of its own (``-seedN``; the command line's ``--seed``)."""
+    import sys
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run = prepare_run(run_dir, mode=mode, calibration=calibration, device=device)
     try:
         draws = run.predictor.draws(run.mode, samples)
-        if exact_samples and draws != samples:
-            raise ValueError(f"--samples {samples}: {method_label(run.cfg.method, calibration)} in {run.mode} mode "
-                             f"predicts with {draws} draw{'s' if draws > 1 else ''} whatever --samples says; drop it")
+        if note_samples and draws != samples:
+            print(f"note: --samples {samples} is not used: {method_label(run.cfg.method, calibration)} in {run.mode} "
+                  f"mode predicts with {draws} draw{'s' if draws > 1 else ''}", file=sys.stderr)
         return _score(run.predictor, run.model, run.scorer, run.tokenizer, task, split, run.facts,
                       data_dir=data_dir, data_file=data_file, samples=samples, mode=run.mode,
                       batch_size=batch_size, seed=seed, batched=batched, max_examples=max_examples, device=device,
                       max_length=run.cfg.max_length, output=output, default_files=RunFolder(run_dir).eval_files,
-                      transform=run.transform)
+                      transform=run.transform, name_seed=name_seed)
     finally:
         run.close()
 
@@ -222,7 +225,7 @@ def evaluate_base(model_name: str, task: str, split: str, *, scoring: Optional[s
 def _score(method, model, scorer, tokenizer, task: str, split: str, facts: dict[str, Any], *,
            data_dir, data_file, samples: int, mode: str, batch_size: int, seed: int, batched: bool,
            max_examples, device, max_length, output, default_files: Callable[[str], EvalFiles],
-           transform: Optional[Callable] = None) -> dict[str, Any]:
+           transform: Optional[Callable] = None, name_seed: bool = False) -> dict[str, Any]:
     """Predict, compute the metrics, and write the metrics, predictions and reliability files.
 
     ``transform`` (a calibration's) maps the per-draw log-probabilities (N, S, C) before averaging."""
@@ -248,7 +251,8 @@ def _score(method, model, scorer, tokenizer, task: str, split: str, facts: dict[
         "data_file": data_file, "model": facts["model"], "calibration": facts["calibration"],
         "calibration_params": facts["calibration_params"],
     }
-    stem = eval_stem(task, split, facts["method"], mode, draws, facts["calibration"], first=max_examples, seed=seed)
+    stem = eval_stem(task, split, facts["method"], mode, draws, facts["calibration"], first=max_examples,
+                     seed=seed if name_seed else 0)
     files = EvalFiles(Path(output)) if output else default_files(stem)
     out = files.metrics
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -118,8 +118,9 @@ class Calibration:
 
     def at_bound(self, params: dict[str, Any]) -> list[str]:
         """The parameters that ended on an end of their search range (see :meth:`search_bounds`)."""
-        return [name for name, (low, high) in self.search_bounds().items()
-                if name in params and not low < params[name] < high]
+        ends = self.search_bounds().items()  # within float rounding: exp(log(0.01)) is 0.010000000000000004
+        return [name for name, (low, high) in ends
+                if name in params and not low * (1 + 1e-9) < params[name] < high * (1 - 1e-9)]
 
     def fitted_values(self, params: dict[str, Any]) -> int:
         """How many of ``params`` are fitted values (the rest is bookkeeping), for cost tables."""

@@ -163,7 +163,7 @@ class Tfb(LoraPostHoc):
                 "search": [{"sigma": s, "relative_nll_change": v} for s, v in tried]}
 
     def search_bounds(self) -> dict[str, tuple[float, float]]:
-        return {"sigma": (0.0, SIGMA_MAX)}  # 0: even SIGMA_MIN changed the anchor NLL too much
+        return {"sigma": (SIGMA_MIN, SIGMA_MAX)}  # 0 (even SIGMA_MIN changed the anchor NLL too much) is below
 
     def prepare(self, method: Any, model: nn.Module, params: dict[str, Any], tensors=None) -> Any:
         return TfbPredictor(method, model, params["sigma"])

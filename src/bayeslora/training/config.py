@@ -31,7 +31,7 @@ def option(default: Any = None, help: str = "", *, flag: bool = True, **argparse
 
 
 _KINDS = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
-          "bool": ((bool,), "true or false"), "list[str]": ((list,), "a list of strings"),
+          "bool": ((bool,), "true or false"), "list[str]": ((list, str), "a list of names or one regex"),
           "dict[str, Any]": ((dict,), "a table of options")}
 
 
@@ -47,7 +47,7 @@ def _check_type(f: Any, value: Any) -> None:
         raise TypeError(f"TrainConfig.{f.name}: no type check for {text!r}; add one to _KINDS")
     kinds, what = _KINDS[kind]
     bad = (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
-           or (what == "a list of strings" and not all(isinstance(v, str) for v in value)))
+           or (what == "a list of names or one regex" and not all(isinstance(v, str) for v in value)))
     if bad:
         raise ValueError(f"--{f.name.replace('_', '-')} must be {what}, got {value!r}")
 
@@ -193,7 +193,7 @@ RESOLVED_AT_TRAINING = ("scoring",)
 SPEED_AND_MEMORY_ONLY = ("gradient_checkpointing",)
 
 
-def resolve(cfg: TrainConfig) -> TrainConfig:
+def resolve(cfg: TrainConfig, check_unread: bool = True) -> TrainConfig:
     """Fill every option left ``None`` that has a recipe or method default; returns a new config.
 
     Precedence: the user's value; the recipe's defaults when the user chose a recipe other than the
@@ -210,7 +210,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if recipe.name == own_recipe:
         layers.reverse()  # the method's own values win over its own recipe's
     unread = [name for name in recipe.ignores if getattr(cfg, name) != TrainConfig.__dataclass_fields__[name].default]
-    if unread:
+    if unread and check_unread:  # not on resume: a run recorded before this check keeps its (unread) values
         flags = ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in unread)
         raise ValueError(f"the {recipe.name} recipe does not read {flags}: drop it, or choose another --recipe")
     values = cfg.to_dict()
@@ -255,13 +255,23 @@ def _scalar_type(annotation: Any) -> type:
 
 
 # Paths a run reads again later (calibrate, evaluate on val, resume), recorded absolute so those commands
-# work from any working directory.
+# work from any working directory (so is --model when it names a local folder or file).
 DATA_PATHS = ("data_dir", "train_file", "val_file")
+
+
+def absolute_path(text: str) -> str:
+    """``text`` as an absolute, normalised path (``..`` folded; symlinks kept, so a linked data folder stays
+    the link)."""
+    import os
+
+    return os.path.normpath(Path(text).expanduser().absolute())
 
 
 def config_from_args(args: argparse.Namespace, method_options: dict[str, Any]) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.metadata.get("flag", True)}
     for name in DATA_PATHS:
         if values[name] is not None:
-            values[name] = str(Path(values[name]).expanduser().resolve())
+            values[name] = absolute_path(values[name])
+    if Path(values["model"]).expanduser().exists():  # a local folder or file; embedded names and Hub ids stay
+        values["model"] = absolute_path(values["model"])
     return TrainConfig(**values, method_options=method_options, progress=not args.no_progress)

@@ -138,7 +138,7 @@ def check_run_data(cfg: TrainConfig, recorded: dict[str, Any], data_dir: Optiona
             changed = next((a["path"] for a, b in zip(after, files) if a["sha256"] != b["sha256"]),
                            ", ".join(str(f["path"]) for f in after) or "(none)")
             raise ValueError(f"{changed}: not the {split} data this run trained on (its sha256 differs from the one "
-                             f"recorded in {where}); restore that file, or pass --data-dir with the original data")
+                             f"recorded in {where}); restore its original bytes (if only the data folder moved, pass --data-dir)")
 
 
 def fit_and_val_sets(cfg: TrainConfig, data_dir: Optional[str] = None) -> tuple[list, list]:
@@ -222,8 +222,12 @@ class Trainer:
         deletes what it wrote first. Every rank looks before any writes (the first write follows
         ``prepare``, which all ranks reach), so all refuse alike; only the main process deletes."""
         found = self.folder.run_entries()
+        names = ", ".join(p.name for p in found)
+        if found and not self.folder.holds_run():
+            raise ValueError(f"--output {self.cfg.output} is not a bayeslora run but has files a run writes ({names}): "
+                             "choose another --output (nothing was deleted)")
         if found and not overwrite:
-            raise ValueError(f"--output {self.cfg.output} holds a run already ({', '.join(p.name for p in found)}): "
+            raise ValueError(f"--output {self.cfg.output} holds a run already ({names}): "
                              "pass --resume to continue it, --overwrite to replace it, or another --output")
         if found and self.acc.is_main_process:
             self.folder.remove_run()
@@ -416,4 +420,4 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: Optional[bool] = No
         folder = RunFolder(cfg.output).checkpoint
         if not (existing_dir(folder) / "state.json").exists():
             raise FileNotFoundError(f"{cfg.output}: nothing to resume (no {folder.name}/state.json)")
-    return Trainer(resolve(cfg), resume=resume, overwrite=overwrite).fit()
+    return Trainer(resolve(cfg, check_unread=not resume), resume=resume, overwrite=overwrite).fit()
