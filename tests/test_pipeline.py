@@ -513,3 +513,17 @@ def test_calibrate_and_resume_refuse_data_that_changed_since_training(workspace,
     assert "sha256 differs" in capsys.readouterr().err
     data.write_text(original)
     assert cli.main(["calibrate", "--run", str(run), "--calibration", "temperature"]) == 0
+
+
+def test_a_local_model_folder_is_recorded_absolute(workspace, tmp_path, monkeypatch):
+    """A run trained with --model ./m recorded './m', so resume, evaluate and calibrate from another directory
+    failed or sent the name to the Hub."""
+    model = Path(workspace["causal"])
+    monkeypatch.chdir(model.parent)
+    run = tmp_path / "run"
+    args = train_args(workspace, "causal", "lora", run, "--max-steps", "1")
+    args[args.index("--model") + 1] = model.name  # relative to the working directory
+    assert cli.main(args) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["model"] == str(model)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--resume", "--output", str(run), "--no-progress", "--model", str(model)]) == 0
