@@ -48,14 +48,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         cfg = TrainConfig.from_run(args.output)  # the run's own configuration, not the command line
         _refuse_changes_on_resume(args, cfg)
-        cfg.output = args.output  # the folder given, wherever the command runs from (config.json may be relative)
+        for name in _RESUME_MAY_CHANGE:  # given: the folder wherever the command runs, moved data, memory
+            if getattr(args, name) != TrainConfig.__dataclass_fields__[name].default:
+                setattr(cfg, name, getattr(args, name))
         cfg.progress = not args.no_progress
-        if args.gradient_checkpointing:  # memory and speed only: a run that ran out of memory can resume
-            cfg.gradient_checkpointing = True
-        if args.data_dir is not None:  # the data moved; its files are checked against the recorded sha256
-            cfg.data_dir = args.data_dir
-        if args.eval_batch_size != TrainConfig.__dataclass_fields__["eval_batch_size"].default:  # memory only
-            cfg.eval_batch_size = args.eval_batch_size
     else:
         missing = [f"--{name}" for name in ("task", "method") if getattr(args, name) is None]
         if missing:
@@ -71,7 +67,8 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-# Train options a resume may take from the command line: where things are, and memory/speed only.
+# Train options a resume takes from the command line when given: where things are (the data is checked
+# against its recorded sha256), and memory/speed only (a run that ran out of memory can resume).
 _RESUME_MAY_CHANGE = ("output", "data_dir", "gradient_checkpointing", "eval_batch_size")
 
 

@@ -326,8 +326,8 @@ def _calibrated_evals(plan: Plan, folder: RunFolder, cell: Cell, calibration: st
     """Fit ``calibration`` on the run's val slice once, then score every set of the run through it."""
     from .runs import calibrate_run, evaluate_run
 
-    method, data_dir = folder.read_config()["train"]["method"], data_dir_of(plan, cell)
-    draws = folder.read_config()["train"]["samples"]  # the suite's S unless the cell sets its own
+    recorded, data_dir = folder.read_config()["train"], data_dir_of(plan, cell)
+    method, draws = recorded["method"], recorded["samples"]  # the suite's S unless the cell sets its own
     mode, samples = _calibrated_mode(folder, calibration, draws)
     if not folder.calibration_file(calibration).exists():
         r = calibrate_run(folder.root, calibration, mode=mode, samples=draws, seed=seed, data_dir=data_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -99,8 +100,6 @@ def evaluate_run(run_dir: str | Path, task: str, split: str, *, data_dir: Option
     mode it was fitted in). ``note_samples``: say on stderr when the predictor will not use ``samples``
     (a deterministic mode draws once, an ensemble once per member). ``name_seed``: a sample-mode score
     with another draw seed than 0 gets files of its own (``-seedN``; the command line's ``--seed``)."""
-    import sys
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run = prepare_run(run_dir, mode=mode, calibration=calibration, device=device)
     try:

@@ -47,7 +47,7 @@ def _check_type(f: Any, value: Any) -> None:
         raise TypeError(f"TrainConfig.{f.name}: no type check for {text!r}; add one to _KINDS")
     kinds, what = _KINDS[kind]
     bad = (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
-           or (what == "a list of names or one regex" and not all(isinstance(v, str) for v in value)))
+           or (kind == "list[str]" and not all(isinstance(v, str) for v in value)))
     if bad:
         raise ValueError(f"--{f.name.replace('_', '-')} must be {what}, got {value!r}")
 
