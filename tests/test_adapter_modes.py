@@ -456,6 +456,14 @@ def test_mean_init_std_lora_starts_the_a_factor_at_peft_s_norm_at_any_width(d_in
         BayesLoraConfig(r=4, target_modules=["q_proj"], mean_init_std="peft")
 
 
+@pytest.mark.parametrize("field, value", [("prior_std", "0.1"), ("jitter", "x"), ("lambda_max", True),
+                                          ("sigma_u_init", None)])
+def test_a_non_number_in_a_float_field_is_a_value_error_naming_the_field(field, value):
+    """A string from a hand-written config failed with a bare TypeError from inside the comparison."""
+    with pytest.raises(ValueError, match=f"BayesLoraConfig.{field} must be a number, got {value!r}"):
+        BayesLoraConfig(r=4, target_modules=["q_proj"], **{field: value})
+
+
 # ------------------------------------------------------------------ lora_offset: the posterior centred on a LoRA point
 def _offset_layers(model):
     return [m for m in model.modules() if isinstance(m, BayesLoraLinear) and m.lora_bayes]

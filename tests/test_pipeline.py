@@ -461,17 +461,24 @@ def test_resume_reads_the_folder_given_from_any_directory(workspace, tmp_path, m
 
 def test_resume_refuses_options_it_would_ignore(workspace, tmp_path, capsys):
     run = tmp_path / "run"
-    assert cli.main(train_args(workspace, "causal", "bayeslora", run, "--max-steps", "1", "--lr", "1e-2")) == 0
+    assert cli.main(train_args(workspace, "causal", "bayeslora", run, "--max-steps", "1", "--lr", "1e-2",
+                               "--seed", "1")) == 0
     resume = ["train", "--resume", "--output", str(run), "--no-progress"]
     assert cli.main(resume + ["--max-steps", "5"]) == 2
     assert "--max-steps 5 (the run has 1)" in capsys.readouterr().err
     assert cli.main(resume + ["--flow-depth", "2"]) == 2
     assert "--flow-depth 2" in capsys.readouterr().err
+    # typed equal to its default is typed all the same (argparse alone cannot tell it from no --seed)
+    assert cli.main(resume + ["--seed", "0"]) == 2
+    assert "--seed 0 (the run has 1)" in capsys.readouterr().err
+    assert cli.main(resume + ["--no-flipout"]) == 2
+    assert "--no-flipout (an option of --method blob; the run is bayeslora)" in capsys.readouterr().err
     # the recorded values repeated (as when re-running the original command with --resume) are fine,
-    # method flags included
+    # method flags included, also those recorded under another name (lr_factors)
     recorded = json.loads((run / "config.json").read_text())["train"]["method_options"]
-    assert cli.main(resume + ["--lr", "1e-2", "--method", "bayeslora", "--max-steps", "1",
-                              "--flow-depth", str(recorded["flow_depth"])]) == 0
+    assert cli.main(resume + ["--lr", "1e-2", "--method", "bayeslora", "--max-steps", "1", "--seed", "1",
+                              "--flow-depth", str(recorded["flow_depth"]),
+                              "--mean-lr-factor", str(recorded["lr_factors"]["mean"])]) == 0
 
 
 @pytest.mark.parametrize("method, recipe, option, value", [

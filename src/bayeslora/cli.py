@@ -28,12 +28,12 @@ def _train_parser(sub, full: bool = True) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output (its config, "
                    "history, adapters, checkpoint, evaluations and calibrations are deleted first)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    owners: dict[str, tuple[str, str, object]] = {}  # dest -> (method, flag, default)
+    owners: dict[str, tuple[str, str]] = {}  # dest -> (method, flag)
     for cls in METHODS.values():
         before = len(p._actions)
         cls.add_arguments(p)
         for action in p._actions[before:]:
-            owners[action.dest] = (cls.name, action.option_strings[0], action.default)
+            owners[action.dest] = (cls.name, action.option_strings[0])
     p.set_defaults(_method_flags=owners)
 
 
@@ -49,7 +49,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_run(args.output)  # the run's own configuration, not the command line
         _refuse_changes_on_resume(args, cfg)
         for name in _RESUME_MAY_CHANGE:  # given: the folder wherever the command runs, moved data, memory
-            if getattr(args, name) != TrainConfig.__dataclass_fields__[name].default:
+            if name in args.typed:
                 setattr(cfg, name, getattr(args, name))
         cfg.progress = not args.no_progress
     else:
@@ -58,8 +58,8 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"the following arguments are required: {', '.join(missing)}")
         if args.method not in METHODS:
             raise ValueError(f"--method: unknown method {args.method!r}; available: {', '.join(sorted(METHODS))}")
-        for dest, (owner, flag, default) in getattr(args, "_method_flags", {}).items():
-            if owner != args.method and getattr(args, dest) != default:
+        for dest, (owner, flag) in args._method_flags.items():
+            if owner != args.method and dest in args.typed:
                 raise ValueError(f"{flag} is an option of --method {owner}, not of --method {args.method}")
         cfg = config_from_args(args, METHODS[args.method].options_from_args(args))
     train(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -73,10 +73,11 @@ _RESUME_MAY_CHANGE = ("output", "data_dir", "gradient_checkpointing", "eval_batc
 
 
 def _refuse_changes_on_resume(args: argparse.Namespace, cfg) -> None:
-    """A resumed run keeps the settings it recorded: an option given with other values would be ignored
-    silently, so name it instead (an option repeated with the recorded value is fine)."""
-    from dataclasses import MISSING, fields
+    """A resumed run keeps the settings it recorded: an option typed with another value would be ignored
+    silently, so name it instead (an option repeated with the value the run recorded is fine)."""
+    from dataclasses import fields
 
+    from .methods import METHODS
     from .training import TrainConfig
     from .training.config import DATA_PATHS, absolute_path
 
@@ -90,13 +91,15 @@ def _refuse_changes_on_resume(args: argparse.Namespace, cfg) -> None:
     for f in fields(TrainConfig):
         if not f.metadata.get("flag", True) or f.name in _RESUME_MAY_CHANGE:
             continue
-        given, default = getattr(args, f.name), None if f.default is MISSING else f.default
-        if given != default and not same(f.name, given, getattr(cfg, f.name)):
+        given = getattr(args, f.name)
+        if f.name in args.typed and not same(f.name, given, getattr(cfg, f.name)):
             changed.append(f"--{f.name.replace('_', '-')} {given} (the run has {getattr(cfg, f.name)!r})")
-    for dest, (_, flag, default) in getattr(args, "_method_flags", {}).items():
+    recorded = METHODS[cfg.method]
+    for dest, (owner, flag) in args._method_flags.items():
         given = getattr(args, dest)
-        if given != default and given != cfg.method_options.get(dest, MISSING):
-            changed.append(f"{flag} {given}")
+        if dest in args.typed and (owner != cfg.method or given != recorded.flag_value(dest, cfg.method_options)):
+            changed.append(f"{flag} {given}" if owner == cfg.method else f"{flag} (an option of --method {owner}; "
+                                                                         f"the run is {cfg.method})")
     if changed:
         raise ValueError(f"--resume continues {args.output} with the settings in its config.json; these would be "
                          f"ignored, so drop them (or train a new run): {'; '.join(changed)}")
@@ -364,6 +367,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser(command: Optional[str] = "train") -> argparse.ArgumentParser:
+    return _build_parser(command)[0]
+
+
+def _build_parser(command: Optional[str]) -> tuple[argparse.ArgumentParser, argparse.Action]:
     parser = argparse.ArgumentParser(prog="bayeslora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub, full=command == "train")
@@ -378,13 +385,27 @@ def build_parser(command: Optional[str] = "train") -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/quickstart")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    return parser
+    return parser, sub
+
+
+def _typed_options(command: str, argv: list[str], args: argparse.Namespace) -> frozenset[str]:
+    """The options this command line gives. argparse fills every other option with its default, so the
+    namespace alone cannot tell `--seed 0` from no --seed: parse the command's arguments again with every
+    default replaced by a marker (an object, so argparse's conversion of string defaults leaves it alone),
+    and what does not hold it was typed."""
+    unset = object()
+    p = _build_parser(command)[1].choices[command]
+    p.set_defaults(**{dest: unset for dest in vars(args)})
+    given = p.parse_args(argv[argv.index(command) + 1:])
+    return frozenset(dest for dest, value in vars(given).items() if value is not unset)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
+    if args.command == "train":
+        args.typed = _typed_options(command, argv, args)
     handler = {"train": _train, "evaluate": _evaluate, "calibrate": _calibrate, "report": _report,
                "quickstart": _quickstart, "compare": _compare, "predict": _predict,
                "bench": _bench}[args.command]

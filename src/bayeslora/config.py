@@ -111,9 +111,12 @@ class BayesLoraConfig(LoraConfig):
                                              or not self.mean_init_std > 0):
             raise ValueError(f"BayesLoraConfig.mean_init_std must be > 0 or 'lora', got {self.mean_init_std!r}")
         for name in ("prior_std", "lambda_init", "lambda_max", "sigma_u_init", "sigma_u_max",
-                     "inducing_diag_init"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"BayesLoraConfig.{name} must be > 0, got {getattr(self, name)!r}")
+                     "inducing_diag_init", "jitter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"BayesLoraConfig.{name} must be a number, got {value!r}")
+            if name != "jitter" and not value > 0:
+                raise ValueError(f"BayesLoraConfig.{name} must be > 0, got {value!r}")
         if not self.jitter >= 0:
             raise ValueError(f"BayesLoraConfig.jitter must be >= 0, got {self.jitter!r}")
         if self.lambda_init > self.lambda_max:

@@ -93,6 +93,12 @@ class Method:
     def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
         return {}
 
+    @classmethod
+    def flag_value(cls, dest: str, options: dict[str, Any]) -> Any:
+        """The value flag ``dest`` had for a run that recorded these resolved ``options`` (None where the run
+        has no such value), so a resume can tell a flag repeated with its recorded value from a changed one."""
+        return options.get(dest)
+
     def training_defaults(self) -> dict[str, Any]:
         """TrainConfig values this method uses when the user gives none (``recipe``, ``lr``, ...)."""
         return {"recipe": "elbo"}

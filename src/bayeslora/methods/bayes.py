@@ -165,6 +165,11 @@ class BayesLoraMethod(Method):
                            help=f"{SCALE_LR_HELP} (default {PRESETS['default'].scale_lr})")
 
     @classmethod
+    def flag_value(cls, dest: str, options: dict[str, Any]) -> Any:
+        role = dest.removesuffix("_lr_factor")
+        return options.get("lr_factors", {}).get(role) if role in LR_FACTOR_HELP else options.get(dest)
+
+    @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
         options = {name: getattr(args, name) for name in POSTERIOR_FIELDS if getattr(args, name) is not None}
         options["preset"] = args.preset

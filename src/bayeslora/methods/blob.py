@@ -129,6 +129,10 @@ class BlobMethod(LoraMethod):
     def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
         return {"flipout": False} if args.no_flipout else {}
 
+    @classmethod
+    def flag_value(cls, dest: str, options: dict[str, Any]) -> Any:
+        return not options.get("flipout", True) if dest == "no_flipout" else options.get(dest)
+
     def resolved_options(self) -> dict[str, Any]:
         unknown = sorted(set(self.options) - {"flipout", "eps", "prior_std"})
         if unknown:

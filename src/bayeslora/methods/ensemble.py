@@ -69,6 +69,10 @@ class EnsembleMethod(LoraMethod):
     def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
         return {} if args.ensemble_size is None else {"size": args.ensemble_size}
 
+    @classmethod
+    def flag_value(cls, dest: str, options: dict[str, Any]) -> Any:
+        return options.get("size") if dest == "ensemble_size" else options.get(dest)
+
     def resolved_options(self) -> dict[str, Any]:
         unknown = sorted(set(self.options) - {"size"})
         if unknown:
