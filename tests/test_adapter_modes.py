@@ -456,11 +456,20 @@ def test_mean_init_std_lora_starts_the_a_factor_at_peft_s_norm_at_any_width(d_in
         BayesLoraConfig(r=4, target_modules=["q_proj"], mean_init_std="peft")
 
 
-@pytest.mark.parametrize("field, value", [("prior_std", "0.1"), ("jitter", "x"), ("lambda_max", True),
-                                          ("sigma_u_init", None)])
-def test_a_non_number_in_a_float_field_is_a_value_error_naming_the_field(field, value):
-    """A string from a hand-written config failed with a bare TypeError from inside the comparison."""
-    with pytest.raises(ValueError, match=f"BayesLoraConfig.{field} must be a number, got {value!r}"):
+@pytest.mark.parametrize("field, value, message", [
+    ("prior_std", "0.1", "prior_std must be a finite number, got '0.1'"),
+    ("jitter", "x", "jitter must be a finite number"), ("lambda_max", True, "lambda_max must be a finite number"),
+    ("sigma_u_init", None, "sigma_u_init must be a finite number"),
+    ("prior_std", float("inf"), "prior_std must be a finite number, got inf"),  # NaN draws, swallowed by SDPA
+    ("mean_samples", 1, "mean_samples must be an integer >= 2"),  # β = 0/0: NaN merged into the base weights
+    ("seed", "a", "seed must be an integer"), ("inducing_rows", True, "inducing_rows must be a positive integer"),
+    ("lora_alpha", "16", "lora_alpha must be a number"), ("lora_dropout", 1.0, r"lora_dropout must be a number in \[0, 1\)"),
+    ("rank_pattern", {"q_proj": 0}, r"rank_pattern\['q_proj'\] must be a positive integer"),  # not "r must be"
+])
+def test_a_field_of_the_wrong_kind_is_a_value_error_naming_it(field, value, message):
+    """Each of these failed later (a bare TypeError inside a comparison or a forward, NaN weights) or named
+    another field."""
+    with pytest.raises(ValueError, match=f"BayesLoraConfig.{message}"):
         BayesLoraConfig(r=4, target_modules=["q_proj"], **{field: value})
 
 

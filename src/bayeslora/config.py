@@ -12,6 +12,7 @@ silently loading a plain LoRA (load it with :func:`bayeslora.load`, or pass
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -33,6 +34,14 @@ def matches_module(patterns: Union[list[str], str], key: str) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, key) is not None
     return key in patterns or any(key.endswith(f".{p}") for p in patterns)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -99,22 +108,33 @@ class BayesLoraConfig(LoraConfig):
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field when the configuration cannot work."""
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"BayesLoraConfig.r must be a positive integer, got {self.r!r}")
-        for name in ("inducing_rows", "inducing_cols", "flow_hidden", "mean_samples"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"BayesLoraConfig.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.flow_depth, int) or self.flow_depth < 0:
+        for name in ("r", "inducing_rows", "inducing_cols", "flow_hidden"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"BayesLoraConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not _is_int(self.mean_samples) or self.mean_samples < 2:  # the control variate's β is 0/0 at one
+            raise ValueError(f"BayesLoraConfig.mean_samples must be an integer >= 2 (the mean-mode average's "
+                             f"control variate needs two draws), got {self.mean_samples!r}")
+        if not _is_int(self.flow_depth) or self.flow_depth < 0:
             raise ValueError(f"BayesLoraConfig.flow_depth must be an integer >= 0, got {self.flow_depth!r}")
-        if self.mean_init_std != "lora" and (isinstance(self.mean_init_std, (bool, str))
+        if not _is_int(self.seed):
+            raise ValueError(f"BayesLoraConfig.seed must be an integer, got {self.seed!r}")
+        for name, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key, value in (patterns or {}).items():
+                if not (_is_int(value) and value > 0 if name == "rank_pattern" else _is_finite_number(value)):
+                    raise ValueError(f"BayesLoraConfig.{name}[{key!r}] must be a "
+                                     f"{'positive integer' if name == 'rank_pattern' else 'number'}, got {value!r}")
+        if not _is_finite_number(self.lora_alpha):
+            raise ValueError(f"BayesLoraConfig.lora_alpha must be a number, got {self.lora_alpha!r}")
+        if not _is_finite_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"BayesLoraConfig.lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        if self.mean_init_std != "lora" and (not _is_finite_number(self.mean_init_std)
                                              or not self.mean_init_std > 0):
             raise ValueError(f"BayesLoraConfig.mean_init_std must be > 0 or 'lora', got {self.mean_init_std!r}")
         for name in ("prior_std", "lambda_init", "lambda_max", "sigma_u_init", "sigma_u_max",
                      "inducing_diag_init", "jitter"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"BayesLoraConfig.{name} must be a number, got {value!r}")
+            if not _is_finite_number(value):
+                raise ValueError(f"BayesLoraConfig.{name} must be a finite number, got {value!r}")
             if name != "jitter" and not value > 0:
                 raise ValueError(f"BayesLoraConfig.{name} must be > 0, got {value!r}")
         if not self.jitter >= 0:

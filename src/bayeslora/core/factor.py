@@ -128,7 +128,8 @@ class InducingFactor(nn.Module):
 
     def version(self) -> tuple:
         """Identity, storage and in-place version of every parameter: changes when an optimizer steps,
-        a state dict is loaded, or the module moves device or dtype."""
+        a state dict is loaded, or the module moves device or dtype. Not seen: writes through ``p.data``
+        (a tensor with its own version counter); after them, ``set_mode(model, "mean")`` recomputes the mean."""
         return tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in self.parameters())
 
     def extra_repr(self) -> str:

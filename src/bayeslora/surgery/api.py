@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..config import BayesLoraConfig
 from ..core import StackedFactors, conditional_kl_group, draw_group
 from .combine import install as install_combination
-from .inject import prepare_config, resolve_targets, untie_targets
+from .inject import prepare_config, resolve_targets, untie_targets, unwrap_adapters
 from .layer import BayesLoraLinear
 from .sampler import PosteriorSampler, full_precision
 
@@ -64,11 +64,16 @@ def get_model(model: nn.Module, config: BayesLoraConfig, adapter_name: str = "de
               **peft_kwargs) -> peft.PeftModel:
     """Wrap ``model`` with a Bayesian-LoRA adapter; returns a ``peft.PeftModel``.
 
-    Bad configurations raise ``ValueError`` naming the field before the model is touched.
+    Bad configurations raise ``ValueError`` naming the field before the model is touched; a target PEFT
+    itself refuses (a kind it has no LoRA layer for) raises with the model restored as it was.
     """
     prepare_config(config)
     resolve_targets(model, config)
-    peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **peft_kwargs)
+    try:
+        peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **peft_kwargs)
+    except BaseException:
+        unwrap_adapters(model)
+        raise
     return attach(peft_model)
 
 

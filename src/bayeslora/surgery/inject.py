@@ -10,6 +10,7 @@ modified, with an error that names the field.
 from __future__ import annotations
 
 import copy
+from typing import Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers, check_target_module_exists
@@ -20,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from ..config import BayesLoraConfig, matches_module
 from .layer import BayesLoraLinear, is_quantized
 
-__all__ = ["prepare_config", "resolve_targets", "untie_targets"]
+__all__ = ["prepare_config", "resolve_targets", "untie_targets", "unwrap_adapters"]
 
 
 def dispatch_bayeslora(target: nn.Module, adapter_name: str, config, **kwargs):
@@ -73,9 +74,11 @@ def resolve_targets(model: nn.Module, config: BayesLoraConfig) -> list[str]:
     if not isinstance(targets, str):
         for name in sorted(targets):
             if not any(matches_module([name], k) for k in keys):
-                raise ValueError(f"BayesLoraConfig.target_modules: {name!r} matches no module of the model")
+                raise ValueError(f"BayesLoraConfig.target_modules: {name!r} matches no module of the model"
+                                 + _excluded_by_layers(model, resolved, [name]))
     if not keys:
-        raise ValueError(f"BayesLoraConfig.target_modules: {targets!r} matches no module of the model")
+        raise ValueError(f"BayesLoraConfig.target_modules: {targets!r} matches no module of the model"
+                         + _excluded_by_layers(model, resolved, targets if isinstance(targets, str) else list(targets)))
     bayes = config.bayesian_modules
     if bayes is not None:
         patterns = [bayes] if isinstance(bayes, str) else bayes
@@ -86,11 +89,65 @@ def resolve_targets(model: nn.Module, config: BayesLoraConfig) -> list[str]:
                     f"BayesLoraConfig.bayesian_modules: {pattern!r} is not among the targeted modules "
                     f"({', '.join(sorted(keys)[:8])}{', ...' if len(keys) > 8 else ''})"
                 )
-    for name in config.output_rows or {}:
+    _check_target_kinds(model, config, keys)
+    for name, rows in (config.output_rows or {}).items():
         if not any(matches_module([name], k) and config.is_bayesian(k) for k in keys):
             raise ValueError(f"BayesLoraConfig.output_rows: {name!r} is not a Bayesian target of the model "
                              "(add it to target_modules and bayesian_modules)")
+        for k in keys:
+            size = _out_features(_base(model.get_submodule(k)))
+            if matches_module([name], k) and size is not None and max(rows) >= size:
+                raise ValueError(f"BayesLoraConfig.output_rows for {k!r}: row {max(rows)} is outside its {size} "
+                                 "outputs")
     return keys
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _out_features(module: nn.Module):
+    if isinstance(module, Conv1D):
+        return module.nf
+    return getattr(module, "out_features", None)
+
+
+def _check_target_kinds(model: nn.Module, config: BayesLoraConfig, keys: list[str]) -> None:
+    """Only Linear and Conv1D layers carry a Bayesian adapter (other targets get PEFT's plain LoRA): a
+    Bayesian target of another kind, or no Bayesian target at all, would silently be a plain LoRA."""
+    bayesian = []
+    for key in keys:
+        module = _base(model.get_submodule(key))
+        if isinstance(module, (nn.Linear, Conv1D)):
+            bayesian += [key] if config.is_bayesian(key) else []
+        elif config.bayesian_modules is not None and config.is_bayesian(key):
+            raise ValueError(f"BayesLoraConfig.bayesian_modules: {key} is a {type(module).__name__}; only "
+                             "Linear and Conv1D layers can be Bayesian (it may stay a plain LoRA target)")
+    if not bayesian and config.bayesian_modules != []:
+        raise ValueError("BayesLoraConfig.target_modules: no target is a Linear or Conv1D layer, so no factor would "
+                         f"be Bayesian (targets: {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''})")
+
+
+def _excluded_by_layers(model: nn.Module, resolved: BayesLoraConfig, patterns: Union[str, list[str]]) -> str:
+    """Why target ``patterns`` (a regex or names) that exist matched nothing: ``layers_to_transform``."""
+    if resolved.layers_to_transform is None:
+        return ""
+    if any(matches_module(patterns, k) for k, _ in model.named_modules() if k):
+        return (f" within layers_to_transform={resolved.layers_to_transform!r}"
+                f"{f' (layers_pattern={resolved.layers_pattern!r})' if resolved.layers_pattern else ''}: "
+                "the model has such modules, but not in those layers")
+    return ""
+
+
+def unwrap_adapters(model: nn.Module) -> None:
+    """Put every adapter-wrapped layer's base layer back in its place: undoes a PEFT injection that
+    failed part way (PEFT refuses a target it has no layer for only after wrapping those before it)."""
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name in wrapped:
+        if any(name.startswith(outer + ".") for outer in wrapped):
+            continue  # inside another wrapped layer: goes with it
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, model.get_submodule(name).get_base_layer())
 
 
 def _whole_copy(weight: nn.Parameter) -> torch.Tensor:

@@ -196,6 +196,11 @@ class BayesLoraLinear(LoraLinear):
     def clear_drawn_weights(self) -> None:
         self._bayes_draws.clear()
 
+    def forget_mean_weights(self) -> None:
+        """Drop the cached posterior means (they are otherwise recomputed only when a parameter's version
+        changes, which a write through ``.data`` does not do)."""
+        self._bayes_mean_cache.clear()
+
     def mean_version(self, adapter: str) -> tuple:
         return tuple(f.version() for f in self.lora_bayes[adapter].values())
 
@@ -342,6 +347,9 @@ class BayesLoraLinear(LoraLinear):
             means = self.mean_weights(adapter, refresh=True)
             delta = self.full_rows(adapter, means["B"]) @ means["A"]
             delta = transpose(delta, self.fan_in_fan_out) * self.scaling[adapter]
+            if not torch.isfinite(delta).all():  # one check per merge: never write NaN into the base weights
+                raise ValueError(f"the posterior mean of Bayesian adapter {adapter!r} is not finite (a diverged "
+                                 "posterior?): refusing to merge it")
         weight = self.get_base_layer().weight
         return delta if weight.dtype in (torch.uint8, torch.int8) else delta.to(weight.dtype)
 
