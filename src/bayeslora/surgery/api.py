@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import peft
 import torch
@@ -131,14 +132,21 @@ def using_mode(model: nn.Module, mode: str, num_samples: int = 1) -> Iterator[No
 def fixed_sample(model: nn.Module, seed: Optional[int] = None, num_samples: int = 1) -> Iterator[None]:
     """Draw once on entry and reuse that draw for every forward inside (e.g. ``generate``).
 
-    Meant for inference: under autograd every forward inside shares the one draw's graph.
+    Meant for inference: under autograd every forward inside shares the one draw's graph. If the entry
+    draw fails (a bad ``seed``, a non-finite posterior), the model keeps its mode, seeds and draws.
     """
     sampler = get_sampler(model)
+    seed = None if seed is None else _check_seed(seed, "seed")
     previous = (sampler.mode, sampler.num_samples, sampler.fixed, sampler.draw_seed, sampler.draw_seeds)
-    sampler.set_mode("sample", num_samples)
-    if seed is not None:
-        sampler.set_draw_seed(seed)
-    sampler.draw()
+    found = _current_draws(sampler)
+    try:
+        sampler.set_mode("sample", num_samples)
+        if seed is not None:
+            sampler.set_draw_seed(seed)
+        sampler.draw()
+    except BaseException:
+        _restore(sampler, previous, found)
+        raise
     sampler.fixed = True
     try:
         yield
@@ -149,13 +157,45 @@ def fixed_sample(model: nn.Module, seed: Optional[int] = None, num_samples: int 
             sampler.set_mode(*previous[:2])
 
 
+def _current_draws(sampler: PosteriorSampler) -> tuple[list[tuple[BayesLoraLinear, dict]], dict]:
+    """The layers' current draws and their KL terms: what ``kl_divergence`` and a fixed outer draw read."""
+    return [(layer, dict(layer._bayes_draws)) for _, layer in sampler.layers()], dict(sampler.last_kl)
+
+
+def _restore(sampler: PosteriorSampler, settings: tuple, found: tuple[list, dict]) -> None:
+    """Put back what a failed ``fixed_sample`` entry changed, without the clearing ``set_mode`` does."""
+    sampler.mode, sampler.num_samples, sampler.fixed, sampler.draw_seed, sampler.draw_seeds = settings
+    layers, last_kl = found
+    sampler.layers()  # the layers take the restored mode again
+    for layer, draws in layers:
+        layer._bayes_draws.clear()
+        layer._bayes_draws.update(draws)
+    sampler.last_kl.clear()
+    sampler.last_kl.update(last_kl)
+
+
+def _check_seed(seed: Any, name: str) -> int:
+    """A draw seed is an integer: a str or float would otherwise be converted, or fail, only inside a
+    later forward, and a bool is more likely a mistake than the seed 0 or 1."""
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        return operator.index(seed)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {seed!r}") from None
+
+
 def set_draw_seed(model: nn.Module, seed: Optional[int]) -> None:
     """Seed draws by (seed, draw index, factor group) instead of the global RNG; ``None`` restores it."""
-    get_sampler(model).set_draw_seed(seed)
+    get_sampler(model).set_draw_seed(None if seed is None else _check_seed(seed, "seed"))
 
 
 def set_draw_seeds(model: nn.Module, seeds: Optional[list[int]]) -> None:
     """One explicit seed per draw of each forward (batched S draws == S single draws with these seeds)."""
+    if seeds is not None:
+        if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+            raise ValueError(f"seeds must be a list of integers or None, got {seeds!r}")
+        seeds = [_check_seed(s, f"seeds[{i}]") for i, s in enumerate(seeds)]
     get_sampler(model).set_draw_seeds(seeds)
 
 
