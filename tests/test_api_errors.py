@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
-from tiny_models import inputs, outputs, tiny
+from tiny_models import VOCAB, inputs, outputs, tiny
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import bayeslora
 from bayeslora import BayesLoraConfig
@@ -98,3 +102,125 @@ def test_fixed_sample_that_fails_to_draw_keeps_the_last_forward_draws_and_kl():
     assert {k: tuple(v) for k, v in sampler.last_kl.items()} == kl
     assert all(layer._bayes_draws["default"][w] is drawn[w] for w in ("A", "B"))
     assert layer.bayes_num_samples == 1
+
+
+# ------------------------------------------------------------------------------------- load paths
+def saved_adapter(path, layers=2):
+    """A Bayesian adapter of a tiny Llama with ``layers`` layers saved at ``path``; returns ``path``."""
+    model = bayeslora.get_model(llama_base(layers), BayesLoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bayesian_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(path)
+    return path
+
+
+def llama_base(layers=2):
+    if layers == 2:
+        return tiny("llama")
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64)).eval()
+
+
+def both_loaders(path):
+    """``load`` onto a fresh base, and ``load_adapter`` as a second adapter of a Bayesian model."""
+    yield lambda: bayeslora.load(llama_base(), path)
+    model = saved_adapter_model()
+    yield lambda: bayeslora.load_adapter(model, path, "second")
+
+
+def saved_adapter_model():
+    return bayeslora.get_model(llama_base(), BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize("name", ["out_typo", "./out_typo", "../out_typo", "runs/a/out", "user/adapter.safetensors",
+                                  "user/adapter_config.json", "ABSOLUTE"])
+def test_a_missing_local_path_is_file_not_found_not_a_hub_lookup(tmp_path, monkeypatch, name):
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"asked the Hub for {args}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    name = str(tmp_path / "no_such_adapter") if name == "ABSOLUTE" else name
+    for loader in both_loaders(name):
+        with pytest.raises(FileNotFoundError, match=re.escape(name)):
+            loader()
+
+
+def test_a_missing_path_given_as_a_path_object_is_file_not_found(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="user/adapter"):
+        bayeslora.load(llama_base(), Path("user/adapter"))
+
+
+def test_an_owner_name_id_still_goes_to_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+
+    def hub(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline in this test")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(huggingface_hub.errors.LocalEntryNotFoundError):
+        bayeslora.load(llama_base(), "user/adapter")
+    assert asked == [("user/adapter", "adapter_config.json")]
+
+
+def test_the_weights_file_instead_of_its_folder_says_pass_the_folder(tmp_path):
+    saved_adapter(tmp_path)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        for loader in both_loaders(tmp_path / name):
+            with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / name))}.*pass the folder"):
+                loader()
+
+
+def test_a_corrupt_config_names_the_file_and_the_line(tmp_path):
+    saved_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{\n  "r": 4,\n  not json\n}')
+    for loader in both_loaders(tmp_path):
+        with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'adapter_config.json'))}.*line 3"):
+            loader()
+
+
+def test_weights_that_are_not_safetensors_name_the_file(tmp_path):
+    saved_adapter(tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"not a safetensors file at all")
+    for loader in both_loaders(tmp_path):
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / "adapter_model.safetensors"))):
+            loader()
+
+
+def test_a_folder_without_config_or_weights_names_the_missing_file(tmp_path):
+    saved_adapter(tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").unlink()
+    saved_adapter(tmp_path / "b")
+    (tmp_path / "b" / "adapter_model.safetensors").unlink()
+    (tmp_path / "c").mkdir()
+    for folder, missing in (("a", "adapter_config.json"), ("b", "adapter_model.safetensors"),
+                            ("c", "adapter_config.json")):
+        for loader in both_loaders(tmp_path / folder):
+            with pytest.raises(FileNotFoundError, match=f"{re.escape(str(tmp_path / folder))}.*{missing}"):
+                loader()
+
+
+def test_checkpoint_keys_the_model_has_no_place_for_are_an_error(tmp_path):
+    """A 2-layer adapter on a 1-layer base dropped layer 1 silently."""
+    saved_adapter(tmp_path)
+    with pytest.raises(ValueError, match=r"no place.*layers\.1\."):
+        bayeslora.load(llama_base(layers=1), tmp_path)
+    model = bayeslora.get_model(llama_base(layers=1), BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"no place.*layers\.1\."):
+        bayeslora.load_adapter(model, tmp_path, "second")
+    assert "second" not in model.peft_config
+
+
+def test_a_base_with_more_layers_still_loads(tmp_path):
+    """The other direction is PEFT's missing-keys warning (the extra layer keeps its fresh adapter), unchanged."""
+    saved_adapter(tmp_path)
+    with pytest.warns(UserWarning, match="missing adapter keys"):
+        bayeslora.load(llama_base(layers=3), tmp_path)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import operator
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import peft
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 
 from ..config import BayesLoraConfig
@@ -80,10 +82,27 @@ def get_model(model: nn.Module, config: BayesLoraConfig, adapter_name: str = "de
 
 def load(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
          is_trainable: bool = False, **peft_kwargs) -> peft.PeftModel:
-    """Load a saved Bayesian-LoRA adapter onto a fresh base ``model`` (local folder or Hub id)."""
+    """Load a saved Bayesian-LoRA adapter onto a fresh base ``model``; returns a ``peft.PeftModel``.
+
+    ``path`` is the folder ``save_pretrained`` wrote, or a Hub repository id. An existing path is local; a
+    string of the form ``owner/name`` that does not exist here is a Hub id; anything else that does not
+    exist (``out_typo``, ``./out``, ``/abs/out``, ``runs/a/out``, ``….safetensors``, a ``Path``) is a
+    ``FileNotFoundError`` naming it, not a Hub look-up. A local folder is checked before the model is
+    touched: a file instead of its folder, a missing or corrupt ``adapter_config.json`` and a missing or
+    non-safetensors ``adapter_model.safetensors`` are errors naming the file. Checkpoint keys the model has
+    no place for (an adapter of a deeper or different base) are a ``ValueError`` naming some of them.
+    """
+    _check_local_adapter(path, peft_kwargs.get("subfolder"))
     config = prepare_config(BayesLoraConfig.from_pretrained(str(path)))
-    peft_model = peft.PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, config=config,
-                                                is_trainable=is_trainable, **peft_kwargs)
+    unexpected: set[str] = set()
+    # PeftModel.from_pretrained drops the result of its load_state_dict; the base model's post hook sees it
+    hook = model.register_load_state_dict_post_hook(lambda _, keys: unexpected.update(keys.unexpected_keys))
+    try:
+        peft_model = peft.PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, config=config,
+                                                    is_trainable=is_trainable, **peft_kwargs)
+    finally:
+        hook.remove()
+    _refuse_unexpected(path, unexpected)
     return attach(peft_model)
 
 
@@ -94,19 +113,79 @@ def load_adapter(model: peft.PeftModel, path: str | os.PathLike, adapter_name: s
     PEFT's own ``model.load_adapter(path, name)`` reads the folder's ``peft_type`` and does not know
     BAYESLORA; this adds the adapter from its :class:`BayesLoraConfig` first, then lets PEFT load the
     weights (any name works: the checkpoint keys carry none). The new adapter is not made active.
+    ``path`` and its errors are as in :func:`load`; on any error the model is left without the adapter.
     """
     if adapter_name in model.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+    _check_local_adapter(path, peft_kwargs.get("subfolder"))
     config = prepare_config(BayesLoraConfig.from_pretrained(str(path)))
     config.inference_mode = not is_trainable
     creation = {k: peft_kwargs[k] for k in ("low_cpu_mem_usage", "autocast_adapter_dtype") if k in peft_kwargs}
     model.add_adapter(adapter_name, config, **creation)
     try:
-        model.load_adapter(str(path), adapter_name, is_trainable=is_trainable, **peft_kwargs)
+        result = model.load_adapter(str(path), adapter_name, is_trainable=is_trainable, **peft_kwargs)
+        _refuse_unexpected(path, result.unexpected_keys)
     except BaseException:
         model.delete_adapter(adapter_name)  # never leave a half-built random adapter behind
         raise
     return attach(model)
+
+
+_CONFIG_FILE, _WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+def _is_hub_id(path: str | os.PathLike) -> bool:
+    """``owner/name`` and nothing more: the one form of a Hub repository id that is not also an obvious
+    local path, so a typo in a local name fails at once instead of retrying the Hub for half a minute."""
+    if not isinstance(path, str):
+        return False  # a Path object is a path
+    parts = path.split("/")
+    return (len(parts) == 2 and all(parts) and not any(p in (".", "..") for p in parts) and "\\" not in path
+            and not path.endswith((".safetensors", ".json")))
+
+
+def _check_local_adapter(path: str | os.PathLike, subfolder: Optional[str] = None) -> None:
+    """Fail with an error naming the file for a local adapter folder PEFT would misread (see :func:`load`);
+    a Hub id passes through. Reads the config's text and the weights' header, never the tensors."""
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        if _is_hub_id(path):
+            return
+        raise FileNotFoundError(f"{name}: no such adapter folder (a Hub repository id has the form owner/name)")
+    if not os.path.isdir(name):
+        raise ValueError(f"{name} is a file: pass the folder that holds it ({os.path.dirname(name) or '.'}), "
+                         f"with its {_CONFIG_FILE} and {_WEIGHTS_FILE}")
+    config_file = os.path.join(name, _CONFIG_FILE)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{name} has no {_CONFIG_FILE}: is it a folder save_pretrained wrote?")
+    try:
+        with open(config_file, encoding="utf-8") as handle:
+            json.load(handle)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err.msg} at line {err.lineno}, "
+                         f"column {err.colno}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{config_file} is not UTF-8 text ({err.reason})") from err
+    folder = os.path.join(name, subfolder) if subfolder else name
+    weights = os.path.join(folder, _WEIGHTS_FILE)
+    if os.path.isfile(weights):
+        try:
+            with safe_open(weights, framework="pt"):
+                pass  # the header only
+        except Exception as err:  # safetensors raises its own SafetensorError
+            raise ValueError(f"{weights} is not a safetensors file ({err})") from err
+    elif not os.path.isfile(os.path.join(folder, peft.utils.WEIGHTS_NAME)):  # PEFT's .bin fallback: as before
+        raise FileNotFoundError(f"{folder} has no {_WEIGHTS_FILE}: is it a folder save_pretrained wrote?")
+
+
+def _refuse_unexpected(path: str | os.PathLike, keys: Iterable[str]) -> None:
+    """PEFT loads with strict=False, so checkpoint keys without a module here (a 2-layer adapter on a
+    1-layer base) would be dropped silently."""
+    keys = sorted(set(keys))
+    if keys:
+        shown = ", ".join(keys[:3])
+        raise ValueError(f"{os.fspath(path)}: {len(keys)} checkpoint keys have no place in this model (is it "
+                         f"the base the adapter was trained on?), e.g. {shown}")
 
 
 # ------------------------------------------------------------------------------------- modes
