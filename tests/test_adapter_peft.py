@@ -227,3 +227,37 @@ def test_default_targets_follow_the_architecture():
         model = bayeslora.get_model(tiny(family), BayesLoraConfig(r=2))
         names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
         assert names == expected, family
+
+
+def test_readme_library_snippet_runs(tmp_path, monkeypatch):
+    """The README "Library" block, run as written with a tiny Llama for the real weights."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Library"):]
+    code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python"))]
+    monkeypatch.chdir(tmp_path)
+    names = {"base_model": tiny("llama"), "fresh_base_model": tiny("llama"), "inputs": inputs(batch=2),
+             "task_nll": torch.zeros(()), "beta": 1e-3}
+    exec(compile(code, "README.md", "exec"), names)
+    predictive = names["predictive"]
+    assert predictive.shape == (2, 8, names["probs"].shape[-1])
+    torch.testing.assert_close(predictive.sum(-1), torch.ones(2, 8))
+    assert names["probs"].view(8, 2, 8, -1).std(0).max() > 0  # the S rows of an example saw S draws
+    assert bayeslora.get_sampler(names["model2"]).mode == "sample"  # as the README says of load
+
+
+def test_get_model_and_load_start_in_sample_mode_also_in_eval(tmp_path):
+    """What the docs of get_model, load and the README say: eval() does not stop the draws; mean mode does."""
+    model = bayes_model("llama", init_lora_weights=False)
+    model.save_pretrained(tmp_path)
+    loaded = bayeslora.load(tiny("llama"), tmp_path)
+    batch = inputs()
+    with torch.no_grad():
+        for m in (model, loaded):
+            m.eval()
+            assert bayeslora.get_sampler(m).mode == "sample"
+            assert not torch.equal(outputs(m, batch), outputs(m, batch))
+            bayeslora.set_mode(m, "mean")
+            assert torch.equal(m.generate(**batch, max_new_tokens=3, do_sample=False),
+                               m.generate(**batch, max_new_tokens=3, do_sample=False))

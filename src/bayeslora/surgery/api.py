@@ -68,7 +68,9 @@ def get_model(model: nn.Module, config: BayesLoraConfig, adapter_name: str = "de
     """Wrap ``model`` with a Bayesian-LoRA adapter; returns a ``peft.PeftModel``.
 
     Bad configurations raise ``ValueError`` naming the field before the model is touched; a target PEFT
-    itself refuses (a kind it has no LoRA layer for) raises with the model restored as it was.
+    itself refuses (a kind it has no LoRA layer for) raises with the model restored as it was. The model
+    starts in sample mode: every forward a fresh draw, in ``eval()`` too and for every token of ``generate``;
+    use ``set_mode(model, "mean")`` or :func:`fixed_sample` for deterministic generation.
     """
     prepare_config(config)
     resolve_targets(model, config)
@@ -91,6 +93,9 @@ def load(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default
     touched: a file instead of its folder, a missing or corrupt ``adapter_config.json`` and a missing or
     non-safetensors ``adapter_model.safetensors`` are errors naming the file. Checkpoint keys the model has
     no place for (an adapter of a deeper or different base) are a ``ValueError`` naming some of them.
+
+    Like :func:`get_model`'s, the model comes back in sample mode (a fresh draw every forward, in ``eval()``
+    and ``generate`` too): ``set_mode(model, "mean")`` or :func:`fixed_sample` for deterministic generation.
     """
     _check_local_adapter(path, peft_kwargs.get("subfolder"))
     config = prepare_config(BayesLoraConfig.from_pretrained(str(path)))
@@ -190,8 +195,13 @@ def _refuse_unexpected(path: str | os.PathLike, keys: Iterable[str]) -> None:
 
 # ------------------------------------------------------------------------------------- modes
 def set_mode(model: nn.Module, mode: str, num_samples: int = 1) -> None:
-    """``"sample"`` (fresh draws every forward; ``num_samples`` per forward for S×B batched Monte
-    Carlo) or ``"mean"`` (the deterministic posterior mean, the weights merge_and_unload merges)."""
+    """``"sample"`` (a fresh draw every forward, whatever ``train()``/``eval()``) or ``"mean"`` (the
+    deterministic posterior mean, the weights merge_and_unload merges).
+
+    ``num_samples=S`` makes S draws per forward for batched Monte Carlo over S×B rows in sample-major
+    order, ``x.repeat(S, 1)``: draw s sees rows s·B … (s+1)·B−1. ``repeat_interleave`` would put an
+    example's S copies under one draw (or a few), with no error.
+    """
     get_sampler(model).set_mode(mode, num_samples)
 
 
@@ -265,7 +275,12 @@ def _check_seed(seed: Any, name: str) -> int:
 
 
 def set_draw_seed(model: nn.Module, seed: Optional[int]) -> None:
-    """Seed draws by (seed, draw index, factor group) instead of the global RNG; ``None`` restores it."""
+    """Seed draws by (seed, draw index, factor group) instead of the global RNG; ``None`` restores it.
+
+    This fixes the draw: every forward reuses the same weights until the seed changes. Monte Carlo over
+    repeated forwards needs a seed per forward (or ``num_samples``), and training a new seed every step, as
+    the trainer's ``before_step`` (methods/bayes.py) sets one per step.
+    """
     get_sampler(model).set_draw_seed(None if seed is None else _check_seed(seed, "seed"))
 
 
