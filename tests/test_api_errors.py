@@ -211,8 +211,10 @@ def test_a_folder_without_config_or_weights_names_the_missing_file(tmp_path):
 def test_checkpoint_keys_the_model_has_no_place_for_are_an_error(tmp_path):
     """A 2-layer adapter on a 1-layer base dropped layer 1 silently."""
     saved_adapter(tmp_path)
+    base = llama_base(layers=1)
     with pytest.raises(ValueError, match=r"no place.*layers\.1\."):
-        bayeslora.load(llama_base(layers=1), tmp_path)
+        bayeslora.load(base, tmp_path)
+    assert all(type(m).__module__.startswith(("transformers", "torch")) for m in base.modules())  # as it was
     model = bayeslora.get_model(llama_base(layers=1), BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"no place.*layers\.1\."):
         bayeslora.load_adapter(model, tmp_path, "second")
@@ -224,3 +226,16 @@ def test_a_base_with_more_layers_still_loads(tmp_path):
     saved_adapter(tmp_path)
     with pytest.warns(UserWarning, match="missing adapter keys"):
         bayeslora.load(llama_base(layers=3), tmp_path)
+
+
+def test_a_pickled_adapter_is_refused_not_unpickled(tmp_path):
+    """PEFT falls back to adapter_model.bin (a pickle) when there is no safetensors file; we never load one."""
+    import safetensors.torch
+
+    saved_adapter(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    torch.save(safetensors.torch.load_file(weights), tmp_path / "adapter_model.bin")
+    weights.unlink()
+    for load in both_loaders(tmp_path):
+        with pytest.raises(ValueError, match="adapter_model.bin \\(a pickle\\) and no adapter_model.safetensors"):
+            load()

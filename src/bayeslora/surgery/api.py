@@ -105,9 +105,12 @@ def load(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default
     try:
         peft_model = peft.PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, config=config,
                                                     is_trainable=is_trainable, **peft_kwargs)
+        _refuse_unexpected(path, unexpected)
+    except BaseException:
+        unwrap_adapters(model)  # the base comes back as it was given
+        raise
     finally:
         hook.remove()
-    _refuse_unexpected(path, unexpected)
     return attach(peft_model)
 
 
@@ -179,7 +182,11 @@ def _check_local_adapter(path: str | os.PathLike, subfolder: Optional[str] = Non
                 pass  # the header only
         except Exception as err:  # safetensors raises its own SafetensorError
             raise ValueError(f"{weights} is not a safetensors file ({err})") from err
-    elif not os.path.isfile(os.path.join(folder, peft.utils.WEIGHTS_NAME)):  # PEFT's .bin fallback: as before
+    elif os.path.isfile(os.path.join(folder, peft.utils.WEIGHTS_NAME)):  # PEFT would fall back to unpickling it
+        raise ValueError(f"{folder} holds {peft.utils.WEIGHTS_NAME} (a pickle) and no {_WEIGHTS_FILE}: bayeslora "
+                         "loads safetensors only, never a pickle it may have been handed; convert it where you "
+                         "trust its source (torch.load, then safetensors.torch.save_file)")
+    else:
         raise FileNotFoundError(f"{folder} has no {_WEIGHTS_FILE}: is it a folder save_pretrained wrote?")
 
 
