@@ -5,6 +5,7 @@ the matrix and their results merge by concatenation, and a built wheel ships the
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,6 +19,7 @@ from bayeslora import cli
 from bayeslora.bench import (load_suite, parse_shard, read_rows, run_bench, shard_units, shipped_suites,
                              suite_units, write_report)
 from bayeslora.bench.results import append_rows, latest_rows, results_files
+from bayeslora.bench.runner import unit_signature
 from bayeslora.layout import RunFolder
 
 SUITE = """
@@ -95,6 +97,19 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes_without_work(setup):
     run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=again.append)
     assert "2 already finished" in again[0] and len(again) == 1  # nothing trained, scored or appended
     assert len(read_rows([results])) == len(rows)
+
+    # its results copied to another folder, the data read from another: still finished (a signature holds
+    # the data's bytes, not paths); other bytes in a file a unit scores on: that unit is not
+    shutil.copytree(out / "results", root / "moved" / "results")
+    shutil.copytree(root / "data", root / "data-copy")
+    moved: list[str] = []
+    run_bench(suite, root / "moved", data_dir=str(root / "data-copy"), progress=False, log=moved.append)
+    assert "2 already finished" in moved[0] and len(moved) == 1
+    plan = suite.plan(root / "moved", data_dir=str(root / "data-copy"))
+    before = [unit_signature(plan, *u[1:]) for u in suite_units(plan)]
+    dev = root / "data-copy" / "arc" / "ARC-Challenge" / "ARC-Challenge-Dev.jsonl"
+    dev.write_bytes(dev.read_bytes() + b"\n")
+    assert all(a != b for a, b in zip(before, [unit_signature(plan, *u[1:]) for u in suite_units(plan)]))
 
     # another split is another set of units: nothing of dev stands for it
     val: list[str] = []

@@ -49,17 +49,38 @@ def suite_units(plan: Plan) -> list[Unit]:
     return [(f"{plan.split}/{b.name}/{t}/{c.label}/seed-{s}", b, t, c, s) for b, t, c, s in plan.runs()]
 
 
-def unit_signature(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int) -> str:
-    """A hash of everything a unit's rows depend on (its resolved training config, its sets and modes,
-    its calibrations, the eval subset and split): a finished unit whose suite changed runs again."""
+# Where a unit's files are, not what they hold: a benchmark folder copied elsewhere, or data in another
+# folder, resumes its finished units (the data's bytes stand in for its paths)
+_LOCATION_FIELDS = ("output", "data_dir", "train_file", "val_file", "progress")
+
+
+def unit_signature(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int,
+                   digests: Optional[dict[str, str]] = None) -> str:
+    """A hash of everything a unit's rows depend on (its resolved training config, the sha256 of every data
+    file it trains and scores on, its sets and modes, its calibrations, the eval subset and split): a
+    finished unit whose suite or data changed runs again; one whose folder or data folder moved does not.
+    ``digests`` caches file sha256s across the units of a run."""
     import hashlib
     import json
 
     from ..compare import train_config
+    from ..data import sha256_of, split_files
     from ..training import resolve
 
-    spec = {"train": resolve(train_config(plan, budget, task, cell, seed)).to_dict(), "split": plan.split,
-            "evals": plan.evals_of(task), "variants": plan.variants(cell), "first": plan.max_eval_examples}
+    digests = {} if digests is None else digests
+
+    def content(files: list[Path]) -> list[str]:
+        for f in files:
+            digests.setdefault(str(f), sha256_of(f))
+        return [digests[str(f)] for f in files]
+
+    cfg = resolve(train_config(plan, budget, task, cell, seed))
+    train = {k: v for k, v in cfg.to_dict().items() if k not in _LOCATION_FIELDS}
+    data = {"train": content(split_files(task, "train", cfg.data_dir, cfg.train_file)),
+            "val": content(split_files(task, "train", cfg.data_dir, cfg.val_file or cfg.train_file)),
+            **{f"eval:{t}": content(split_files(t, plan.split, cfg.data_dir, None)) for t, _ in plan.evals_of(task)}}
+    spec = {"train": train, "data": data, "split": plan.split, "evals": plan.evals_of(task),
+            "variants": plan.variants(cell), "first": plan.max_eval_examples}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -100,7 +121,8 @@ def run_bench(suite: Suite, output: Path, *, split: Optional[str] = None, data_d
     plan = suite.plan(output, split=split, data_dir=data_dir)
     mine = shard_units(suite_units(plan), shard)
     done = finished_units(output)
-    signatures = {u[0]: unit_signature(plan, *u[1:]) for u in mine}
+    digests: dict[str, str] = {}
+    signatures = {u[0]: unit_signature(plan, *u[1:], digests=digests) for u in mine}
     todo = [u for u in mine if done.get(u[0]) != signatures[u[0]]]
     check_data(plan, [u[1:] for u in todo])
     target = results_file(output, shard)
