@@ -239,3 +239,16 @@ def test_a_pickled_adapter_is_refused_not_unpickled(tmp_path):
     for load in both_loaders(tmp_path):
         with pytest.raises(ValueError, match="adapter_model.bin \\(a pickle\\) and no adapter_model.safetensors"):
             load()
+
+
+def test_a_fixed_sample_inside_another_gives_the_outer_draw_back():
+    model = llama_model()
+    batch = inputs()
+    with torch.no_grad(), bayeslora.fixed_sample(model, seed=1):
+        outer = outputs(model, batch)
+        with bayeslora.fixed_sample(model, seed=2, num_samples=2):
+            inner = model(**{k: v.repeat(2, 1) for k, v in batch.items()}).logits
+        assert not torch.allclose(inner[:2], outer)
+        torch.testing.assert_close(outputs(model, batch), outer, rtol=0, atol=0)
+        assert bayeslora.get_sampler(model).num_samples == 1
+    assert bayeslora.get_sampler(model).fixed is False

@@ -229,7 +229,8 @@ def fixed_sample(model: nn.Module, seed: Optional[int] = None, num_samples: int 
     """Draw once on entry and reuse that draw for every forward inside (e.g. ``generate``).
 
     Meant for inference: under autograd every forward inside shares the one draw's graph. If the entry
-    draw fails (a bad ``seed``, a non-finite posterior), the model keeps its mode, seeds and draws.
+    draw fails (a bad ``seed``, a non-finite posterior), the model keeps its mode, seeds and draws; a
+    ``fixed_sample`` inside another gives the outer one its draw back on exit.
     """
     sampler = get_sampler(model)
     seed = None if seed is None else _check_seed(seed, "seed")
@@ -247,9 +248,11 @@ def fixed_sample(model: nn.Module, seed: Optional[int] = None, num_samples: int 
     try:
         yield
     finally:
-        sampler.fixed = previous[2]
-        sampler.draw_seed, sampler.draw_seeds = previous[3], previous[4]
-        if not sampler.fixed:
+        if previous[2]:  # inside another fixed_sample: its draw (and number of draws) comes back
+            _restore(sampler, previous, found)
+        else:
+            sampler.fixed = False
+            sampler.draw_seed, sampler.draw_seeds = previous[3], previous[4]
             sampler.set_mode(*previous[:2])
 
 
