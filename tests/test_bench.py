@@ -110,6 +110,11 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes_without_work(setup):
     dev = root / "data-copy" / "arc" / "ARC-Challenge" / "ARC-Challenge-Dev.jsonl"
     dev.write_bytes(dev.read_bytes() + b"\n")
     assert all(a != b for a, b in zip(before, [unit_signature(plan, *u[1:]) for u in suite_units(plan)]))
+    # without its data a finished unit stays finished (its signature cannot be checked; it need not run)
+    shutil.rmtree(root / "data-copy")
+    gone: list[str] = []
+    run_bench(suite, root / "moved", data_dir=str(root / "data-copy"), progress=False, log=gone.append)
+    assert "2 already finished" in gone[0] and len(gone) == 1
 
     # another split is another set of units: nothing of dev stands for it
     val: list[str] = []

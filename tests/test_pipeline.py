@@ -479,6 +479,12 @@ def test_resume_refuses_options_it_would_ignore(workspace, tmp_path, capsys):
     assert cli.main(resume + ["--lr", "1e-2", "--method", "bayeslora", "--max-steps", "1", "--seed", "1",
                               "--flow-depth", str(recorded["flow_depth"]),
                               "--mean-lr-factor", str(recorded["lr_factors"]["mean"])]) == 0
+    # a run of a method not registered here (a user's own): train's clean error, not a KeyError
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["method"] = "toy"
+    (run / "config.json").write_text(json.dumps(config))
+    assert cli.main(resume + ["--flow-depth", "2"]) == 2
+    assert "unknown method 'toy'" in capsys.readouterr().err
 
 
 def test_train_knows_which_options_were_typed_even_at_their_default():

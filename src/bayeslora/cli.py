@@ -94,8 +94,8 @@ def _refuse_changes_on_resume(args: argparse.Namespace, cfg) -> None:
         given = getattr(args, f.name)
         if f.name in args.typed and not same(f.name, given, getattr(cfg, f.name)):
             changed.append(f"--{f.name.replace('_', '-')} {given} (the run has {getattr(cfg, f.name)!r})")
-    recorded = METHODS[cfg.method]
-    for dest, (owner, flag) in args._method_flags.items():
+    recorded = METHODS.get(cfg.method)  # an unknown method is train's error to name
+    for dest, (owner, flag) in args._method_flags.items() if recorded is not None else ():
         given = getattr(args, dest)
         if dest in args.typed and (owner != cfg.method or given != recorded.flag_value(dest, cfg.method_options)):
             changed.append(f"{flag} {given}" if owner == cfg.method else f"{flag} (an option of --method {owner}; "

@@ -133,8 +133,9 @@ class BayesLoraConfig(LoraConfig):
         for name in ("prior_std", "lambda_init", "lambda_max", "sigma_u_init", "sigma_u_max",
                      "inducing_diag_init", "jitter"):
             value = getattr(self, name)
-            if not _is_finite_number(value):
-                raise ValueError(f"BayesLoraConfig.{name} must be a finite number, got {value!r}")
+            if not (_is_finite_number(value) or name in ("lambda_max", "sigma_u_max") and value == math.inf):
+                raise ValueError(f"BayesLoraConfig.{name} must be a finite number"
+                                 f"{' (or inf: no clamp)' if name.endswith('_max') else ''}, got {value!r}")
             if name != "jitter" and not value > 0:
                 raise ValueError(f"BayesLoraConfig.{name} must be > 0, got {value!r}")
         if not self.jitter >= 0:

@@ -122,8 +122,15 @@ def run_bench(suite: Suite, output: Path, *, split: Optional[str] = None, data_d
     mine = shard_units(suite_units(plan), shard)
     done = finished_units(output)
     digests: dict[str, str] = {}
-    signatures = {u[0]: unit_signature(plan, *u[1:], digests=digests) for u in mine}
-    todo = [u for u in mine if done.get(u[0]) != signatures[u[0]]]
+
+    def signature(unit: Unit) -> Optional[str]:
+        try:
+            return unit_signature(plan, *unit[1:], digests=digests)
+        except FileNotFoundError:  # its data is not here: finished stays finished; to run, check_data names it
+            return None
+
+    signatures = {u[0]: signature(u) for u in mine}
+    todo = [u for u in mine if not (u[0] in done and signatures[u[0]] in (None, done[u[0]]))]
     check_data(plan, [u[1:] for u in todo])
     target = results_file(output, shard)
     where = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..config import BayesLoraConfig
 from ..core import StackedFactors, conditional_kl_group, draw_group
 from .combine import install as install_combination
-from .inject import prepare_config, resolve_targets, untie_targets, unwrap_adapters
+from .inject import adapter_layers, prepare_config, resolve_targets, undo_injection, untie_targets
 from .layer import BayesLoraLinear
 from .sampler import PosteriorSampler, full_precision
 
@@ -74,10 +74,11 @@ def get_model(model: nn.Module, config: BayesLoraConfig, adapter_name: str = "de
     """
     prepare_config(config)
     resolve_targets(model, config)
+    before = adapter_layers(model)
     try:
         peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **peft_kwargs)
     except BaseException:
-        unwrap_adapters(model)
+        undo_injection(model, before)
         raise
     return attach(peft_model)
 
@@ -102,12 +103,13 @@ def load(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default
     unexpected: set[str] = set()
     # PeftModel.from_pretrained drops the result of its load_state_dict; the base model's post hook sees it
     hook = model.register_load_state_dict_post_hook(lambda _, keys: unexpected.update(keys.unexpected_keys))
+    before = adapter_layers(model)
     try:
         peft_model = peft.PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, config=config,
                                                     is_trainable=is_trainable, **peft_kwargs)
         _refuse_unexpected(path, unexpected)
     except BaseException:
-        unwrap_adapters(model)  # the base comes back as it was given
+        undo_injection(model, before)  # the base comes back as it was given
         raise
     finally:
         hook.remove()
@@ -208,8 +210,15 @@ def set_mode(model: nn.Module, mode: str, num_samples: int = 1) -> None:
     ``num_samples=S`` makes S draws per forward for batched Monte Carlo over S×B rows in sample-major
     order, ``x.repeat(S, 1)``: draw s sees rows s·B … (s+1)·B−1. ``repeat_interleave`` would put an
     example's S copies under one draw (or a few), with no error.
+
+    ``set_mode(model, "mean")`` also drops the cached posterior means (recomputed at the next forward), so
+    it picks up parameter writes through ``p.data``; :func:`using_mode` and :func:`fixed_sample` keep them.
     """
-    get_sampler(model).set_mode(mode, num_samples)
+    sampler = get_sampler(model)
+    sampler.set_mode(mode, num_samples)
+    if mode == "mean":  # recomputed at the next forward: picks up writes no version counter saw (``p.data``)
+        for _, layer in sampler.layers():
+            layer.forget_mean_weights()
 
 
 @contextlib.contextmanager

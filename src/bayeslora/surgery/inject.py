@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from ..config import BayesLoraConfig, matches_module
 from .layer import BayesLoraLinear, is_quantized
 
-__all__ = ["prepare_config", "resolve_targets", "untie_targets", "unwrap_adapters"]
+__all__ = ["adapter_layers", "prepare_config", "resolve_targets", "undo_injection", "untie_targets"]
 
 
 def dispatch_bayeslora(target: nn.Module, adapter_name: str, config, **kwargs):
@@ -139,15 +139,29 @@ def _excluded_by_layers(model: nn.Module, resolved: BayesLoraConfig, patterns: U
     return ""
 
 
-def unwrap_adapters(model: nn.Module) -> None:
-    """Put every adapter-wrapped layer's base layer back in its place: undoes a PEFT injection that
-    failed part way (PEFT refuses a target it has no layer for only after wrapping those before it)."""
-    wrapped = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    for name in wrapped:
-        if any(name.startswith(outer + ".") for outer in wrapped):
-            continue  # inside another wrapped layer: goes with it
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, model.get_submodule(name).get_base_layer())
+def adapter_layers(model: nn.Module) -> dict[int, set[str]]:
+    """The adapter-wrapped layers of ``model`` (by id) and the adapters each holds: what
+    :func:`undo_injection` leaves in place."""
+    return {id(m): _adapters_of(m) for m in model.modules() if isinstance(m, BaseTunerLayer)}
+
+
+def _adapters_of(layer: BaseTunerLayer) -> set[str]:
+    return {name for attr in layer.adapter_layer_names for name in getattr(layer, attr, {})}
+
+
+def undo_injection(model: nn.Module, before: dict[int, set[str]]) -> None:
+    """Undo a PEFT injection that failed part way (PEFT refuses a target it has no layer for only after
+    wrapping those before it): a layer it wrapped gets its base layer back in its place, a layer wrapped
+    ``before`` (:func:`adapter_layers`) loses only the adapters it did not hold then."""
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    new = [name for name, m in wrapped if id(m) not in before]
+    for name, layer in wrapped:
+        if id(layer) in before:
+            for adapter in _adapters_of(layer) - before[id(layer)]:
+                layer.delete_adapter(adapter)
+        elif not any(name.startswith(outer + ".") for outer in new):  # inside another new one: goes with it
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer.get_base_layer())
 
 
 def _whole_copy(weight: nn.Parameter) -> torch.Tensor:

@@ -16,7 +16,6 @@ on every data-parallel rank.
 from __future__ import annotations
 
 import contextlib
-import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -50,20 +49,6 @@ def _module_registered(module: nn.Module, name: str, submodule: Optional[nn.Modu
 
 
 torch.nn.modules.module.register_module_module_registration_hook(_module_registered)
-
-
-def _warn_low_precision(ref: "FactorRef", dtype: torch.dtype) -> None:
-    """Once per process: a whole-model cast (``model.to(torch.bfloat16)``, ``.half()``) also cast the
-    inducing parameters, as it does PEFT's LoRA factors."""
-    global _WARNED_LOW_PRECISION
-    if not _WARNED_LOW_PRECISION:
-        _WARNED_LOW_PRECISION = True
-        warnings.warn(f"the inducing parameters of {ref.name} are stored in {dtype} (a cast of the whole model?): "
-                      "the inducing maths still run in float32, but optimizer steps on them lose small updates; "
-                      "call bayeslora.attach(model) after the cast to put them back in float32", stacklevel=3)
-
-
-_WARNED_LOW_PRECISION = False
 
 
 @dataclass(frozen=True)
@@ -212,8 +197,6 @@ class PosteriorSampler:
         out: dict[tuple, list[FactorRef]] = {}
         for ref in refs:
             settings = ref.layer.bayes_settings[ref.adapter]
-            if ref.factor.inducing_mean.dtype in (torch.float16, torch.bfloat16):
-                _warn_low_precision(ref, ref.factor.inducing_mean.dtype)
             key = (ref.factor.shape, settings["dtype"], ref.factor.inducing_mean.device, ref.factor.offset is not None)
             if by_mean_settings:
                 key += (settings["mean_samples"], settings["seed"])
@@ -228,9 +211,6 @@ class PosteriorSampler:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         self.mode, self.num_samples = mode, num_samples
         self.clear()  # walks the layers, which take the new mode
-        if mode == "mean":  # recompute the means at the next forward: picks up writes no version counter saw
-            for _, layer in self.layers():
-                layer.forget_mean_weights()
 
     def set_draw_seeds(self, seeds: Optional[list[int]]) -> None:
         """One seed per draw of each forward (``None``: torch's global RNG).
