@@ -490,8 +490,9 @@ def test_resume_refuses_options_it_would_ignore(workspace, tmp_path, capsys):
 def test_train_knows_which_options_were_typed_even_at_their_default():
     argv = ["train", "--task", "arc_easy", "--seed", "0", "--eval-batch-size=32", "--no-progress", "--flow-depth",
             "2", "--output", "r"]
-    args = cli.build_parser("train").parse_args(argv)
-    assert cli._typed_options("train", argv, args) == {"task", "seed", "eval_batch_size", "no_progress",
+    parser, sub = cli._build_parser("train")
+    args = parser.parse_args(argv)
+    assert cli._typed_options(sub.choices["train"], "train", argv, args) == {"task", "seed", "eval_batch_size", "no_progress",
                                                         "flow_depth", "output"}
 
 

@@ -388,13 +388,13 @@ def _build_parser(command: Optional[str]) -> tuple[argparse.ArgumentParser, argp
     return parser, sub
 
 
-def _typed_options(command: str, argv: list[str], args: argparse.Namespace) -> frozenset[str]:
+def _typed_options(p: argparse.ArgumentParser, command: str, argv: list[str],
+                   args: argparse.Namespace) -> frozenset[str]:
     """The options this command line gives. argparse fills every other option with its default, so the
-    namespace alone cannot tell `--seed 0` from no --seed: parse the command's arguments again with every
-    default replaced by a marker (an object, so argparse's conversion of string defaults leaves it alone),
-    and what does not hold it was typed."""
+    namespace alone cannot tell `--seed 0` from no --seed: parse the command's arguments again with the
+    command's parser ``p``, every default replaced by a marker (an object, so argparse's conversion of
+    string defaults leaves it alone), and what does not hold it was typed."""
     unset = object()
-    p = _build_parser(command)[1].choices[command]
     p.set_defaults(**{dest: unset for dest in vars(args)})
     given = p.parse_args(argv[argv.index(command) + 1:])
     return frozenset(dest for dest, value in vars(given).items() if value is not unset)
@@ -403,9 +403,10 @@ def _typed_options(command: str, argv: list[str], args: argparse.Namespace) -> f
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
-    if args.command == "train":
-        args.typed = _typed_options(command, argv, args)
+    parser, sub = _build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command == "train":  # after parsing, so its parser may take the markers
+        args.typed = _typed_options(sub.choices["train"], command, argv, args)
     handler = {"train": _train, "evaluate": _evaluate, "calibrate": _calibrate, "report": _report,
                "quickstart": _quickstart, "compare": _compare, "predict": _predict,
                "bench": _bench}[args.command]

@@ -54,31 +54,22 @@ def suite_units(plan: Plan) -> list[Unit]:
 _LOCATION_FIELDS = ("output", "data_dir", "train_file", "val_file", "progress")
 
 
-def unit_signature(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int,
-                   digests: Optional[dict[str, str]] = None) -> str:
+def unit_signature(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int) -> str:
     """A hash of everything a unit's rows depend on (its resolved training config, the sha256 of every data
     file it trains and scores on, its sets and modes, its calibrations, the eval subset and split): a
-    finished unit whose suite or data changed runs again; one whose folder or data folder moved does not.
-    ``digests`` caches file sha256s across the units of a run."""
+    finished unit whose suite or data changed runs again; one whose folder or data folder moved does not."""
     import hashlib
     import json
 
     from ..compare import train_config
-    from ..data import sha256_of, split_files
+    from ..data import file_records, split_files
     from ..training import resolve
-
-    digests = {} if digests is None else digests
-
-    def content(files: list[Path]) -> list[str]:
-        for f in files:
-            digests.setdefault(str(f), sha256_of(f))
-        return [digests[str(f)] for f in files]
+    from ..training.loop import run_data_files
 
     cfg = resolve(train_config(plan, budget, task, cell, seed))
     train = {k: v for k, v in cfg.to_dict().items() if k not in _LOCATION_FIELDS}
-    data = {"train": content(split_files(task, "train", cfg.data_dir, cfg.train_file)),
-            "val": content(split_files(task, "train", cfg.data_dir, cfg.val_file or cfg.train_file)),
-            **{f"eval:{t}": content(split_files(t, plan.split, cfg.data_dir, None)) for t, _ in plan.evals_of(task)}}
+    scored = {f"eval:{t}": file_records(split_files(t, plan.split, cfg.data_dir, None)) for t, _ in plan.evals_of(task)}
+    data = {name: [f["sha256"] for f in files] for name, files in {**run_data_files(cfg), **scored}.items()}
     spec = {"train": train, "data": data, "split": plan.split, "evals": plan.evals_of(task),
             "variants": plan.variants(cell), "first": plan.max_eval_examples}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -121,11 +112,9 @@ def run_bench(suite: Suite, output: Path, *, split: Optional[str] = None, data_d
     plan = suite.plan(output, split=split, data_dir=data_dir)
     mine = shard_units(suite_units(plan), shard)
     done = finished_units(output)
-    digests: dict[str, str] = {}
-
     def signature(unit: Unit) -> Optional[str]:
         try:
-            return unit_signature(plan, *unit[1:], digests=digests)
+            return unit_signature(plan, *unit[1:])
         except FileNotFoundError:  # its data is not here: finished stays finished; to run, check_data names it
             return None
 

@@ -271,7 +271,8 @@ def _current_draws(sampler: PosteriorSampler) -> tuple[list[tuple[BayesLoraLinea
 
 
 def _restore(sampler: PosteriorSampler, settings: tuple, found: tuple[list, dict]) -> None:
-    """Put back what a failed ``fixed_sample`` entry changed, without the clearing ``set_mode`` does."""
+    """Put back what a ``fixed_sample`` changed (after a failed entry draw, or on leaving one nested in
+    another), without the clearing ``set_mode`` does."""
     sampler.mode, sampler.num_samples, sampler.fixed, sampler.draw_seed, sampler.draw_seeds = settings
     layers, last_kl = found
     sampler.layers()  # the layers take the restored mode again
