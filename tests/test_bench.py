@@ -136,6 +136,38 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes_without_work(setup):
     assert before != load_suite(path).sha256
 
 
+def test_a_samples_sweep_scores_each_stochastic_run_again_without_training_it_again(setup, tmp_path):
+    root, model = setup
+    path = suite_file(root, model, name="sweep")
+    out = tmp_path / "out"
+    run_bench(load_suite(path), out, data_dir=str(root / "data"), progress=False, log=lambda _: None)
+    plain = load_suite(path).plan(out, data_dir=str(root / "data"))
+    path.write_text(path.read_text().replace("samples = 2\n", "samples = 2\nsamples_sweep = [1, 2, 3]\n"))
+    suite = load_suite(path)
+    plan = suite.plan(out, data_dir=str(root / "data"))
+    assert [plan.draw_variants(c) for c in plan.cells] == [[], [("bayeslora S=1", 1), ("bayeslora S=3", 3)]]
+    # the deterministic cell's unit is unchanged (finished); the stochastic one's is not, and runs again
+    signatures = [(unit_signature(plain, *u[1:]), unit_signature(plan, *u[1:])) for u in suite_units(plan)]
+    assert signatures[0][0] == signatures[0][1] and signatures[1][0] != signatures[1][1]
+    logs: list[str] = []
+    results, units, failed = run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=logs.append)
+    assert units == 2 and failed == [] and "1 already finished" in logs[0]
+    assert not any(": training" in line for line in logs)  # scored again, not trained again
+    rows = latest_rows(read_rows([results]))
+    swept = {(r["cell"], r["eval_task"]): r for r in rows if r["cell"].startswith("bayeslora S=")}
+    assert set(swept) == {(f"bayeslora S={k}", t) for k in (1, 3) for t in ("arc_easy", "arc_challenge")}
+    base = next(r for r in rows if r["cell"] == "bayeslora" and r["mode"] == "sample" and r["eval_task"] == "arc_easy")
+    assert base["samples"] == 2
+    for (cell, task), r in swept.items():
+        assert r["mode"] == "sample" and r["samples"] == int(cell[-1]) and r["run"] == base["run"]
+        assert (r["mi"] == 0.0) == (r["samples"] == 1)  # one draw has no epistemic part
+        assert (r["auroc_entropy"] is not None) == (task == "arc_challenge")
+    assert len({r["unit"] for r in rows}) == 2  # one run per unit: the sweep trained nothing new
+    text = write_report(out)[0].read_text()
+    assert "| bayeslora S=3 | sample | 3 | 1 |" in text and "| bayeslora | sample | 2 | 1 |" in text
+    assert "| lora | mean | 1 | 1 |" in text
+
+
 def test_a_failing_unit_is_recorded_and_the_others_go_on(setup, capsys):
     root, model = setup
     extra = '[cells.broken]\nmethod = "lora"\nlr = 5e-2\ntarget_modules = ["no_such_module"]'
@@ -203,7 +235,7 @@ def test_shards_partition_the_matrix_and_merge_by_concatenation(setup, tmp_path)
     # the same lines read twice (all.jsonl beside the shard files it was made of) are not two seeds
     for f in files:
         (tmp_path / "merged" / "results" / f.name).write_bytes(f.read_bytes())
-    assert "| lora | mean | 1 |" in write_report(tmp_path / "merged")[0].read_text()
+    assert "| lora | mean | 1 | 1 |" in write_report(tmp_path / "merged")[0].read_text()  # S 1, one seed
     empty = run_bench(suite, tmp_path / "machine-9", data_dir=str(root / "data"), shard=(3, 3), progress=False,
                       log=lambda _: None)
     assert empty[1] == 0  # more shards than units: an empty shard, not an error
@@ -268,6 +300,8 @@ def test_the_reliability_plot_keeps_the_confidence_one_bucket():
     # the method's own config is built at load too, not hours later at the cell's unit
     ('[cells.bayeslora]\nflow_depth = "two"', "cells.bayeslora: BayesLoraConfig.flow_depth must be an integer >= 0"),
     ('[cells.ensemble]\nsize = 1', "cells.ensemble: --ensemble-size must be an integer >= 2"),
+    ('samples_sweep = [1, 1]', "samples_sweep: must be a list of distinct positive integers"),
+    ('samples_sweep = [0, 2]', "samples_sweep: must be a list of distinct positive integers"),
 ])
 def test_a_bad_suite_is_refused_naming_the_file_and_the_key(tmp_path, bad, message):
     head = 'description = "d"\n' + ("" if bad.startswith("tasks") else 'tasks = ["arc_easy"]\n')
@@ -334,7 +368,7 @@ def test_the_table_never_averages_two_scoring_protocols_of_one_set():
             row(1, 0.6, None, "labels")]  # a row from before the protocol was recorded: read from its config
     text = markdown_table(rows, [])
     assert "scored by loglik;" in text and "scored by labels;" in text
-    assert "| lora | mean | 2 | 30.0 ± 14.1 |" in text and "| lora | mean | 2 | 70.0 ± 14.1 |" in text
+    assert "| lora | mean |  | 2 | 30.0 ± 14.1 |" in text and "| lora | mean |  | 2 | 70.0 ± 14.1 |" in text
     assert "50.0" not in text
     from bayeslora.bench.plots import _sets
 

@@ -140,6 +140,20 @@ def test_compare_runs_resumes_and_pairs_with_the_reference(setup):
     assert row["auroc_mi"] == pytest.approx(auroc(files["arc_easy"]["mi"], files["arc_challenge"]["mi"]))
     assert row["auroc_entropy"] == pytest.approx(auroc(files["arc_easy"]["entropy"], files["arc_challenge"]["entropy"]))
 
+    # a draw-count sweep scores the trained runs again (no training) as cells of their own, paired with lora
+    swept = dataclasses.replace(plan, samples_sweep=[1, 2, 3])
+    logs = []
+    run_plan(swept, log=logs.append)
+    assert not any(line.endswith(": training") for line in logs)
+    assert sum(" sample S=" in line for line in logs) == 2 * 2 * 2  # S 1 and 3 (2 is the runs' own) × 2 sets × 2 seeds
+    table = {(e["eval_task"], e["cell"]): e for e in summarise(swept)["table"] if e["mode"] == "sample"}
+    for k in (1, 3):
+        entry = table[("arc_easy", f"bayeslora S={k}")]
+        assert entry["seeds"] == [0, 1] and entry["vs_reference"]["mode"] == "mean"
+        assert (entry["mi"] == 0) == (k == 1)
+    assert ("arc_easy", "bayeslora S=2") not in table
+    assert {t["cell"] for t in summarise(swept)["targets"]} == {"bayeslora", "bayeslora S=1", "bayeslora S=3"}
+
     # a cell missing a seed (an unfinished comparison) is held against the reference on the seeds they
     # share, and its lines say so, rather than set its mean beside the reference's mean over other seeds
     with moved_away(plan.run_dir(BUDGETS["short"], "arc_easy", cells[1], 1)):

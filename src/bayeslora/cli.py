@@ -296,6 +296,9 @@ def _compare_parser(sub) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--split", default="dev", help="where to report (default dev)")
     p.add_argument("--samples", type=int, default=4, help="predictive draws in sample mode (default 4)")
+    p.add_argument("--samples-sweep", nargs="*", type=int, default=[],
+                   help="also score each stochastic run with these draw counts, as cells 'LABEL S=k' (no retraining; "
+                        "default none)")
     p.add_argument("--max-length", type=int, default=128, help="default 128")
     p.add_argument("--reference", default="lora", help="the cell others are paired with, in its default mode (default lora)")
     p.add_argument("--calibrations", nargs="*", default=[],
@@ -311,7 +314,8 @@ def _compare(args: argparse.Namespace) -> int:
                 seeds=args.seeds, budgets=[BUDGETS[b] for b in args.budgets],
                 ood_train=None if args.ood_train == "none" else args.ood_train, ood_eval=args.ood_eval,
                 model=args.model, data_dir=args.data_dir, split=args.split, samples=args.samples,
-                max_length=args.max_length, reference=args.reference, calibrations=args.calibrations)
+                max_length=args.max_length, reference=args.reference, calibrations=args.calibrations,
+                samples_sweep=args.samples_sweep)
     if not args.summary_only:
         run_plan(plan)
     json_path, md_path = write_summary(plan)

@@ -87,6 +87,7 @@ class Plan:
     calibrations: list[str] = field(default_factory=list)
     max_eval_examples: Optional[int] = None  # score only each eval set's first N examples (quick suites)
     calibration_cells: dict[str, list[str]] = field(default_factory=dict)  # calibration -> the only cells it fits on
+    samples_sweep: list[int] = field(default_factory=list)  # also score each stochastic run with these draw counts
 
     def variants(self, cell: Cell) -> list[tuple[str, Optional[str]]]:
         """(table label, calibration) of a cell: itself, then each calibration that applies to its method."""
@@ -98,8 +99,24 @@ class Plan:
                                        if get_calibration(c).applies_to(method)
                                        and cell.label in self.calibration_cells.get(c, [cell.label])]
 
+    def draw_variants(self, cell: Cell) -> list[tuple[str, int]]:
+        """(table label, draws) of the extra scorings of a cell's run with each draw count in ``samples_sweep``
+        other than the run's own: ``LABEL S=k``, in the method's default mode. None for a method whose
+        draws do not follow S (deterministic; an ensemble draws its members)."""
+        from .methods import get_method
+
+        method = get_method(cell.method)
+        if method.draws(method.default_mode, 1) == method.draws(method.default_mode, 2):
+            return []
+        own = cell.settings.get("samples", self.samples)
+        return [(f"{cell.label} S={k}", k) for k in self.samples_sweep if k != own]
+
+    def labels(self, cell: Cell) -> list[str]:
+        """Every table label a cell's run is reported under: itself, its calibrations, its draw counts."""
+        return [name for name, _ in self.variants(cell)] + [name for name, _ in self.draw_variants(cell)]
+
     def method_of(self, label: str) -> str:
-        return next(c.method for c in self.cells for name, _ in self.variants(c) if name == label)
+        return next(c.method for c in self.cells if label in self.labels(c))
 
     def default_mode(self, label: str) -> str:
         """The mode a cell's targets are judged in: its calibration's, else its method's default."""
@@ -107,7 +124,7 @@ class Plan:
         from .methods import get_method
 
         method = get_method(self.method_of(label))
-        calibration = next(c for cell in self.cells for name, c in self.variants(cell) if name == label)
+        calibration = next((c for cell in self.cells for name, c in self.variants(cell) if name == label), None)
         return (calibration and get_calibration(calibration).mode_for(method)) or method.default_mode
 
     def validate(self, cell_key: str = "--cells {}") -> None:
@@ -141,6 +158,14 @@ class Plan:
                 raise ValueError(f"calibration cells for {name!r}: {'not a listed calibration' if name not in self.calibrations else f'unknown cells {missing}'}")
         if self.ood_train in self.ood_eval:
             raise ValueError(f"--ood-eval must not contain the OOD training task {self.ood_train!r}")
+        bad = [k for k in self.samples_sweep if not isinstance(k, int) or isinstance(k, bool) or k < 1]
+        if bad or len(set(self.samples_sweep)) != len(self.samples_sweep):
+            raise ValueError(f"samples sweep: must be distinct positive integers, got {self.samples_sweep!r}")
+        every = [name for c in self.cells for name in self.labels(c)]
+        clash = sorted({name for name in every if every.count(name) > 1})
+        if clash:
+            raise ValueError(f"--cells: the table labels {clash} would name two things (a cell label equals "
+                             "another cell's calibration or draw-count label)")
 
     def check_cell(self, cell: Cell) -> None:
         """Build what each of the cell's units builds before its model loads (the resolved training config,
@@ -262,7 +287,8 @@ def run_plan(plan: Plan, log=print) -> None:
     plan.validate()
     runs = plan.runs()
     check_data(plan, runs)
-    n_evals = sum(len(_modes(c.method, k)) for _, t, c, _ in runs for _, k in plan.evals_of(t))
+    n_evals = sum(len(_modes(c.method, k)) + len(plan.draw_variants(c)) for _, t, c, _ in runs
+                  for _, k in plan.evals_of(t))
     log(f"compare: {len(runs)} training runs ({len(plan.budgets)} budgets × {len(plan.train_tasks())} tasks × "
         f"{len(plan.cells)} cells × {len(plan.seeds)} seeds), {n_evals} evaluations on '{plan.split}', "
         f"into {plan.output}")
@@ -317,6 +343,15 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
                              samples=samples, mode=mode, seed=seed, max_examples=plan.max_eval_examples)
             log(f"{label}: {eval_task}/{plan.split} {mode}: acc {100 * r['acc']:.1f} ece {100 * r['ece']:.1f} "
                 f"nll {r['nll']:.4f}")
+    mode = get_method(cfg.method, cfg.method_options).default_mode
+    for eval_task, _ in plan.evals_of(task):
+        for _, samples in plan.draw_variants(cell):
+            if folder.eval_files(plan.stem(eval_task, cfg.method, mode, samples)).metrics.exists():
+                continue
+            r = evaluate_run(folder.root, eval_task, plan.split, data_dir=data_dir_of(plan, cell),
+                             samples=samples, mode=mode, seed=seed, max_examples=plan.max_eval_examples)
+            log(f"{label}: {eval_task}/{plan.split} {mode} S={samples}: acc {100 * r['acc']:.1f} "
+                f"ece {100 * r['ece']:.1f} nll {r['nll']:.4f} ({r['examples_per_second']:.3g} ex/s)")
     for _, calibration in plan.variants(cell)[1:]:
         _calibrated_evals(plan, folder, cell, calibration, task, seed, label, log)
 
@@ -426,6 +461,7 @@ def unit_rows(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int,
     from .evaluation.metrics import calibration_bins
     from .evaluation.selective import auroc, risk_coverage
     from .evaluation.significance import ece_noise_floor
+    from .methods import get_method
 
     folder = RunFolder(plan.run_dir(budget, task, cell, seed))
     if not folder.config.exists():
@@ -438,6 +474,8 @@ def unit_rows(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int,
              if calibration is None for mode in _modes(method, kind)]
     cases += [(eval_task, kind, name, calibration, *_calibrated_mode(folder, calibration, draws))
               for eval_task, kind in plan.evals_of(task) for name, calibration in plan.variants(cell)[1:]]
+    cases += [(eval_task, kind, name, None, get_method(method).default_mode, k)
+              for eval_task, kind in plan.evals_of(task) for name, k in plan.draw_variants(cell)]
     rows, examples = [], {}
     for eval_task, kind, name, calibration, mode, samples in cases:
         files = folder.eval_files(plan.stem(eval_task, method, mode, samples, calibration))
@@ -528,7 +566,7 @@ def summarise(plan: Plan) -> dict[str, Any]:
         groups.setdefault((r["budget"], r["train_task"], r["eval_task"], r["kind"], r["cell"], r["mode"]), []).append(r)
     table = []
     # the reference is held in the mode its targets are judged in (a Bayesian reference: sample, not mean)
-    labels = {name for cell in plan.cells for name, _ in plan.variants(cell)}
+    labels = {name for cell in plan.cells for name in plan.labels(cell)}
     reference_mode = plan.default_mode(plan.reference) if plan.reference in labels else None  # no reference: no Δ
     for key, members in groups.items():
         entry = dict(zip(("budget", "train_task", "eval_task", "kind", "cell", "mode"), key))
@@ -567,7 +605,8 @@ def summarise(plan: Plan) -> dict[str, Any]:
     return {"plan": {"tasks": plan.tasks, "ood_train": plan.ood_train, "ood_eval": plan.ood_eval,
                      "cells": [c.__dict__ for c in plan.cells], "seeds": plan.seeds, "split": plan.split,
                      "budgets": [b.__dict__ for b in plan.budgets], "model": plan.model, "samples": plan.samples,
-                     "reference": plan.reference, "calibrations": plan.calibrations},
+                     "reference": plan.reference, "calibrations": plan.calibrations,
+                     "samples_sweep": plan.samples_sweep},
             "rows": rows, "table": table, "targets": targets(table, plan)}
 
 

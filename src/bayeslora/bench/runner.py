@@ -56,8 +56,9 @@ _LOCATION_FIELDS = ("output", "data_dir", "train_file", "val_file", "progress")
 
 def unit_signature(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int) -> str:
     """A hash of everything a unit's rows depend on (its resolved training config, the sha256 of every data
-    file it trains and scores on, its sets and modes, its calibrations, the eval subset and split): a
-    finished unit whose suite or data changed runs again; one whose folder or data folder moved does not."""
+    file it trains and scores on, its sets and modes, its calibrations and extra draw counts, the eval subset
+    and split): a finished unit whose suite or data changed runs again; one whose folder or data folder moved
+    does not."""
     import hashlib
     import json
 
@@ -72,6 +73,8 @@ def unit_signature(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int)
     data = {name: [f["sha256"] for f in files] for name, files in {**run_data_files(cfg), **scored}.items()}
     spec = {"train": train, "data": data, "split": plan.split, "evals": plan.evals_of(task),
             "variants": plan.variants(cell), "first": plan.max_eval_examples}
+    if plan.draw_variants(cell):  # only where there are any: the signatures of units from before stay as they were
+        spec["draws"] = plan.draw_variants(cell)
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

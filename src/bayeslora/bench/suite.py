@@ -9,7 +9,8 @@ file and the key, so a typo never silently runs the wrong matrix. Schema (see th
     tasks = ["arc_easy", "openbookqa"]     # in-distribution training tasks
     seeds = [0, 1, 2]
     split = "dev"                          # where it reports unless --split says otherwise
-    samples = 4                            # predictive draws S in sample mode
+    samples = 4                            # predictive draws S in sample mode (selection and scoring)
+    samples_sweep = [1, 2, 4, 8]           # optional: also score each stochastic run with these S (no retraining)
     max_length = 128
     max_eval_examples = 200                # optional: score only each set's first N examples
     reference = "lora"                     # the cell the others are paired with
@@ -42,7 +43,7 @@ from ..compare import Budget, Cell, Plan, is_task
 __all__ = ["SUITES_DIR", "Suite", "load_suite", "shipped_suites"]
 
 SUITES_DIR = Path(__file__).with_name("suites")
-_KEYS = {"description", "model", "tasks", "seeds", "split", "samples", "max_length", "max_eval_examples",
+_KEYS = {"description", "model", "tasks", "seeds", "split", "samples", "samples_sweep", "max_length", "max_eval_examples",
          "reference", "calibrations", "calibration_cells", "budget", "ood", "defaults", "cells"}
 _RESERVED = {"method_options", "progress", "output", "task", "seed", "epochs", "batch_size"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # labels become folder names
@@ -84,6 +85,7 @@ class Suite:
     ood_train: Optional[str]
     ood_eval: dict[str, list[str]]  # split -> OOD sets
     cells: list[Cell]
+    samples_sweep: list[int]
 
     def plan(self, output: Path, split: Optional[str] = None, data_dir: Optional[str] = None) -> Plan:
         split = split or self.split
@@ -95,7 +97,8 @@ class Suite:
                     ood_eval=list(self.ood_eval.get(split, [])) if self.ood_train else [],
                     model=self.model, data_dir=data_dir, split=split, samples=self.samples,
                     max_length=self.max_length, reference=self.reference, calibrations=list(self.calibrations),
-                    max_eval_examples=self.max_eval_examples, calibration_cells=dict(self.calibration_cells))
+                    max_eval_examples=self.max_eval_examples, calibration_cells=dict(self.calibration_cells),
+                    samples_sweep=list(self.samples_sweep))
         plan.validate(cell_key="cells.{}")
         return plan
 
@@ -165,6 +168,10 @@ def _parse(data: dict[str, Any], path: Path, sha256: str) -> Suite:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise bad(key, f"must be a positive integer, got {value!r}")
 
+    sweep = get("samples_sweep", list, [])
+    if not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in sweep) or len(set(sweep)) != len(sweep):
+        raise bad("samples_sweep", f"must be a list of distinct positive integers, got {sweep!r}")
+
     budget = get("budget", dict, {})
     extra = sorted(set(budget) - {"name", "epochs", "batch_size"})
     if extra:
@@ -228,7 +235,7 @@ def _parse(data: dict[str, Any], path: Path, sha256: str) -> Suite:
                   max_eval_examples=data.get("max_eval_examples"), reference=reference,
                   calibrations=str_list("calibrations", get("calibrations", list, [])),
                   calibration_cells=calibration_cells, budget=budget, ood_train=ood_train, ood_eval=ood_eval,
-                  cells=cells)
+                  cells=cells, samples_sweep=sweep)
     try:  # the matrix itself (methods, calibrations, labels) and every cell's settings, built as a unit builds them
         suite.plan(Path("."), split=split)
     except ValueError as err:

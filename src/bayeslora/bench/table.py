@@ -1,7 +1,7 @@
 """The benchmark's markdown table, built from result rows alone (so merged shards need no run folders).
 
 One table per evaluated set (training task → eval set) and scoring protocol; one line per cell variant
-and mode, mean ± std over the seeds present; ACC, ECE and AURC ×100. The best value of each column within a set is bold
+and mode with its predictive draws S, mean ± std over the seeds present; ACC, ECE and AURC ×100. The best value of each column within a set is bold
 (highest ACC and AUROC; lowest ECE, NLL, Brier and AURC). Units that failed are listed with their error.
 """
 
@@ -57,7 +57,8 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     for key, cells in groups.items():
         out[key] = {}
         for variant, members in cells.items():
-            stats: dict[str, Any] = {"seeds": sorted(m["seed"] for m in members), "n": members[0]["n"]}
+            stats: dict[str, Any] = {"seeds": sorted(m["seed"] for m in members), "n": members[0]["n"],
+                                     "samples": sorted({m.get("samples") for m in members}, key=str)}
             for _, name, *_ in COLUMNS + COSTS:
                 values = [m[name] for m in members if m.get(name) is not None]
                 stats[name] = ((statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -83,11 +84,11 @@ def markdown_table(rows: list[dict[str, Any]], header: list[str]) -> str:
         caveat = NOT_COMPARABLE.get(eval_task, "")
         lines += ["", f"### {train_task} → {eval_task} ({'in-distribution' if kind == 'id' else 'OOD'}; "
                       f"{split}; budget {budget}; scored by {scoring}; n = {', '.join(map(str, n))}){caveat}", ""]
-        head = ["cell", "mode", "seeds"] + [c[0] for c in shown] + [c[0] for c in costs]
+        head = ["cell", "mode", "S", "seeds"] + [c[0] for c in shown] + [c[0] for c in costs]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         best = {c[1]: _best(cells, c[1], c[4]) for c in shown}
         for (cell, mode), s in sorted(cells.items()):
-            out = [cell, mode, str(len(s["seeds"]))]
+            out = [cell, mode, "/".join(str(k) for k in s["samples"] if k is not None), str(len(s["seeds"]))]
             for _, name, scale, digits, _ in shown:
                 if s[name] is None:
                     out.append("")
