@@ -116,6 +116,25 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes_without_work(setup):
     run_bench(suite, root / "moved", data_dir=str(root / "data-copy"), progress=False, log=gone.append)
     assert "2 already finished" in gone[0] and len(gone) == 1
 
+    # its run folders alone moved (no results: every unit runs), the data read from another folder: the
+    # trained runs are taken as they are and scored again, not refused as "other settings" nor retrained
+    shutil.copytree(out / "runs", root / "runs-moved" / "runs")
+    shutil.copytree(root / "data", root / "data-elsewhere")
+    rescored: list[str] = []
+    again_file, _, failed = run_bench(suite, root / "runs-moved", data_dir=str(root / "data-elsewhere"),
+                                      progress=False, log=rescored.append)
+    assert failed == [] and "0 already finished" in rescored[0] and not any(": training" in x for x in rescored)
+    first = {(r["cell"], r["eval_task"], r["mode"]): r["nll"] for r in rows}
+    assert {(r["cell"], r["eval_task"], r["mode"]): r["nll"] for r in read_rows([again_file])} == first
+    # other bytes in the training file: not the run's data, and the unit says which file
+    shutil.copytree(out / "runs", root / "runs-other-data" / "runs")
+    train = root / "data-elsewhere" / "arc" / "ARC-Easy" / "ARC-Easy-Train.jsonl"
+    train.write_bytes(train.read_bytes() + b"\n")
+    other: list[str] = []
+    _, _, failed = run_bench(suite, root / "runs-other-data", data_dir=str(root / "data-elsewhere"),
+                             progress=False, log=other.append)
+    assert len(failed) == 2 and any("ARC-Easy-Train.jsonl: not the train data this run trained on" in x for x in other)
+
     # another split is another set of units: nothing of dev stands for it
     val: list[str] = []
     run_bench(suite, out, split="val", data_dir=str(root / "data"), progress=False, log=val.append)

@@ -346,3 +346,41 @@ def test_an_evaluation_without_a_recorded_protocol_takes_its_runs():
     assert scoring_of({}, {"train": {}, "model_kind": "causal"}) == "labels"
     assert scoring_of({}, {"train": {"scoring": None}, "model_kind": "encoder"}) == "pairs"
     assert scoring_of({}, {"train": {}}) is None
+
+
+def test_a_half_trained_run_resumes_after_its_folder_and_its_data_moved(setup, tmp_path, monkeypatch):
+    """A comparison copied to another machine (another output path, another data folder) resumes the run
+    its checkpoint holds, rather than refusing it as trained with other settings."""
+    import shutil
+
+    from bayeslora.training.loop import Trainer
+
+    root, model = setup
+    cell = Cell("lora", "lora", {"target_modules": ["query", "value"], "lr": 5e-2, "save_steps": 1})
+    plan = Plan(output=tmp_path / "here", tasks=["arc_easy"], cells=[cell], seeds=[0], budgets=[BUDGETS["short"]],
+                ood_train=None, ood_eval=[], model=model, data_dir=str(root / "data"), samples=2, max_length=32)
+    step = Trainer._optimizer_step
+    calls = []
+
+    def dies_at_the_third_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", dies_at_the_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(plan, log=lambda _: None)
+    monkeypatch.undo()
+    folder = RunFolder(plan.run_dir(BUDGETS["short"], "arc_easy", cell, 0))
+    assert folder.has_training_state() and not folder.is_trained()
+
+    shutil.copytree(plan.output, tmp_path / "there")
+    shutil.copytree(root / "data", tmp_path / "data-there")
+    moved = dataclasses.replace(plan, output=tmp_path / "there", data_dir=str(tmp_path / "data-there"))
+    logs: list[str] = []
+    run_plan(moved, log=logs.append)
+    assert any(line.endswith(": resuming training") for line in logs)
+    there = RunFolder(moved.run_dir(BUDGETS["short"], "arc_easy", cell, 0))
+    assert there.is_trained() and not folder.is_trained()  # it resumed there, not in the folder it came from
+    assert any(" acc " in line for line in logs)

@@ -305,26 +305,31 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
     from .runs import evaluate_run
     from .training import TrainConfig, resolve, train
     from .methods import get_method
-    from .training.config import RESOLVED_AT_TRAINING, SPEED_AND_MEMORY_ONLY
+    from .training.config import LOCATION_ONLY, RESOLVED_AT_TRAINING, SPEED_AND_MEMORY_ONLY
+    from .training.loop import check_run_data
 
     folder = RunFolder(plan.run_dir(budget, task, cell, seed))
-    wanted = resolve(train_config(plan, budget, task, cell, seed)).to_dict()
+    here = resolve(train_config(plan, budget, task, cell, seed))
+    wanted = here.to_dict()
     # a run trained before a field existed has the field's default
     stored = (TrainConfig.from_dict(folder.read_config()["train"], str(folder.config)).to_dict()
               if folder.config.exists() else wanted)
     # and a method option it predates takes the method's default too
     stored["method_options"] = get_method(stored["method"], stored["method_options"]).resolved_options()
     changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k)
-                     and k not in SPEED_AND_MEMORY_ONLY
+                     and k not in SPEED_AND_MEMORY_ONLY + LOCATION_ONLY
                      and not (k in RESOLVED_AT_TRAINING and wanted.get(k) is None))
     if changed:
         raise ValueError(f"{folder.config}: this run was trained with other settings ({changed}); "
                          "use another --output or another cell label")
+    if folder.config.exists():  # a moved run or data folder is the same run; other data bytes are not
+        check_run_data(here, folder.read_config().get("data_files", {}), where=str(folder.config))
     if not folder.is_trained():
         if folder.has_training_state():
             log(f"{label}: resuming training")
             recorded = TrainConfig.from_run(folder.root)
-            recorded.output = str(folder.root)  # this folder, whatever the recorded (maybe relative) output says
+            for key in LOCATION_ONLY:  # this folder and this data, wherever the run was started
+                setattr(recorded, key, getattr(here, key))
             train(recorded, resume=True)
         elif folder.selection.exists():
             raise ValueError(f"{folder.root}: an adapter was selected but the checkpoint is gone; "

@@ -49,11 +49,6 @@ def suite_units(plan: Plan) -> list[Unit]:
     return [(f"{plan.split}/{b.name}/{t}/{c.label}/seed-{s}", b, t, c, s) for b, t, c, s in plan.runs()]
 
 
-# Where a unit's files are, not what they hold: a benchmark folder copied elsewhere, or data in another
-# folder, resumes its finished units (the data's bytes stand in for its paths)
-_LOCATION_FIELDS = ("output", "data_dir", "train_file", "val_file", "progress")
-
-
 def unit_signature(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int) -> str:
     """A hash of everything a unit's rows depend on (its resolved training config, the sha256 of every data
     file it trains and scores on, its sets and modes, its calibrations and extra draw counts, the eval subset
@@ -65,10 +60,11 @@ def unit_signature(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int)
     from ..compare import train_config
     from ..data import file_records, split_files
     from ..training import resolve
+    from ..training.config import LOCATION_ONLY
     from ..training.loop import run_data_files
 
     cfg = resolve(train_config(plan, budget, task, cell, seed))
-    train = {k: v for k, v in cfg.to_dict().items() if k not in _LOCATION_FIELDS}
+    train = {k: v for k, v in cfg.to_dict().items() if k not in LOCATION_ONLY}  # the data's bytes stand in for its paths
     scored = {f"eval:{t}": file_records(split_files(t, plan.split, cfg.data_dir, None)) for t, _ in plan.evals_of(task)}
     data = {name: [f["sha256"] for f in files] for name, files in {**run_data_files(cfg), **scored}.items()}
     spec = {"train": train, "data": data, "split": plan.split, "evals": plan.evals_of(task),

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from ..layout import RunFolder
 
-__all__ = ["RESOLVED_AT_TRAINING", "SELECTION_RULES", "SPEED_AND_MEMORY_ONLY", "TrainConfig", "add_train_arguments", "config_from_args", "resolve"]
+__all__ = ["LOCATION_ONLY", "RESOLVED_AT_TRAINING", "SELECTION_RULES", "SPEED_AND_MEMORY_ONLY", "TrainConfig", "add_train_arguments", "config_from_args", "resolve"]
 
 SELECTION_RULES = ("last", "best-val-nll")
 
@@ -191,6 +191,9 @@ RESOLVED_AT_TRAINING = ("scoring",)
 # Options that change memory and speed only, not what is trained: a resume may switch them, and a
 # benchmark cell does not count them as other settings.
 SPEED_AND_MEMORY_ONLY = ("gradient_checkpointing",)
+# Where a run's files are, not what they hold (the data's bytes are checked by their recorded sha256):
+# a run folder or data folder that moved is still the same run.
+LOCATION_ONLY = ("output", "data_dir", "train_file", "val_file", "progress")
 
 
 def resolve(cfg: TrainConfig, check_unread: bool = True) -> TrainConfig:
