@@ -4,6 +4,7 @@ the matrix and their results merge by concatenation, and a built wheel ships the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -238,6 +239,14 @@ def test_shards_partition_the_matrix_and_merge_by_concatenation(setup, tmp_path)
     for n in (1, 2, 3, 5):
         parts = [[u[0] for u in shard_units(suite_units(plan), (i, n))] for i in range(1, n + 1)]
         assert sorted(sum(parts, [])) == sorted(units)  # every unit once, none twice
+    # every shard gets its share of every cell (a cheap cell is not all on one shard)
+    wide = dataclasses.replace(plan, seeds=[0, 1, 2, 3], tasks=["arc_easy", "arc_challenge"])
+    for n in (2, 3, 4):
+        parts = [shard_units(suite_units(wide), (i, n)) for i in range(1, n + 1)]
+        assert sorted(u[0] for p in parts for u in p) == sorted(u[0] for u in suite_units(wide))
+        for part in parts:
+            counts = [sum(u[3].label == c.label for u in part) for c in wide.cells]
+            assert all(abs(k - 8 / n) < 1 for k in counts), (n, counts)  # 8 units per cell: 2 tasks × 4 seeds
 
     files = []
     for i in (1, 2):

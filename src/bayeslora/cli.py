@@ -335,7 +335,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--split", choices=["dev", "test", "val"], help="where to report (default: the suite's, dev)")
     p.add_argument("--data-dir", help="the data folder (default $BAYESLORA_DATA_DIR or ../shared/data)")
     p.add_argument("--output", help="benchmark folder (default runs/bench/SUITE)")
-    p.add_argument("--shard", help="I/N: run only units I, I+N, ... of the matrix (results merge by concatenation)")
+    p.add_argument("--shard", help="I/N: run only shard I of N (each cell's units dealt round the shards; results merge by concatenation)")
     p.add_argument("--report-only", action="store_true", help="only rebuild bench.md and the plots from the results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

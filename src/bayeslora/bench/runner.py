@@ -3,8 +3,10 @@
 A *unit* is one training run (budget × task × cell × seed) with everything scored from it: its
 evaluations on every set, its post-hoc calibrations and their evaluations. A post-hoc cell therefore
 always runs in the same shard as the run it is fitted on, and OOD detection compares sets scored by the
-same adapter. ``--shard i/n`` takes units i, i+n, i+2n, ... of the suite's fixed order, so the shards
-partition the matrix. A unit whose latest row in the output's results is ``ok`` is skipped; a unit that
+same adapter. ``--shard i/n`` deals each cell's units round the n shards in turn, the cell's first unit
+to shard (cell index mod n) + 1 and each next one to the next shard, so the shards partition the matrix and
+every shard holds its share of every cell (cells differ in cost: a LoRA unit is a fraction of a Bayesian
+one; taking every n-th unit of the order gave one shard all of a cheap cell whenever n divided the cells). A unit whose latest row in the output's results is ``ok`` is skipped; a unit that
 raises is recorded with its error and traceback and the others go on (the next invocation retries it);
 ``run_bench`` returns the failed ones, and ``bayeslora bench`` exits 1 when there are any.
 """
@@ -75,7 +77,20 @@ def unit_signature(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int)
 
 
 def shard_units(units: list[Unit], shard: Optional[tuple[int, int]]) -> list[Unit]:
-    return units if shard is None else units[shard[0] - 1::shard[1]]
+    """This shard's units, in the matrix order: each cell's units dealt round the shards in turn."""
+    if shard is None:
+        return units
+    index, n = shard
+    cells: dict[str, int] = {}
+    dealt: dict[str, int] = {}
+    mine = []
+    for unit in units:
+        label = unit[3].label
+        first = cells.setdefault(label, len(cells))
+        if (first + dealt.get(label, 0)) % n == index - 1:
+            mine.append(unit)
+        dealt[label] = dealt.get(label, 0) + 1
+    return mine
 
 
 def _commit() -> Optional[str]:
