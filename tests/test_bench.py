@@ -169,9 +169,23 @@ def test_a_samples_sweep_scores_each_stochastic_run_again_without_training_it_ag
     # the deterministic cell's unit is unchanged (finished); the stochastic one's is not, and runs again
     signatures = [(unit_signature(plain, *u[1:]), unit_signature(plan, *u[1:])) for u in suite_units(plan)]
     assert signatures[0][0] == signatures[0][1] and signatures[1][0] != signatures[1][1]
+    # what a signature hashes: a unit without extra draws hashes what units hashed before the sweep existed
+    hashed = []
+    real = json.dumps
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(json, "dumps", lambda obj, **kw: hashed.append(obj) or real(obj, **kw))
+        for unit in suite_units(plan):
+            unit_signature(plan, *unit[1:])
+    assert [sorted(spec) for spec in hashed] == [["data", "evals", "first", "split", "train", "variants"],
+                                                 ["data", "draws", "evals", "first", "split", "train", "variants"]]
     logs: list[str] = []
     results, units, failed = run_bench(suite, out, data_dir=str(root / "data"), progress=False, log=logs.append)
     assert units == 2 and failed == [] and "1 already finished" in logs[0]
+    # who gets extra draws: a method whose draws follow S, less its own S; not an ensemble (it draws its members)
+    from bayeslora.compare import Cell
+
+    assert plan.draw_variants(Cell("e", "ensemble")) == [] and plan.draw_variants(Cell("m", "mcdropout"))
+    assert plan.draw_variants(Cell("b3", "bayeslora", {"samples": 3})) == [("b3 S=1", 1), ("b3 S=2", 2)]
     assert not any(": training" in line for line in logs)  # scored again, not trained again
     rows = latest_rows(read_rows([results]))
     swept = {(r["cell"], r["eval_task"]): r for r in rows if r["cell"].startswith("bayeslora S=")}

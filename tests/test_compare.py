@@ -356,9 +356,11 @@ def test_a_half_trained_run_resumes_after_its_folder_and_its_data_moved(setup, t
     from bayeslora.training.loop import Trainer
 
     root, model = setup
+    shutil.copytree(root / "data", tmp_path / "data-here")
     cell = Cell("lora", "lora", {"target_modules": ["query", "value"], "lr": 5e-2, "save_steps": 1})
     plan = Plan(output=tmp_path / "here", tasks=["arc_easy"], cells=[cell], seeds=[0], budgets=[BUDGETS["short"]],
-                ood_train=None, ood_eval=[], model=model, data_dir=str(root / "data"), samples=2, max_length=32)
+                ood_train=None, ood_eval=[], model=model, data_dir=str(tmp_path / "data-here"), samples=2, max_length=32,
+                calibrations=["temperature"])
     step = Trainer._optimizer_step
     calls = []
 
@@ -376,11 +378,46 @@ def test_a_half_trained_run_resumes_after_its_folder_and_its_data_moved(setup, t
     assert folder.has_training_state() and not folder.is_trained()
 
     shutil.copytree(plan.output, tmp_path / "there")
-    shutil.copytree(root / "data", tmp_path / "data-there")
-    moved = dataclasses.replace(plan, output=tmp_path / "there", data_dir=str(tmp_path / "data-there"))
+    (tmp_path / "data-here").rename(tmp_path / "data-there")  # where it was read is gone
+    # there the data folder comes from the environment, not from the plan: the calibration's val rows too
+    monkeypatch.setenv("BAYESLORA_DATA_DIR", str(tmp_path / "data-there"))
+    moved = dataclasses.replace(plan, output=tmp_path / "there", data_dir=None)
     logs: list[str] = []
     run_plan(moved, log=logs.append)
     assert any(line.endswith(": resuming training") for line in logs)
     there = RunFolder(moved.run_dir(BUDGETS["short"], "arc_easy", cell, 0))
     assert there.is_trained() and not folder.is_trained()  # it resumed there, not in the folder it came from
-    assert any(" acc " in line for line in logs)
+    assert any("temperature fitted on val" in line for line in logs) and any(" acc " in line for line in logs)
+    assert there.read_config()["train"]["data_dir"] is None  # re-homed: it reads its data where it is now
+
+    # a changed eval file is scored again; unchanged, nothing is
+    dev = tmp_path / "data-there" / "arc" / "ARC-Easy" / "ARC-Easy-Dev.jsonl"
+    dev.write_bytes(dev.read_bytes() + b"\n")
+    rescored: list[str] = []
+    run_plan(moved, log=rescored.append)
+    assert sum(" acc " in line for line in rescored) == 2  # mean mode and the temperature-calibrated line
+    assert not any("fitted on" in line for line in rescored)  # the calibration was fitted on val: it stands
+    idle: list[str] = []
+    run_plan(moved, log=idle.append)
+    assert not any(" acc " in line for line in idle)
+
+
+def test_a_run_killed_before_its_first_checkpoint_retrains_even_on_changed_data(setup, tmp_path):
+    """Nothing of it is kept (only its config.json), so other training bytes are no reason to refuse it."""
+    import shutil
+
+    root, model = setup
+    shutil.copytree(root / "data", tmp_path / "data")
+    cell = Cell("lora", "lora", {"target_modules": ["query", "value"], "lr": 5e-2})
+    plan = Plan(output=tmp_path / "out", tasks=["arc_easy"], cells=[cell], seeds=[0], budgets=[BUDGETS["short"]],
+                ood_train=None, ood_eval=[], model=model, data_dir=str(tmp_path / "data"), samples=2, max_length=32)
+    run_plan(plan, log=lambda _: None)
+    folder = RunFolder(plan.run_dir(BUDGETS["short"], "arc_easy", cell, 0))
+    for entry in folder.root.iterdir():
+        if entry.name != "config.json":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    train = tmp_path / "data" / "arc" / "ARC-Easy" / "ARC-Easy-Train.jsonl"
+    train.write_bytes(train.read_bytes() + b"\n")
+    logs: list[str] = []
+    run_plan(plan, log=logs.append)
+    assert any(line.endswith(": training") for line in logs) and folder.is_trained()

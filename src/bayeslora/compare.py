@@ -306,7 +306,6 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
     from .training import TrainConfig, resolve, train
     from .methods import get_method
     from .training.config import LOCATION_ONLY, RESOLVED_AT_TRAINING, SPEED_AND_MEMORY_ONLY
-    from .training.loop import check_run_data
 
     folder = RunFolder(plan.run_dir(budget, task, cell, seed))
     here = resolve(train_config(plan, budget, task, cell, seed))
@@ -319,17 +318,17 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
     changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k)
                      and k not in SPEED_AND_MEMORY_ONLY + LOCATION_ONLY
                      and not (k in RESOLVED_AT_TRAINING and wanted.get(k) is None))
+    if (stored.get("val_file") is None) != (wanted.get("val_file") is None):  # a val slice or a whole val file
+        changed.append("val_file")
     if changed:
         raise ValueError(f"{folder.config}: this run was trained with other settings ({changed}); "
                          "use another --output or another cell label")
-    if folder.config.exists():  # a moved run or data folder is the same run; other data bytes are not
-        check_run_data(here, folder.read_config().get("data_files", {}), where=str(folder.config))
+    if folder.is_trained() or folder.has_training_state() or folder.selection.exists():
+        _rehome(folder, here)
     if not folder.is_trained():
         if folder.has_training_state():
             log(f"{label}: resuming training")
-            recorded = TrainConfig.from_run(folder.root)
-            for key in LOCATION_ONLY:  # this folder and this data, wherever the run was started
-                setattr(recorded, key, getattr(here, key))
+            recorded = TrainConfig.from_run(folder.root)  # re-homed: this folder and this data
             train(recorded, resume=True)
         elif folder.selection.exists():
             raise ValueError(f"{folder.root}: an adapter was selected but the checkpoint is gone; "
@@ -342,7 +341,7 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
     for eval_task, kind in plan.evals_of(task):
         for mode in _modes(cell.method, kind):
             samples = _draws(folder, mode, cfg.samples)
-            if folder.eval_files(plan.stem(eval_task, cfg.method, mode, samples)).metrics.exists():
+            if _scored(folder.eval_files(plan.stem(eval_task, cfg.method, mode, samples)), eval_task, plan, cell):
                 continue
             r = evaluate_run(folder.root, eval_task, plan.split, data_dir=data_dir_of(plan, cell),
                              samples=samples, mode=mode, seed=seed, max_examples=plan.max_eval_examples)
@@ -351,7 +350,7 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
     mode = get_method(cfg.method, cfg.method_options).default_mode
     for eval_task, _ in plan.evals_of(task):
         for _, samples in plan.draw_variants(cell):
-            if folder.eval_files(plan.stem(eval_task, cfg.method, mode, samples)).metrics.exists():
+            if _scored(folder.eval_files(plan.stem(eval_task, cfg.method, mode, samples)), eval_task, plan, cell):
                 continue
             r = evaluate_run(folder.root, eval_task, plan.split, data_dir=data_dir_of(plan, cell),
                              samples=samples, mode=mode, seed=seed, max_examples=plan.max_eval_examples)
@@ -359,6 +358,33 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
                 f"ece {100 * r['ece']:.1f} nll {r['nll']:.4f} ({r['examples_per_second']:.3g} ex/s)")
     for _, calibration in plan.variants(cell)[1:]:
         _calibrated_evals(plan, folder, cell, calibration, task, seed, label, log)
+
+
+def _rehome(folder: RunFolder, here) -> None:
+    """Take a run that moved (its folder, or the data folder or files it read) as the same run: refuse other
+    data bytes, naming the file; then record where its folder and data are now, so resuming, calibrating and
+    scoring it read them there."""
+    from .evaluation import write_json_atomic
+    from .training.config import LOCATION_ONLY
+    from .training.loop import check_run_data, run_data_files
+
+    config = folder.read_config()
+    check_run_data(here, config.get("data_files", {}), where=str(folder.config))
+    now = {key: getattr(here, key) for key in LOCATION_ONLY}
+    files = run_data_files(here)
+    if any(config["train"].get(k) != v for k, v in now.items()) or config.get("data_files") != files:
+        write_json_atomic(folder.config, {**config, "train": {**config["train"], **now}, "data_files": files})
+
+
+def _scored(files, eval_task: str, plan: Plan, cell: Cell) -> bool:
+    """Whether an evaluation is on disk and scored the split's current bytes (one written before its metrics
+    recorded them is taken as it is); a changed eval file is scored again."""
+    from .runs import eval_data_sha256
+
+    if not files.metrics.exists():
+        return False
+    recorded = json.loads(files.metrics.read_text()).get("data_sha256")
+    return recorded is None or recorded == eval_data_sha256(eval_task, plan.split, data_dir_of(plan, cell))
 
 
 def _calibrated_evals(plan: Plan, folder: RunFolder, cell: Cell, calibration: str, task: str, seed: int,
@@ -374,7 +400,7 @@ def _calibrated_evals(plan: Plan, folder: RunFolder, cell: Cell, calibration: st
         log(f"{label}: {calibration} fitted on {r['fitted_on']['split']}: {r['params']}, val nll {r['val_before']['nll']:.4f} -> "
             f"{r['val_after']['nll']:.4f}")
     for eval_task, _ in plan.evals_of(task):
-        if folder.eval_files(plan.stem(eval_task, method, mode, samples, calibration)).metrics.exists():
+        if _scored(folder.eval_files(plan.stem(eval_task, method, mode, samples, calibration)), eval_task, plan, cell):
             continue
         r = evaluate_run(folder.root, eval_task, plan.split, data_dir=data_dir, samples=samples, seed=seed,
                          calibration=calibration, max_examples=plan.max_eval_examples)

@@ -221,6 +221,14 @@ def evaluate_base(model_name: str, task: str, split: str, *, scoring: Optional[s
                   default_files=lambda stem: zero_shot_files(model_name, stem, scorer.protocol))
 
 
+def eval_data_sha256(task: str, split: str, data_dir: Optional[str] = None,
+                     data_file: Optional[str] = None) -> list[str]:
+    """The sha256 of each file a split is read from, in order (what an evaluation's metrics record)."""
+    from .data import file_records, split_files
+
+    return [f["sha256"] for f in file_records(split_files(task, split, data_dir, data_file))]
+
+
 def _score(method, model, scorer, tokenizer, task: str, split: str, facts: dict[str, Any], *,
            data_dir, data_file, samples: int, mode: str, batch_size: int, seed: int, batched: bool,
            max_examples, device, max_length, output, default_files: Callable[[str], EvalFiles],
@@ -249,6 +257,7 @@ def _score(method, model, scorer, tokenizer, task: str, split: str, facts: dict[
         "peak_memory_bytes": result.peak_memory_bytes, "batched": batched, "seed": seed, "run": facts["run"],
         "data_file": data_file, "model": facts["model"], "calibration": facts["calibration"],
         "calibration_params": facts["calibration_params"],
+        "data_sha256": eval_data_sha256(task, split, data_dir, data_file),  # a changed file is scored again
     }
     stem = eval_stem(task, split, facts["method"], mode, draws, facts["calibration"], first=max_examples,
                      seed=seed if name_seed else 0)

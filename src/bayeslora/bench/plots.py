@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..compare import COVERAGES
 from ..evaluation.report import atomic_write
-from .table import protocol
+from .table import line_order, protocol
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -66,7 +66,7 @@ def _reliability(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
     rows_n = math.ceil(len(cells) / cols)
     fig = _agg_figure(figsize=(3.2 * cols, 3.2 * rows_n), dpi=90, layout="constrained")
     axes = fig.subplots(rows_n, cols, squeeze=False)
-    for ax, ((cell, mode), members) in zip(axes.flat, sorted(cells.items())):
+    for ax, ((cell, mode), members) in zip(axes.flat, sorted(cells.items(), key=line_order)):
         acc, width, lo, counts = _pooled_bins(members)
         ax.bar(lo, acc, width=width, align="edge", color="tab:blue", edgecolor="black", linewidth=0.5)
         ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1.0)
@@ -82,7 +82,7 @@ def _reliability(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
 def _scatter(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
     fig = _agg_figure(figsize=(6.0, 4.5), dpi=100, layout="constrained")
     ax = fig.subplots()
-    for (cell, mode), members in sorted(cells.items()):
+    for (cell, mode), members in sorted(cells.items(), key=line_order):
         acc = 100 * sum(m["acc"] for m in members) / len(members)
         ece = 100 * sum(m["ece"] for m in members) / len(members)
         ax.scatter([ece], [acc])
@@ -94,7 +94,7 @@ def _scatter(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
 def _coverage(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
     fig = _agg_figure(figsize=(6.0, 4.5), dpi=100, layout="constrained")
     ax = fig.subplots()
-    for (cell, mode), members in sorted(cells.items()):
+    for (cell, mode), members in sorted(cells.items(), key=line_order):
         curve = [100 * sum(m["accuracy_at_coverage"][k] for m in members) / len(members) for k in range(len(COVERAGES))]
         ax.plot([100 * c for c in COVERAGES], curve, marker=".", label=f"{cell} ({mode})")
     ax.set(xlabel="coverage % (most confident first)", ylabel="selective accuracy %",

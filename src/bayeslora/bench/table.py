@@ -7,10 +7,11 @@ and mode with its predictive draws S, mean ± std over the seeds present; ACC, E
 
 from __future__ import annotations
 
+import re
 import statistics
 from typing import Any, Callable, Optional
 
-__all__ = ["aggregate", "markdown_table"]
+__all__ = ["aggregate", "line_order", "markdown_table"]
 
 # (column, row key, scale, digits, better: "max" | "min" | None)
 COLUMNS: tuple[tuple[str, str, float, int, Optional[str]], ...] = (
@@ -67,6 +68,14 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     return out
 
 
+def line_order(item: tuple[tuple[str, str], Any]) -> list:
+    """Sort key of a (cell, mode) line: numbers in labels by value (``S=2`` before ``S=16``, ``kl-3`` before
+    ``kl-10``), the rest alphabetically."""
+    (cell, mode), _ = item
+    return [(0, float(t), "") if re.fullmatch(r"\d+(\.\d+)?", t) else (1, 0.0, t)
+            for t in re.split(r"(\d+(?:\.\d+)?)", cell) if t] + [(1, 0.0, mode)]
+
+
 def _best(cells: dict[tuple, dict[str, Any]], name: str, better: Optional[str]) -> Optional[float]:
     values = [s[name][0] for s in cells.values() if s[name] is not None]
     if better is None or len(values) < 2:
@@ -87,7 +96,7 @@ def markdown_table(rows: list[dict[str, Any]], header: list[str]) -> str:
         head = ["cell", "mode", "S", "seeds"] + [c[0] for c in shown] + [c[0] for c in costs]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         best = {c[1]: _best(cells, c[1], c[4]) for c in shown}
-        for (cell, mode), s in sorted(cells.items()):
+        for (cell, mode), s in sorted(cells.items(), key=line_order):
             out = [cell, mode, "/".join(str(k) for k in s["samples"] if k is not None), str(len(s["seeds"]))]
             for _, name, scale, digits, _ in shown:
                 if s[name] is None:
