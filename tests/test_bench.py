@@ -202,6 +202,25 @@ def test_a_samples_sweep_scores_each_stochastic_run_again_without_training_it_ag
     assert "| lora | mean | 1 | 1 |" in text
 
 
+def test_table_lines_sort_numbers_by_value_and_ties_as_written():
+    from bayeslora.bench.table import line_order
+
+    lines = {(c, "sample"): None for c in ("kl-10", "kl-3", "kl-0.1", "b S=16", "b S=2", "b", "b S=02", "lora")}
+    assert [c for (c, _), _ in sorted(lines.items(), key=line_order)] == [
+        "b", "b S=02", "b S=2", "b S=16", "kl-0.1", "kl-3", "kl-10", "lora"]
+
+
+def test_a_whole_val_file_is_another_unit_than_a_val_slice_of_the_same_bytes(setup, tmp_path):
+    from bayeslora.compare import Cell
+
+    root, model = setup
+    plan = load_suite(suite_file(root, model)).plan(tmp_path, data_dir=str(root / "data"))
+    unit = suite_units(plan)[0]
+    train = str(root / "data" / "arc" / "ARC-Easy" / "ARC-Easy-Train.jsonl")
+    whole = Cell(unit[3].label, unit[3].method, {**unit[3].settings, "val_file": train})
+    assert unit_signature(plan, *unit[1:3], whole, unit[4]) != unit_signature(plan, *unit[1:])
+
+
 def test_a_failing_unit_is_recorded_and_the_others_go_on(setup, capsys):
     root, model = setup
     extra = '[cells.broken]\nmethod = "lora"\nlr = 5e-2\ntarget_modules = ["no_such_module"]'

@@ -351,6 +351,7 @@ def test_an_evaluation_without_a_recorded_protocol_takes_its_runs():
 def test_a_half_trained_run_resumes_after_its_folder_and_its_data_moved(setup, tmp_path, monkeypatch):
     """A comparison copied to another machine (another output path, another data folder) resumes the run
     its checkpoint holds, rather than refusing it as trained with other settings."""
+    import os
     import shutil
 
     from bayeslora.training.loop import Trainer
@@ -388,7 +389,7 @@ def test_a_half_trained_run_resumes_after_its_folder_and_its_data_moved(setup, t
     there = RunFolder(moved.run_dir(BUDGETS["short"], "arc_easy", cell, 0))
     assert there.is_trained() and not folder.is_trained()  # it resumed there, not in the folder it came from
     assert any("temperature fitted on val" in line for line in logs) and any(" acc " in line for line in logs)
-    assert there.read_config()["train"]["data_dir"] is None  # re-homed: it reads its data where it is now
+    assert there.read_config()["train"]["data_dir"] == str(tmp_path / "data-there")  # re-homed: read there now
 
     # a changed eval file is scored again; unchanged, nothing is
     dev = tmp_path / "data-there" / "arc" / "ARC-Easy" / "ARC-Easy-Dev.jsonl"
@@ -398,8 +399,16 @@ def test_a_half_trained_run_resumes_after_its_folder_and_its_data_moved(setup, t
     assert sum(" acc " in line for line in rescored) == 2  # mean mode and the temperature-calibrated line
     assert not any("fitted on" in line for line in rescored)  # the calibration was fitted on val: it stands
     idle: list[str] = []
-    run_plan(moved, log=idle.append)
+    record = there.config.read_bytes()
+    same_place = os.path.relpath(tmp_path / "data-there")  # the same folder spelled another way
+    run_plan(dataclasses.replace(moved, data_dir=same_place), log=idle.append)
     assert not any(" acc " in line for line in idle)
+    assert there.config.read_bytes() == record  # nothing moved: its record is not touched
+    # a whole val file is another setting than a val slice, even when it is the train file (the same bytes)
+    whole = Cell("lora", "lora", {**cell.settings, "val_file": str(tmp_path / "data-there" / "arc" / "ARC-Easy"
+                                                                  / "ARC-Easy-Train.jsonl")})
+    with pytest.raises(ValueError, match=r"other settings \(\['val_file'\]\)"):
+        run_plan(dataclasses.replace(moved, cells=[whole]), log=lambda _: None)
 
 
 def test_a_run_killed_before_its_first_checkpoint_retrains_even_on_changed_data(setup, tmp_path):

@@ -224,6 +224,7 @@ def train_config(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int):
     from dataclasses import fields
 
     from .training import TrainConfig
+    from .training.config import DATA_PATHS, absolute_path
 
     known = {f.name for f in fields(TrainConfig)}
     train_fields = {k: v for k, v in cell.settings.items() if k in known and k != "data_dir"}
@@ -231,8 +232,11 @@ def train_config(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int):
     base = dict(model=plan.model, task=task, method=cell.method, data_dir=data_dir_of(plan, cell),
                 epochs=budget.epochs, batch_size=budget.batch_size, seed=seed, samples=plan.samples,
                 max_length=plan.max_length, progress=False)
-    return TrainConfig(**{**base, **train_fields, "output": str(plan.run_dir(budget, task, cell, seed))},
-                       method_options=options)
+    values = {**base, **train_fields, "output": str(plan.run_dir(budget, task, cell, seed))}
+    for name in DATA_PATHS:  # recorded absolute, as `train` records them: calibrate and resume from anywhere
+        if values.get(name) is not None:
+            values[name] = absolute_path(values[name])
+    return TrainConfig(**values, method_options=options)
 
 
 def check_data(plan: Plan, runs: list[tuple[Budget, str, Cell, int]]) -> None:
@@ -323,12 +327,13 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
     if changed:
         raise ValueError(f"{folder.config}: this run was trained with other settings ({changed}); "
                          "use another --output or another cell label")
-    if folder.is_trained() or folder.has_training_state() or folder.selection.exists():
+    if folder.config.exists() and (folder.is_trained() or folder.has_training_state() or folder.selection.exists()):
         _rehome(folder, here)
     if not folder.is_trained():
         if folder.has_training_state():
             log(f"{label}: resuming training")
             recorded = TrainConfig.from_run(folder.root)  # re-homed: this folder and this data
+            recorded.output = str(folder.root)
             train(recorded, resume=True)
         elif folder.selection.exists():
             raise ValueError(f"{folder.root}: an adapter was selected but the checkpoint is gone; "
@@ -338,10 +343,11 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
             log(f"{label}: training")
             train(train_config(plan, budget, task, cell, seed))
     cfg = TrainConfig.from_run(folder.root)
+    hashes: dict[str, list[str]] = {}  # each scored split's sha256, hashed once per unit
     for eval_task, kind in plan.evals_of(task):
         for mode in _modes(cell.method, kind):
             samples = _draws(folder, mode, cfg.samples)
-            if _scored(folder.eval_files(plan.stem(eval_task, cfg.method, mode, samples)), eval_task, plan, cell):
+            if _scored(folder.eval_files(plan.stem(eval_task, cfg.method, mode, samples)), eval_task, plan, cell, hashes):
                 continue
             r = evaluate_run(folder.root, eval_task, plan.split, data_dir=data_dir_of(plan, cell),
                              samples=samples, mode=mode, seed=seed, max_examples=plan.max_eval_examples)
@@ -350,45 +356,63 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
     mode = get_method(cfg.method, cfg.method_options).default_mode
     for eval_task, _ in plan.evals_of(task):
         for _, samples in plan.draw_variants(cell):
-            if _scored(folder.eval_files(plan.stem(eval_task, cfg.method, mode, samples)), eval_task, plan, cell):
+            if _scored(folder.eval_files(plan.stem(eval_task, cfg.method, mode, samples)), eval_task, plan, cell, hashes):
                 continue
             r = evaluate_run(folder.root, eval_task, plan.split, data_dir=data_dir_of(plan, cell),
                              samples=samples, mode=mode, seed=seed, max_examples=plan.max_eval_examples)
             log(f"{label}: {eval_task}/{plan.split} {mode} S={samples}: acc {100 * r['acc']:.1f} "
                 f"ece {100 * r['ece']:.1f} nll {r['nll']:.4f} ({r['examples_per_second']:.3g} ex/s)")
     for _, calibration in plan.variants(cell)[1:]:
-        _calibrated_evals(plan, folder, cell, calibration, task, seed, label, log)
+        _calibrated_evals(plan, folder, cell, calibration, task, seed, label, log, hashes)
 
 
 def _rehome(folder: RunFolder, here) -> None:
-    """Take a run that moved (its folder, or the data folder or files it read) as the same run: refuse other
-    data bytes, naming the file; then record where its folder and data are now, so resuming, calibrating and
-    scoring it read them there."""
+    """Take a run that moved (its folder, or the data folder or files it read) as the same run. Where its
+    record still names this folder and data with the bytes it trained on, nothing is touched; otherwise other
+    data bytes are refused, naming the file, and ``config.json`` records where its folder and data are now
+    (absolute), so resuming, calibrating and scoring it read them there."""
+    from .data.files import default_data_dir
     from .evaluation import write_json_atomic
-    from .training.config import LOCATION_ONLY
+    from .training import TrainConfig
+    from .training.config import LOCATION_ONLY, absolute_path
     from .training.loop import check_run_data, run_data_files
 
     config = folder.read_config()
-    check_run_data(here, config.get("data_files", {}), where=str(folder.config))
+    recorded = config.get("data_files", {})
+    try:
+        check_run_data(TrainConfig.from_dict(config["train"], str(folder.config)), recorded)
+        data_there = True
+    except (OSError, ValueError):  # its data folder or files are gone, or hold other bytes there now
+        data_there = False
+    if data_there and Path(config["train"]["output"]).resolve() == folder.root.resolve():
+        return
+    check_run_data(here, recorded, where=str(folder.config))
     now = {key: getattr(here, key) for key in LOCATION_ONLY}
-    files = run_data_files(here)
-    if any(config["train"].get(k) != v for k, v in now.items()) or config.get("data_files") != files:
-        write_json_atomic(folder.config, {**config, "train": {**config["train"], **now}, "data_files": files})
+    now["output"] = absolute_path(str(folder.root))
+    now["data_dir"] = absolute_path(str(here.data_dir or default_data_dir()))
+    for key in ("train_file", "val_file"):
+        now[key] = now[key] and absolute_path(now[key])
+    write_json_atomic(folder.config, {**config, "train": {**config["train"], **now},
+                                      "data_files": run_data_files(here)})
 
 
-def _scored(files, eval_task: str, plan: Plan, cell: Cell) -> bool:
+def _scored(files, eval_task: str, plan: Plan, cell: Cell, hashes: dict) -> bool:
     """Whether an evaluation is on disk and scored the split's current bytes (one written before its metrics
-    recorded them is taken as it is); a changed eval file is scored again."""
+    recorded them is taken as it is); a changed eval file is scored again. ``hashes`` caches each split's."""
     from .runs import eval_data_sha256
 
     if not files.metrics.exists():
         return False
     recorded = json.loads(files.metrics.read_text()).get("data_sha256")
-    return recorded is None or recorded == eval_data_sha256(eval_task, plan.split, data_dir_of(plan, cell))
+    if recorded is None:
+        return True
+    if eval_task not in hashes:
+        hashes[eval_task] = eval_data_sha256(eval_task, plan.split, data_dir_of(plan, cell))
+    return recorded == hashes[eval_task]
 
 
 def _calibrated_evals(plan: Plan, folder: RunFolder, cell: Cell, calibration: str, task: str, seed: int,
-                      label: str, log) -> None:
+                      label: str, log, hashes: dict) -> None:
     """Fit ``calibration`` on the run's val slice once, then score every set of the run through it."""
     from .runs import calibrate_run, evaluate_run
 
@@ -400,7 +424,7 @@ def _calibrated_evals(plan: Plan, folder: RunFolder, cell: Cell, calibration: st
         log(f"{label}: {calibration} fitted on {r['fitted_on']['split']}: {r['params']}, val nll {r['val_before']['nll']:.4f} -> "
             f"{r['val_after']['nll']:.4f}")
     for eval_task, _ in plan.evals_of(task):
-        if _scored(folder.eval_files(plan.stem(eval_task, method, mode, samples, calibration)), eval_task, plan, cell):
+        if _scored(folder.eval_files(plan.stem(eval_task, method, mode, samples, calibration)), eval_task, plan, cell, hashes):
             continue
         r = evaluate_run(folder.root, eval_task, plan.split, data_dir=data_dir, samples=samples, seed=seed,
                          calibration=calibration, max_examples=plan.max_eval_examples)

@@ -236,6 +236,7 @@ def _score(method, model, scorer, tokenizer, task: str, split: str, facts: dict[
     """Predict, compute the metrics, and write the metrics, predictions and reliability files.
 
     ``transform`` (a calibration's) maps the per-draw log-probabilities (N, S, C) before averaging."""
+    scored_bytes = eval_data_sha256(task, split, data_dir, data_file)  # before reading: what was scored
     examples = load_task(task, split, data_dir, data_file)
     if max_examples is not None:
         examples = examples[:max_examples]
@@ -257,7 +258,7 @@ def _score(method, model, scorer, tokenizer, task: str, split: str, facts: dict[
         "peak_memory_bytes": result.peak_memory_bytes, "batched": batched, "seed": seed, "run": facts["run"],
         "data_file": data_file, "model": facts["model"], "calibration": facts["calibration"],
         "calibration_params": facts["calibration_params"],
-        "data_sha256": eval_data_sha256(task, split, data_dir, data_file),  # a changed file is scored again
+        "data_sha256": scored_bytes,  # a changed file is scored again
     }
     stem = eval_stem(task, split, facts["method"], mode, draws, facts["calibration"], first=max_examples,
                      seed=seed if name_seed else 0)

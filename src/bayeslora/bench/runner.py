@@ -73,6 +73,8 @@ def unit_signature(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int)
             "variants": plan.variants(cell), "first": plan.max_eval_examples}
     if plan.draw_variants(cell):  # only where there are any: the signatures of units from before stay as they were
         spec["draws"] = plan.draw_variants(cell)
+    if cfg.val_file is not None:  # a whole val file, not a slice of train (the same bytes either way when it is
+        spec["val_slice"] = False  # the train file); only where set, so other units keep their signatures
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

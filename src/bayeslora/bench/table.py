@@ -73,7 +73,7 @@ def line_order(item: tuple[tuple[str, str], Any]) -> list:
     ``kl-10``), the rest alphabetically."""
     (cell, mode), _ = item
     return [(0, float(t), "") if re.fullmatch(r"\d+(\.\d+)?", t) else (1, 0.0, t)
-            for t in re.split(r"(\d+(?:\.\d+)?)", cell) if t] + [(1, 0.0, mode)]
+            for t in re.split(r"(\d+(?:\.\d+)?)", cell) if t] + [(1, 0.0, mode), (2, 0.0, cell)]  # ties: as written
 
 
 def _best(cells: dict[tuple, dict[str, Any]], name: str, better: Optional[str]) -> Optional[float]:
