@@ -344,24 +344,18 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
             train(train_config(plan, budget, task, cell, seed))
     cfg = TrainConfig.from_run(folder.root)
     hashes: dict[str, list[str]] = {}  # each scored split's sha256, hashed once per unit
-    for eval_task, kind in plan.evals_of(task):
-        for mode in _modes(cell.method, kind):
-            samples = _draws(folder, mode, cfg.samples)
-            if _scored(folder.eval_files(plan.stem(eval_task, cfg.method, mode, samples)), eval_task, plan, cell, hashes):
-                continue
-            r = evaluate_run(folder.root, eval_task, plan.split, data_dir=data_dir_of(plan, cell),
-                             samples=samples, mode=mode, seed=seed, max_examples=plan.max_eval_examples)
-            log(f"{label}: {eval_task}/{plan.split} {mode}: acc {100 * r['acc']:.1f} ece {100 * r['ece']:.1f} "
-                f"nll {r['nll']:.4f}")
-    mode = get_method(cfg.method, cfg.method_options).default_mode
-    for eval_task, _ in plan.evals_of(task):
-        for _, samples in plan.draw_variants(cell):
-            if _scored(folder.eval_files(plan.stem(eval_task, cfg.method, mode, samples)), eval_task, plan, cell, hashes):
-                continue
-            r = evaluate_run(folder.root, eval_task, plan.split, data_dir=data_dir_of(plan, cell),
-                             samples=samples, mode=mode, seed=seed, max_examples=plan.max_eval_examples)
-            log(f"{label}: {eval_task}/{plan.split} {mode} S={samples}: acc {100 * r['acc']:.1f} "
-                f"ece {100 * r['ece']:.1f} nll {r['nll']:.4f} ({r['examples_per_second']:.3g} ex/s)")
+    default_mode = get_method(cfg.method, cfg.method_options).default_mode
+    scorings = [(eval_task, mode, _draws(folder, mode, cfg.samples), "")  # (set, mode, draws, how the log names S)
+                for eval_task, kind in plan.evals_of(task) for mode in _modes(cell.method, kind)]
+    scorings += [(eval_task, default_mode, samples, f" S={samples}")
+                 for eval_task, _ in plan.evals_of(task) for _, samples in plan.draw_variants(cell)]
+    for eval_task, mode, samples, named in scorings:
+        if _scored(folder.eval_files(plan.stem(eval_task, cfg.method, mode, samples)), eval_task, plan, cell, hashes):
+            continue
+        r = evaluate_run(folder.root, eval_task, plan.split, data_dir=data_dir_of(plan, cell),
+                         samples=samples, mode=mode, seed=seed, max_examples=plan.max_eval_examples)
+        log(f"{label}: {eval_task}/{plan.split} {mode}{named}: acc {100 * r['acc']:.1f} ece {100 * r['ece']:.1f} "
+            f"nll {r['nll']:.4f}" + (f" ({r['examples_per_second']:.3g} ex/s)" if named else ""))
     for _, calibration in plan.variants(cell)[1:]:
         _calibrated_evals(plan, folder, cell, calibration, task, seed, label, log, hashes)
 

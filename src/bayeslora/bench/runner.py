@@ -6,9 +6,9 @@ always runs in the same shard as the run it is fitted on, and OOD detection comp
 same adapter. ``--shard i/n`` deals each cell's units round the n shards in turn, the cell's first unit
 to shard (cell index mod n) + 1 and each next one to the next shard, so the shards partition the matrix and
 every shard holds its share of every cell (cells differ in cost: a LoRA unit is a fraction of a Bayesian
-one; taking every n-th unit of the order gave one shard all of a cheap cell whenever n divided the cells). A unit whose latest row in the output's results is ``ok`` is skipped; a unit that
-raises is recorded with its error and traceback and the others go on (the next invocation retries it);
-``run_bench`` returns the failed ones, and ``bayeslora bench`` exits 1 when there are any.
+one; taking every n-th unit of the order gave one shard all of a cheap cell whenever n divided the cells).
+A unit whose latest row in the output's results is ``ok`` is skipped; a unit that raises is recorded with
+its error and traceback and the others go on (the next invocation retries it); ``run_bench`` returns the failed ones, and ``bayeslora bench`` exits 1 when there are any.
 """
 
 from __future__ import annotations
@@ -60,15 +60,15 @@ def unit_signature(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int)
     import json
 
     from ..compare import train_config
-    from ..data import file_records, split_files
+    from ..runs import eval_data_sha256
     from ..training import resolve
     from ..training.config import LOCATION_ONLY
     from ..training.loop import run_data_files
 
     cfg = resolve(train_config(plan, budget, task, cell, seed))
     train = {k: v for k, v in cfg.to_dict().items() if k not in LOCATION_ONLY}  # the data's bytes stand in for its paths
-    scored = {f"eval:{t}": file_records(split_files(t, plan.split, cfg.data_dir, None)) for t, _ in plan.evals_of(task)}
-    data = {name: [f["sha256"] for f in files] for name, files in {**run_data_files(cfg), **scored}.items()}
+    data = {name: [f["sha256"] for f in files] for name, files in run_data_files(cfg).items()}
+    data.update({f"eval:{t}": eval_data_sha256(t, plan.split, cfg.data_dir) for t, _ in plan.evals_of(task)})
     spec = {"train": train, "data": data, "split": plan.split, "evals": plan.evals_of(task),
             "variants": plan.variants(cell), "first": plan.max_eval_examples}
     if plan.draw_variants(cell):  # only where there are any: the signatures of units from before stay as they were
