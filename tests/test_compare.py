@@ -430,3 +430,30 @@ def test_a_run_killed_before_its_first_checkpoint_retrains_even_on_changed_data(
     logs: list[str] = []
     run_plan(plan, log=logs.append)
     assert any(line.endswith(": training") for line in logs) and folder.is_trained()
+
+
+def test_train_resume_with_moved_folder_and_data_records_where_they_are_now(setup, tmp_path, capsys):
+    """`train --resume --data-dir NEW` read the moved data but left config.json naming the old folder and
+    data, so calibrate and evaluate on the resumed run failed until given --data-dir again."""
+    import shutil
+
+    from bayeslora import cli
+
+    root, model = setup
+    shutil.copytree(root / "data", tmp_path / "data-here")
+    args = ["train", "--model", model, "--task", "arc_easy", "--method", "lora", "--target-modules", "query", "value",
+            "--max-steps", "2", "--save-steps", "1", "--batch-size", "8", "--max-length", "32", "--no-progress"]
+    assert cli.main(args + ["--data-dir", str(tmp_path / "data-here"), "--output", str(tmp_path / "run-here")]) == 0
+    (tmp_path / "run-here").rename(tmp_path / "run-there")
+    (tmp_path / "data-here").rename(tmp_path / "data-there")
+    assert cli.main(["calibrate", "--run", str(tmp_path / "run-there"), "--calibration", "temperature"]) == 2
+    assert "data-here" in capsys.readouterr().err  # the record names the folder that is gone
+    resume = ["train", "--resume", "--output", str(tmp_path / "run-there"), "--no-progress"]
+    assert cli.main(resume + ["--data-dir", str(tmp_path / "data-there")]) == 0
+    train = json.loads((tmp_path / "run-there" / "config.json").read_text())["train"]
+    assert (train["output"], train["data_dir"]) == (str(tmp_path / "run-there"), str(tmp_path / "data-there"))
+    assert cli.main(["calibrate", "--run", str(tmp_path / "run-there"), "--calibration", "temperature"]) == 0
+    # resumed where it lies with its data in place, the record is left as it is
+    record = (tmp_path / "run-there" / "config.json").read_bytes()
+    assert cli.main(resume) == 0
+    assert (tmp_path / "run-there" / "config.json").read_bytes() == record

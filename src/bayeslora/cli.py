@@ -24,7 +24,7 @@ def _train_parser(sub, full: bool = True) -> None:
     add_train_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint, "
                    "with the settings it recorded (only --gradient-checkpointing, --eval-batch-size and --data-dir may "
-                   "change)")
+                   "change; a moved folder or data folder is recorded where it is now)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output (its config, "
                    "history, adapters, checkpoint, evaluations and calibrations are deleted first)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -308,6 +308,7 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
     on each of its sets in each mode, fit its calibrations and evaluate through them; skips what exists."""
     from .runs import evaluate_run
     from .training import TrainConfig, resolve, train
+    from .training.loop import rehome_run
     from .methods import get_method
     from .training.config import LOCATION_ONLY, RESOLVED_AT_TRAINING, SPEED_AND_MEMORY_ONLY
 
@@ -328,7 +329,7 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
         raise ValueError(f"{folder.config}: this run was trained with other settings ({changed}); "
                          "use another --output or another cell label")
     if folder.config.exists() and (folder.is_trained() or folder.has_training_state() or folder.selection.exists()):
-        _rehome(folder, here)
+        rehome_run(folder, here)
     if not folder.is_trained():
         if folder.has_training_state():
             log(f"{label}: resuming training")
@@ -358,36 +359,6 @@ def run_unit(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int, label
             f"nll {r['nll']:.4f}" + (f" ({r['examples_per_second']:.3g} ex/s)" if named else ""))
     for _, calibration in plan.variants(cell)[1:]:
         _calibrated_evals(plan, folder, cell, calibration, task, seed, label, log, hashes)
-
-
-def _rehome(folder: RunFolder, here) -> None:
-    """Take a run that moved (its folder, or the data folder or files it read) as the same run. Where its
-    record still names this folder and data with the bytes it trained on, nothing is touched; otherwise other
-    data bytes are refused, naming the file, and ``config.json`` records where its folder and data are now
-    (absolute), so resuming, calibrating and scoring it read them there."""
-    from .data.files import default_data_dir
-    from .evaluation import write_json_atomic
-    from .training import TrainConfig
-    from .training.config import LOCATION_ONLY, absolute_path
-    from .training.loop import check_run_data, run_data_files
-
-    config = folder.read_config()
-    recorded = config.get("data_files", {})
-    try:
-        check_run_data(TrainConfig.from_dict(config["train"], str(folder.config)), recorded)
-        data_there = True
-    except (OSError, ValueError):  # its data folder or files are gone, or hold other bytes there now
-        data_there = False
-    if data_there and Path(config["train"]["output"]).resolve() == folder.root.resolve():
-        return
-    check_run_data(here, recorded, where=str(folder.config))
-    now = {key: getattr(here, key) for key in LOCATION_ONLY}
-    now["output"] = absolute_path(str(folder.root))
-    now["data_dir"] = absolute_path(str(here.data_dir or default_data_dir()))
-    for key in ("train_file", "val_file"):
-        now[key] = now[key] and absolute_path(now[key])
-    write_json_atomic(folder.config, {**config, "train": {**config["train"], **now},
-                                      "data_files": run_data_files(here)})
 
 
 def _scored(files, eval_task: str, plan: Plan, cell: Cell, hashes: dict) -> bool:

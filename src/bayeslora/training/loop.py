@@ -141,6 +141,33 @@ def check_run_data(cfg: TrainConfig, recorded: dict[str, Any], data_dir: Optiona
                              f"recorded in {where}); restore its original bytes (if only the data folder moved, pass --data-dir)")
 
 
+def rehome_run(folder: RunFolder, here: TrainConfig) -> None:
+    """Take a run that moved (its folder, or the data folder or files it read) as the same run. Where its
+    record still names this folder and data with the bytes it trained on, nothing is touched; otherwise other
+    data bytes are refused, naming the file, and ``config.json`` records where its folder and data are now
+    (absolute), so resuming, calibrating and scoring it read them there without ``--data-dir``."""
+    from ..data.files import default_data_dir
+    from .config import LOCATION_ONLY, absolute_path
+
+    config = folder.read_config()
+    recorded = config.get("data_files", {})
+    try:
+        check_run_data(TrainConfig.from_dict(config["train"], str(folder.config)), recorded)
+        data_there = True
+    except (OSError, ValueError):  # its data folder or files are gone, or hold other bytes there now
+        data_there = False
+    if data_there and Path(config["train"]["output"]).resolve() == folder.root.resolve():
+        return
+    check_run_data(here, recorded, where=str(folder.config))
+    now = {key: getattr(here, key) for key in LOCATION_ONLY}
+    now["output"] = absolute_path(str(folder.root))
+    now["data_dir"] = absolute_path(str(here.data_dir or default_data_dir()))
+    for key in ("train_file", "val_file"):
+        now[key] = now[key] and absolute_path(now[key])
+    write_json_atomic(folder.config, {**config, "train": {**config["train"], **now},
+                                      "data_files": run_data_files(here)})
+
+
 def fit_and_val_sets(cfg: TrainConfig, data_dir: Optional[str] = None) -> tuple[list, list]:
     """The rows a run fits on and its ``val`` rows (checkpoint selection, post-hoc calibration).
 
@@ -208,6 +235,8 @@ class Trainer:
         self.engine.after_prepare(self.module)
         if resume:  # after prepare: FSDP re-keys the optimizer, ZeRO partitions it
             check_run_data(cfg, self.folder.read_config().get("data_files", {}), where=str(self.folder.config))
+            if self.acc.is_main_process:  # resumed from a folder or with data that moved: record where they are now
+                rehome_run(self.folder, cfg)
             state, weights = load_checkpoint(self.folder.root, self.module,
                                              self.engine.checkpointable(self.module, self.optimizer),
                                              self.scheduler, rank=self.acc.process_index)
