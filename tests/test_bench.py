@@ -154,6 +154,14 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes_without_work(setup):
     assert "0 already finished" in rerun[0]
     assert {r["n"] for r in latest_rows(read_rows([results])) if r["split"] == "dev"} == {12}
     assert before != load_suite(path).sha256
+    # the report holds the suite as it stands: val's units ran with the old subset, so they are left out
+    # (named) rather than shown beside dev's as if run with the same settings
+    assert cli.main(["bench", "--suite", str(path), "--output", str(out), "--data-dir", str(root / "data"),
+                     "--report-only", "--no-progress"]) == 0
+    text = (out / "bench.md").read_text()
+    assert "2 of 4 units finished" in text and "val;" not in text and "n = 12" in text
+    assert "Left out: 2 finished unit(s) that ran with other settings or data" in text
+    assert "`val/tiny/arc_easy/lora/seed-0`" in text
 
 
 def test_a_samples_sweep_scores_each_stochastic_run_again_without_training_it_again(setup, tmp_path):
@@ -434,3 +442,56 @@ def test_the_table_never_averages_two_scoring_protocols_of_one_set():
     from bayeslora.bench.plots import _sets
 
     assert sorted(key[-1] for key in _sets(rows)) == ["labels", "loglik"]  # one figure per protocol too
+
+
+def test_the_report_leaves_out_rows_of_units_the_suite_no_longer_has_or_ran_otherwise():
+    """Every row in results/ was averaged in: a dropped seed stayed in the table, and after a suite edit old and
+    new settings were averaged into one line under one label."""
+    from bayeslora.bench.report import in_suite
+
+    def row(unit, seed, acc, signature):
+        return {"unit": unit, "status": "ok", "unit_signature": signature, "seed": seed, "acc": acc}
+
+    rows = [row("dev/b/t/bayes/seed-0", 0, 0.60, "new"), row("dev/b/t/bayes/seed-1", 1, 0.62, "new"),
+            row("dev/b/t/bayes/seed-2", 2, 0.30, "old"), row("dev/b/t/bayes/seed-9", 9, 0.10, "new"),
+            row("dev/b/t/lora/seed-0", 0, 0.50, "new")]
+    units = {"dev/b/t/bayes/seed-0": "new", "dev/b/t/bayes/seed-1": "new", "dev/b/t/bayes/seed-2": "new",
+             "dev/b/t/lora/seed-0": None}  # None: its data is not here to check; its row stands
+    kept, notes = in_suite(rows, units)
+    assert sorted(r["unit"] for r in kept) == ["dev/b/t/bayes/seed-0", "dev/b/t/bayes/seed-1", "dev/b/t/lora/seed-0"]
+    assert "1 finished unit(s) that ran with other settings" in notes[0] and "seed-2" in notes[0]
+    assert "1 unit(s) this suite no longer has: `dev/b/t/bayes/seed-9`" in notes[1]
+    assert in_suite(rows[:2], {u: "new" for u in units})[1] == []  # nothing left out: nothing said
+
+
+def test_a_column_only_some_seeds_have_says_so_and_is_not_marked_best():
+    """A seed without a value (AURC by MI where the MI is noise; a non-finite value stored as None) left one
+    seed's value shown as a three-seed mean "± 0.0", and marked best."""
+    from bayeslora.bench.table import markdown_table
+
+    def row(cell, seed, aurc_mi):
+        return {"status": "ok", "split": "dev", "budget": "b", "train_task": "t", "eval_task": "t", "kind": "id",
+                "cell": cell, "mode": "sample", "seed": seed, "n": 10, "acc": 0.5, "aurc_mi": aurc_mi,
+                "scoring": "pairs"}
+
+    rows = [row("bayes", 0, 0.30), row("bayes", 1, None), row("bayes", 2, None),
+            row("other", 0, 0.40), row("other", 1, 0.41), row("other", 2, 0.35),
+            row("third", 0, 0.45), row("third", 1, 0.50), row("third", 2, 0.55)]
+    text = markdown_table(rows, [])
+    assert "| 30.0 (1/3 seeds) |" in text and "**38.7 ± 3.2**" in text and "**30.0" not in text
+
+
+def test_rows_without_an_attempt_id_stay_apart_per_unit():
+    rows = [{"unit": f"u{i}", "status": "ok", "eval_task": "t", "cell": "c", "mode": "mean", "seed": i}
+            for i in range(3)]
+    assert sorted(r["seed"] for r in latest_rows(rows)) == [0, 1, 2]
+
+
+def test_plots_skip_values_stored_as_none(tmp_path):
+    from bayeslora.bench.plots import write_plots
+
+    rel = {"edges": [0.0, 0.5, 1.0], "counts": [1, 1], "accuracy": [0.0, 1.0], "mean_confidence": [0.4, 0.7]}
+    rows = [{"status": "ok", "split": "dev", "budget": "b", "train_task": "t", "eval_task": "t", "cell": c,
+             "mode": "mean", "seed": 0, "acc": a, "ece": e, "reliability": rel, "scoring": "pairs",
+             "accuracy_at_coverage": [None] + [0.5] * 19} for c, a, e in (("x", None, None), ("y", 0.5, 0.1))]
+    assert len(write_plots(rows, tmp_path)) == 3

@@ -432,7 +432,7 @@ def test_a_run_killed_before_its_first_checkpoint_retrains_even_on_changed_data(
     assert any(line.endswith(": training") for line in logs) and folder.is_trained()
 
 
-def test_train_resume_with_moved_folder_and_data_records_where_they_are_now(setup, tmp_path, capsys):
+def test_train_resume_with_moved_folder_and_data_records_where_they_are_now(setup, tmp_path, capsys, monkeypatch):
     """`train --resume --data-dir NEW` read the moved data but left config.json naming the old folder and
     data, so calibrate and evaluate on the resumed run failed until given --data-dir again."""
     import shutil
@@ -453,6 +453,17 @@ def test_train_resume_with_moved_folder_and_data_records_where_they_are_now(setu
     train = json.loads((tmp_path / "run-there" / "config.json").read_text())["train"]
     assert (train["output"], train["data_dir"]) == (str(tmp_path / "run-there"), str(tmp_path / "data-there"))
     assert cli.main(["calibrate", "--run", str(tmp_path / "run-there"), "--calibration", "temperature"]) == 0
+    # moved again and resumed with relative paths: every path recorded absolute, its data manifest's too
+    (tmp_path / "run-there").rename(tmp_path / "run-far")
+    (tmp_path / "data-there").rename(tmp_path / "data-far")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--resume", "--output", "run-far", "--no-progress", "--data-dir", "data-far"]) == 0
+    config = json.loads((tmp_path / "run-far" / "config.json").read_text())
+    assert (config["train"]["output"], config["train"]["data_dir"]) == (str(tmp_path / "run-far"), str(tmp_path / "data-far"))
+    assert all(Path(f["path"]).is_absolute() for files in config["data_files"].values() for f in files)
+    (tmp_path / "run-far").rename(tmp_path / "run-there")
+    (tmp_path / "data-far").rename(tmp_path / "data-there")
+    assert cli.main(resume + ["--data-dir", str(tmp_path / "data-there")]) == 0
     # resumed where it lies with its data in place, the record is left as it is
     record = (tmp_path / "run-there" / "config.json").read_bytes()
     assert cli.main(resume) == 0

@@ -537,6 +537,41 @@ def test_calibrate_and_resume_refuse_data_that_changed_since_training(workspace,
     assert cli.main(["calibrate", "--run", str(run), "--calibration", "temperature"]) == 0
 
 
+def test_a_run_whose_train_file_moved_resumes_with_the_new_path(workspace, tmp_path, capsys):
+    """A --task jsonl run always reads files: once they moved, neither a plain resume (the file is gone) nor
+    one naming the new path (refused as a changed setting) could continue it."""
+    (tmp_path / "here").mkdir()
+    data = tmp_path / "here" / "task.jsonl"
+    data.write_text(Path(workspace["data"]["causal"]).read_text())
+    run = tmp_path / "run"
+    args = train_args(workspace, "causal", "lora", run, "--max-steps", "1", "--save-steps", "1")
+    args[args.index("--train-file") + 1] = args[args.index("--val-file") + 1] = str(data)
+    assert cli.main(args) == 0
+    (tmp_path / "here").rename(tmp_path / "there")
+    moved = str(tmp_path / "there" / "task.jsonl")
+    resume = ["train", "--resume", "--output", str(run), "--no-progress"]
+    assert cli.main(resume + ["--train-file", moved, "--val-file", moved]) == 0
+    train = json.loads((run / "config.json").read_text())
+    assert train["train"]["train_file"] == train["train"]["val_file"] == moved
+    assert {f["path"] for files in train["data_files"].values() for f in files} == {moved}
+    assert cli.main(["calibrate", "--run", str(run), "--calibration", "temperature"]) == 0
+    # other bytes at the new path are still refused, naming the file
+    Path(moved).write_text(Path(moved).read_text() + "\n")
+    assert cli.main(resume + ["--train-file", moved, "--val-file", moved]) == 2
+    assert "sha256 differs" in capsys.readouterr().err
+
+
+def test_a_resume_cannot_swap_a_val_slice_for_a_val_file(workspace, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = train_args(workspace, "causal", "lora", run, "--max-steps", "1")
+    del args[args.index("--val-file"):args.index("--val-file") + 2]  # a seeded val slice of the train file
+    assert cli.main(args) == 0
+    data = workspace["data"]["causal"]
+    assert cli.main(["train", "--resume", "--output", str(run), "--no-progress", "--val-file", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"--val-file {data} (the run read no such file: a val slice of its train data)" in err
+
+
 def test_a_local_model_folder_is_recorded_absolute(workspace, tmp_path, monkeypatch):
     """A run trained with --model ./m recorded './m', so resume, evaluate and calibrate from another directory
     failed or sent the name to the Hub."""

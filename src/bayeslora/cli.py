@@ -23,8 +23,9 @@ def _train_parser(sub, full: bool = True) -> None:
 
     add_train_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint, "
-                   "with the settings it recorded (only --gradient-checkpointing, --eval-batch-size and --data-dir may "
-                   "change; a moved folder or data folder is recorded where it is now)")
+                   "with the settings it recorded (only --gradient-checkpointing, --eval-batch-size and where the data is "
+                   "(--data-dir, --train-file, --val-file; checked against its sha256) may change; a moved folder or "
+                   "data is recorded where it is now)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output (its config, "
                    "history, adapters, checkpoint, evaluations and calibrations are deleted first)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -68,8 +69,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 # Train options a resume takes from the command line when given: where things are (the data is checked
-# against its recorded sha256), and memory/speed only (a run that ran out of memory can resume).
-_RESUME_MAY_CHANGE = ("output", "data_dir", "gradient_checkpointing", "eval_batch_size")
+# against its recorded sha256; a file only where the run read one: a --val-file given to a run that selected
+# on a slice of train would be another setting), and memory/speed only (a run that ran out of memory can resume).
+_RESUME_MAY_CHANGE = ("output", "data_dir", "train_file", "val_file", "gradient_checkpointing", "eval_batch_size")
 
 
 def _refuse_changes_on_resume(args: argparse.Namespace, cfg) -> None:
@@ -87,7 +89,9 @@ def _refuse_changes_on_resume(args: argparse.Namespace, cfg) -> None:
             return absolute_path(given) == absolute_path(recorded)
         return given == recorded
 
-    changed = []
+    changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run read no such file: "
+               f"{'the task data folder' if name == 'train_file' else 'a val slice of its train data'})"
+               for name in ("train_file", "val_file") if name in args.typed and getattr(cfg, name) is None]
     for f in fields(TrainConfig):
         if not f.metadata.get("flag", True) or f.name in _RESUME_MAY_CHANGE:
             continue
@@ -341,7 +345,8 @@ def _bench_parser(sub) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import load_suite, parse_shard, run_bench, shipped_suites, write_report
+    from .bench import load_suite, parse_shard, read_rows, run_bench, shipped_suites, suite_signatures, write_report
+    from .bench.results import results_files
 
     if args.list:
         for name in shipped_suites():
@@ -360,7 +365,10 @@ def _bench(args: argparse.Namespace) -> int:
         if units == 0:  # more shards than units: nothing to do is not a failure of a job array
             print(f"shard {args.shard} holds no unit of this suite; nothing to run or report")
             return 0
-    table, plots = write_report(output, description=suite.description)
+    # the table holds the suite's units as it stands (on every split the folder has results for), no others
+    splits = {suite.plan(output, split=args.split).split} | {r.get("split") for r in read_rows(results_files(output))}
+    as_it_stands = suite_signatures(suite, output, sorted(s for s in splits if s), data_dir=args.data_dir)
+    table, plots = write_report(output, description=suite.description, units=as_it_stands)
     print(table.read_text())
     print(f"table: {table}\nplots: {len(plots)} files in {output / 'plots'}")
     if not args.report_only and failed:  # a job array or script must see it; the other units still ran

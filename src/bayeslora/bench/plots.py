@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..compare import COVERAGES
 from ..evaluation.report import atomic_write
@@ -61,6 +61,12 @@ def _pooled_bins(members: list[dict[str, Any]]) -> tuple[list[float], float, lis
     return [h / c if c else 0.0 for h, c in zip(hits, counts)], 1.0 / n_bins, edges[:-1], counts
 
 
+def _mean(values) -> Optional[float]:
+    """The mean of the values present (a non-finite value was stored as None), or None."""
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
 def _reliability(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
     cols = min(4, len(cells))
     rows_n = math.ceil(len(cells) / cols)
@@ -70,8 +76,9 @@ def _reliability(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
         acc, width, lo, counts = _pooled_bins(members)
         ax.bar(lo, acc, width=width, align="edge", color="tab:blue", edgecolor="black", linewidth=0.5)
         ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1.0)
-        ece = sum(m["ece"] for m in members) / len(members)
-        ax.set(xlim=(0, 1), ylim=(0, 1), title=f"{cell} ({mode})\nECE {100 * ece:.1f}, n = {sum(counts)}")
+        ece = _mean(m["ece"] for m in members)
+        shown = "n/a" if ece is None else f"{100 * ece:.1f}"
+        ax.set(xlim=(0, 1), ylim=(0, 1), title=f"{cell} ({mode})\nECE {shown}, n = {sum(counts)}")
         ax.title.set_fontsize("small")
     for ax in list(axes.flat)[len(cells):]:
         ax.set_visible(False)
@@ -83,8 +90,10 @@ def _scatter(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
     fig = _agg_figure(figsize=(6.0, 4.5), dpi=100, layout="constrained")
     ax = fig.subplots()
     for (cell, mode), members in sorted(cells.items(), key=line_order):
-        acc = 100 * sum(m["acc"] for m in members) / len(members)
-        ece = 100 * sum(m["ece"] for m in members) / len(members)
+        acc, ece = _mean(m["acc"] for m in members), _mean(m["ece"] for m in members)
+        if acc is None or ece is None:  # non-finite in every seed (stored as None): no point to place
+            continue
+        acc, ece = 100 * acc, 100 * ece
         ax.scatter([ece], [acc])
         ax.annotate(f"{cell} ({mode})", (ece, acc), fontsize="x-small", xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="ECE ×100 (lower is better)", ylabel="ACC ×100", title=f"ACC against ECE, {name}")
@@ -95,7 +104,8 @@ def _coverage(name: str, cells: dict[tuple, list[dict[str, Any]]]) -> Figure:
     fig = _agg_figure(figsize=(6.0, 4.5), dpi=100, layout="constrained")
     ax = fig.subplots()
     for (cell, mode), members in sorted(cells.items(), key=line_order):
-        curve = [100 * sum(m["accuracy_at_coverage"][k] for m in members) / len(members) for k in range(len(COVERAGES))]
+        curve = [_mean(m["accuracy_at_coverage"][k] for m in members) for k in range(len(COVERAGES))]
+        curve = [float("nan") if v is None else 100 * v for v in curve]  # a gap in the line, not a crash
         ax.plot([100 * c for c in COVERAGES], curve, marker=".", label=f"{cell} ({mode})")
     ax.set(xlabel="coverage % (most confident first)", ylabel="selective accuracy %",
            title=f"Accuracy against coverage, {name}")

@@ -84,18 +84,18 @@ def _row_key(r: dict[str, Any]) -> tuple:
     return (r.get("attempt"), r.get("eval_task"), r.get("cell"), r.get("mode"))
 
 
-def complete_attempts(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """attempt id -> its rows, for the attempts whose rows are all present (duplicates read once)."""
-    attempts: dict[str, dict[tuple, dict[str, Any]]] = {}
-    for r in rows:
-        attempts.setdefault(r.get("attempt", ""), {})[_row_key(r)] = r
+def complete_attempts(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """(unit, attempt id) -> its rows, for the attempts whose rows are all present (duplicates read once)."""
+    attempts: dict[tuple, dict[tuple, dict[str, Any]]] = {}
+    for r in rows:  # by unit too: rows made without an attempt id (by hand, converted) stay apart per unit
+        attempts.setdefault((r["unit"], r.get("attempt", "")), {})[_row_key(r)] = r
     out = {}
     for attempt, members in attempts.items():
         expected = next(iter(members.values())).get("rows_in_attempt")
         if expected is None or len(members) == expected:
             out[attempt] = list(members.values())
         else:
-            warnings.warn(f"attempt {attempt} of unit {next(iter(members.values()))['unit']}: {len(members)} of "
+            warnings.warn(f"attempt {attempt[1]} of unit {next(iter(members.values()))['unit']}: {len(members)} of "
                           f"{expected} rows present (cut short); ignored, the unit runs again")
     return out
 

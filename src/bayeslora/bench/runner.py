@@ -27,7 +27,7 @@ from ..layout import RunFolder
 from .results import append_rows, finite, latest_rows, read_rows, results_file, results_files
 from .suite import Suite
 
-__all__ = ["Unit", "parse_shard", "run_bench", "shard_units", "suite_units"]
+__all__ = ["Unit", "current_signatures", "parse_shard", "run_bench", "shard_units", "suite_signatures", "suite_units"]
 
 Unit = tuple[str, Budget, str, Cell, int]  # (id, budget, task, cell, seed)
 
@@ -76,6 +76,31 @@ def unit_signature(plan: Plan, budget: Budget, task: str, cell: Cell, seed: int)
     if cfg.val_file is not None:  # a whole val file, not a slice of train (the same bytes either way when it is
         spec["val_slice"] = False  # the train file); only where set, so other units keep their signatures
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def current_signatures(plan: Plan, units: list[Unit]) -> dict[str, Optional[str]]:
+    """unit id -> its signature as the suite and data stand now; None where its data is not here (a finished
+    unit then stays finished, and to run it, ``check_data`` names what is missing)."""
+    def signature(unit: Unit) -> Optional[str]:
+        try:
+            return unit_signature(plan, *unit[1:])
+        except FileNotFoundError:
+            return None
+
+    return {u[0]: signature(u) for u in units}
+
+
+def suite_signatures(suite: Suite, output: Path, splits: list[str], data_dir: Optional[str] = None
+                     ) -> dict[str, Optional[str]]:
+    """Every unit of ``suite`` on each of ``splits``, with its signature now: what a report may show."""
+    out: dict[str, Optional[str]] = {}
+    for split in splits:
+        try:
+            plan = suite.plan(output, split=split, data_dir=data_dir)
+        except ValueError:  # a split the suite cannot run (no OOD sets named for it): none of its units
+            continue
+        out.update(current_signatures(plan, suite_units(plan)))
+    return out
 
 
 def shard_units(units: list[Unit], shard: Optional[tuple[int, int]]) -> list[Unit]:
@@ -128,13 +153,7 @@ def run_bench(suite: Suite, output: Path, *, split: Optional[str] = None, data_d
     plan = suite.plan(output, split=split, data_dir=data_dir)
     mine = shard_units(suite_units(plan), shard)
     done = finished_units(output)
-    def signature(unit: Unit) -> Optional[str]:
-        try:
-            return unit_signature(plan, *unit[1:])
-        except FileNotFoundError:  # its data is not here: finished stays finished; to run, check_data names it
-            return None
-
-    signatures = {u[0]: signature(u) for u in mine}
+    signatures = current_signatures(plan, mine)
     todo = [u for u in mine if not (u[0] in done and signatures[u[0]] in (None, done[u[0]]))]
     check_data(plan, [u[1:] for u in todo])
     target = results_file(output, shard)

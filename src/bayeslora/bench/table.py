@@ -44,7 +44,9 @@ def protocol(row: dict[str, Any]) -> str:
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    """(split, budget, train task, eval task, kind, scoring) -> {(cell, mode): {key: (mean, std) or None}}.
+    """(split, budget, train task, eval task, kind, scoring) -> {(cell, mode): {key: (mean, std, k) or None}},
+    k the number of seeds with a value (a seed whose MI is noise has no AURC by MI; a non-finite value is
+    stored as None): a line shows "k/N seeds" where k < N and does not compete for the column's best.
 
     The scoring protocol is part of the set's key: two protocols' numbers of one set are not averaged
     together (rows written before it was recorded read it from their run config)."""
@@ -60,10 +62,10 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
         for variant, members in cells.items():
             stats: dict[str, Any] = {"seeds": sorted(m["seed"] for m in members), "n": members[0]["n"],
                                      "samples": sorted({m.get("samples") for m in members}, key=str)}
-            for _, name, *_ in COLUMNS + COSTS:
+            for _, name, *_ in COLUMNS + COSTS:  # (mean, std, how many seeds had a value) or None
                 values = [m[name] for m in members if m.get(name) is not None]
-                stats[name] = ((statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-                               if values else None)
+                stats[name] = ((statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
+                                len(values)) if values else None)
             out[key][variant] = stats
     return out
 
@@ -77,7 +79,7 @@ def line_order(item: tuple[tuple[str, str], Any]) -> list:
 
 
 def _best(cells: dict[tuple, dict[str, Any]], name: str, better: Optional[str]) -> Optional[float]:
-    values = [s[name][0] for s in cells.values() if s[name] is not None]
+    values = [s[name][0] for s in cells.values() if s[name] is not None and s[name][2] == len(s["seeds"])]
     if better is None or len(values) < 2:
         return None
     return max(values) if better == "max" else min(values)
@@ -102,8 +104,11 @@ def markdown_table(rows: list[dict[str, Any]], header: list[str]) -> str:
                 if s[name] is None:
                     out.append("")
                     continue
-                mean, std = s[name]
-                text = f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if len(s["seeds"]) > 1 else "")
+                mean, std, k = s[name]
+                text = f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if k > 1 else "")
+                if k < len(s["seeds"]):  # only some seeds have it: say so, and it is not a candidate for best
+                    out.append(f"{text} ({k}/{len(s['seeds'])} seeds)")
+                    continue
                 out.append(f"**{text}**" if best[name] is not None and mean == best[name] else text)
             out += ["" if s[name] is None else fmt(s[name][0]) for _, name, fmt in costs]
             lines.append("| " + " | ".join(out) + " |")

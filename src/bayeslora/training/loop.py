@@ -164,8 +164,9 @@ def rehome_run(folder: RunFolder, here: TrainConfig) -> None:
     now["data_dir"] = absolute_path(str(here.data_dir or default_data_dir()))
     for key in ("train_file", "val_file"):
         now[key] = now[key] and absolute_path(now[key])
+    placed = dataclasses.replace(here, **{key: now[key] for key in ("data_dir", "train_file", "val_file")})
     write_json_atomic(folder.config, {**config, "train": {**config["train"], **now},
-                                      "data_files": run_data_files(here)})
+                                      "data_files": run_data_files(placed)})  # absolute, as train records them
 
 
 def fit_and_val_sets(cfg: TrainConfig, data_dir: Optional[str] = None) -> tuple[list, list]:
