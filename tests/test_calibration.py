@@ -56,6 +56,20 @@ def test_temperature_of_several_draws_fits_the_averaged_predictive():
     assert after < before and t != 1.0
 
 
+def test_a_val_set_all_right_takes_the_lower_bound_and_an_impossible_answer_is_refused():
+    """All answers right: the NLL falls as T -> 0 and L-BFGS stopped wherever its gradient got small (T 0.25,
+    off the bounds, so nothing flagged it); an answer at probability 0 kept T = 1 with NLL inf, silently."""
+    from bayeslora.calibration.temperature import T_MIN
+
+    lp, mask, labels = choice_log_probs(n=50, signal=6.0)
+    right = lp.argmax(-1)[:, 0]
+    t, before, after = fit_temperature(lp, mask, right)
+    assert t == T_MIN and after < before
+    lp[0, 0, right[0]] = float("-inf")
+    with pytest.raises(ValueError, match="NLL at T = 1 is inf: an answer has probability 0"):
+        fit_temperature(lp, mask, right)
+
+
 @pytest.mark.parametrize("best", [1 / 4, 1.0, 8.0, 100.0])
 def test_the_scale_search_finds_the_minimum_of_a_unimodal_nll(best):
     calls = []

@@ -3,8 +3,10 @@
 Each draw's distribution over the choices becomes softmax(log p_s / T) (the same as dividing that draw's
 logits by T, since log p_s differs from them by a constant per item), and the predictive is their
 average, so a stochastic method keeps its draws and its uncertainty decomposition. T is found by
-L-BFGS on log T in float64 from T = 1 and kept inside [T_MIN, T_MAX]; if the optimiser ends worse than
-T = 1 on the fitting data, T = 1 is kept, so fitting never raises the fitting NLL.
+L-BFGS on log T in float64 from T = 1 and kept inside [T_MIN, T_MAX] (a bound where the NLL is lower there:
+the NLL of a val set that is all right falls as T -> 0); if the optimiser ends worse than T = 1 on the
+fitting data, T = 1 is kept, so fitting never raises the fitting NLL. Predictions whose NLL at T = 1 is not
+finite (an answer at probability 0) are refused.
 """
 
 from __future__ import annotations
@@ -41,8 +43,12 @@ def _nll(log_probs: Tensor, mask: Tensor, labels: Tensor, temperature: Tensor) -
 def fit_temperature(log_probs: Tensor, mask: Tensor, labels: Tensor) -> tuple[float, float, float]:
     """(T, NLL at T = 1, NLL at T) minimising the NLL of the averaged tempered predictive."""
     log_probs = log_probs.to(torch.float64)
+    at = lambda t: float(_nll(log_probs, mask, labels, torch.tensor(t, dtype=torch.float64)))  # noqa: E731
     with torch.no_grad():
-        start = float(_nll(log_probs, mask, labels, torch.tensor(1.0, dtype=torch.float64)))
+        start = at(1.0)
+    if not math.isfinite(start):
+        raise ValueError(f"the val NLL at T = 1 is {start}: an answer has probability 0 (or the scores hold NaN), "
+                         "so no temperature can be fitted on these predictions")
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
     bound = math.log(T_MAX)
@@ -56,8 +62,11 @@ def fit_temperature(log_probs: Tensor, mask: Tensor, labels: Tensor) -> tuple[fl
     optimizer.step(closure)
     temperature = float(log_t.detach().clamp(math.log(T_MIN), bound).exp())
     with torch.no_grad():
-        end = float(_nll(log_probs, mask, labels, torch.tensor(temperature, dtype=torch.float64)))
-    if not math.isfinite(end) or end > start:
+        # where the NLL falls all the way to a bound (a val set every answer of which is right: it falls as
+        # T -> 0), L-BFGS stops wherever the gradient got small; the bound is the minimiser, and says so
+        found = [(nll, t) for t in (temperature, T_MIN, T_MAX) if math.isfinite(nll := at(t))]
+    end, temperature = min(found) if found else (math.inf, 1.0)
+    if end > start:
         return 1.0, start, start
     return temperature, start, end
 
