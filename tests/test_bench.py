@@ -154,14 +154,17 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes_without_work(setup):
     assert "0 already finished" in rerun[0]
     assert {r["n"] for r in latest_rows(read_rows([results])) if r["split"] == "dev"} == {12}
     assert before != load_suite(path).sha256
-    # the report holds the suite as it stands: val's units ran with the old subset, so they are left out
-    # (named) rather than shown beside dev's as if run with the same settings
+    # the report holds the rows against the suite as it stands: val's units ran with the old subset, so
+    # their lines are marked and the units named, not shown as if run with the suite's settings
     assert cli.main(["bench", "--suite", str(path), "--output", str(out), "--data-dir", str(root / "data"),
                      "--report-only", "--no-progress"]) == 0
     text = (out / "bench.md").read_text()
-    assert "2 of 4 units finished" in text and "val;" not in text and "n = 12" in text
-    assert "Left out: 2 finished unit(s) that ran with other settings or data" in text
+    assert "2 of 4 units finished with the suite's settings" in text and "n = 12" in text
+    assert "‡ marks lines with 2 finished unit(s) that ran with other settings or data" in text
     assert "`val/tiny/arc_easy/lora/seed-0`" in text
+    val_lines = text.split("val; budget")[1].split("###")[0]
+    assert "| lora‡ | mean |" in val_lines and "| lora | mean |" not in val_lines
+    assert "| lora | mean |" in text.split("dev; budget")[1].split("###")[0]  # dev's rerun lines: unmarked
 
 
 def test_a_samples_sweep_scores_each_stochastic_run_again_without_training_it_again(setup, tmp_path):
@@ -444,24 +447,31 @@ def test_the_table_never_averages_two_scoring_protocols_of_one_set():
     assert sorted(key[-1] for key in _sets(rows)) == ["labels", "loglik"]  # one figure per protocol too
 
 
-def test_the_report_leaves_out_rows_of_units_the_suite_no_longer_has_or_ran_otherwise():
+def test_the_report_leaves_out_units_the_suite_dropped_and_marks_units_that_ran_otherwise():
     """Every row in results/ was averaged in: a dropped seed stayed in the table, and after a suite edit old and
-    new settings were averaged into one line under one label."""
+    new settings were averaged into one line under one label with nothing said. Rows of another suite sharing
+    the folder (a narrowed suite per task) are shown as they are."""
     from bayeslora.bench.report import in_suite
+    from bayeslora.bench.table import markdown_table
 
-    def row(unit, seed, acc, signature):
-        return {"unit": unit, "status": "ok", "unit_signature": signature, "seed": seed, "acc": acc}
+    def row(unit, seed, acc, signature, suite="s"):
+        return {"unit": unit, "status": "ok", "unit_signature": signature, "seed": seed, "acc": acc, "suite": suite,
+                "split": "dev", "budget": "b", "train_task": "t", "eval_task": "t", "kind": "id",
+                "cell": unit.split("/")[3], "mode": "mean", "n": 10, "scoring": "pairs"}
 
     rows = [row("dev/b/t/bayes/seed-0", 0, 0.60, "new"), row("dev/b/t/bayes/seed-1", 1, 0.62, "new"),
             row("dev/b/t/bayes/seed-2", 2, 0.30, "old"), row("dev/b/t/bayes/seed-9", 9, 0.10, "new"),
-            row("dev/b/t/lora/seed-0", 0, 0.50, "new")]
+            row("dev/b/t/lora/seed-0", 0, 0.50, "new"), row("dev/b/t/other/seed-0", 0, 0.40, "x", suite="s-obqa")]
     units = {"dev/b/t/bayes/seed-0": "new", "dev/b/t/bayes/seed-1": "new", "dev/b/t/bayes/seed-2": "new",
              "dev/b/t/lora/seed-0": None}  # None: its data is not here to check; its row stands
-    kept, notes = in_suite(rows, units)
-    assert sorted(r["unit"] for r in kept) == ["dev/b/t/bayes/seed-0", "dev/b/t/bayes/seed-1", "dev/b/t/lora/seed-0"]
-    assert "1 finished unit(s) that ran with other settings" in notes[0] and "seed-2" in notes[0]
+    kept, stale, notes = in_suite(rows, "s", units)
+    assert sorted(r["unit"] for r in kept) == ["dev/b/t/bayes/seed-0", "dev/b/t/bayes/seed-1", "dev/b/t/bayes/seed-2",
+                                               "dev/b/t/lora/seed-0", "dev/b/t/other/seed-0"]
+    assert stale == {"dev/b/t/bayes/seed-2"} and "1 finished unit(s) that ran with other settings" in notes[0]
     assert "1 unit(s) this suite no longer has: `dev/b/t/bayes/seed-9`" in notes[1]
-    assert in_suite(rows[:2], {u: "new" for u in units})[1] == []  # nothing left out: nothing said
+    text = markdown_table(kept, [], stale)
+    assert "| bayes‡ | mean |  | 3 |" in text and "| lora | mean |" in text and "| other | mean |" in text
+    assert in_suite(rows[:2], "s", {u: "new" for u in units})[1:] == (set(), [])  # nothing to say: nothing said
 
 
 def test_a_column_only_some_seeds_have_says_so_and_is_not_marked_best():

@@ -12,6 +12,7 @@ from tiny_models import inputs, save_tiny_causal, tiny
 
 import bayeslora
 from bayeslora import BayesLoraConfig, cli
+from bayeslora.calibration.temperature import T_MAX, T_MIN
 from bayeslora.calibration import bisect_sigma, fit_temperature, get_calibration, search_scale, tempered, widest_scale
 from bayeslora.calibration.posterior_scale import TAU_MAX, WIDEN_TOLERANCE
 from bayeslora.data import causal_prompt, load_task
@@ -68,6 +69,21 @@ def test_a_val_set_all_right_takes_the_lower_bound_and_an_impossible_answer_is_r
     lp[0, 0, right[0]] = float("-inf")
     with pytest.raises(ValueError, match="NLL at T = 1 is inf: an answer has probability 0"):
         fit_temperature(lp, mask, right)
+
+
+def test_a_draw_that_gives_a_choice_probability_zero_keeps_the_fit_finite():
+    """A valid choice at -inf in one draw gave a NaN gradient in T, and the fit fell to a bound (100.0 in the
+    reviewer's case, against ~40 without that draw)."""
+    lp, mask, labels = choice_log_probs(n=200, scale=6.0)
+    draws = torch.cat([lp, choice_log_probs(n=200, scale=6.0, seed=1)[0]], 1)
+    t_before, _, _ = fit_temperature(draws, mask, labels)
+    wrong = (labels[0] + 1) % 3  # a valid choice other than the answer
+    draws[0, 1] = float("-inf")
+    draws[0, 1, wrong] = 0.0  # draw 1 of item 0: all its mass on a wrong choice, the others at probability 0
+    t, before, after = fit_temperature(draws, mask, labels)
+    assert math.isfinite(after) and after <= before and T_MIN < t < T_MAX and t == pytest.approx(t_before, rel=0.2)
+    hot = tempered(draws, mask, 2.0)
+    assert torch.isneginf(hot[0, 1, labels[0]]) and hot[0, 1, wrong] == 0.0  # zero stays zero in its draw
 
 
 @pytest.mark.parametrize("best", [1 / 4, 1.0, 8.0, 100.0])

@@ -368,7 +368,7 @@ def _bench(args: argparse.Namespace) -> int:
     # the table holds the suite's units as it stands (on every split the folder has results for), no others
     splits = {suite.plan(output, split=args.split).split} | {r.get("split") for r in read_rows(results_files(output))}
     as_it_stands = suite_signatures(suite, output, sorted(s for s in splits if s), data_dir=args.data_dir)
-    table, plots = write_report(output, description=suite.description, units=as_it_stands)
+    table, plots = write_report(output, description=suite.description, units=as_it_stands, suite=suite.name)
     print(table.read_text())
     print(f"table: {table}\nplots: {len(plots)} files in {output / 'plots'}")
     if not args.report_only and failed:  # a job array or script must see it; the other units still ran

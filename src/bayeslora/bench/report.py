@@ -14,7 +14,7 @@ __all__ = ["write_report"]
 
 
 def _header(rows: list[dict[str, Any]], description: Optional[str], total: Optional[int] = None,
-            left_out: Iterable[str] = ()) -> list[str]:
+            left_out: Iterable[str] = (), stale: frozenset[str] | set[str] = frozenset()) -> list[str]:
     ok = [r for r in rows if r.get("status") == "ok"]
     suites = sorted({r["suite"] for r in rows})
     lines = [f"# Benchmark: {', '.join(suites)}", ""]
@@ -25,7 +25,8 @@ def _header(rows: list[dict[str, Any]], description: Optional[str], total: Optio
     splits = sorted({r["split"] for r in rows})
     of = "" if total is None else f" of {total}"
     lines.append(f"Reported on `{', '.join(splits)}`; commit(s) {', '.join(f'`{c}`' for c in commits)}; "
-                 f"{len({r['unit'] for r in ok})}{of} units finished, {len({r['unit'] for r in rows if r['status'] == 'error'})} failed.")
+                 f"{len({r['unit'] for r in ok} - set(stale))}{of} units finished with the suite's settings, "
+                 f"{len({r['unit'] for r in rows if r['status'] == 'error'})} failed.")
     lines += list(left_out)
     if ok:
         v = ok[0]["versions"]
@@ -48,37 +49,44 @@ def _named(units: list[str], most: int = 10) -> str:
     return ", ".join(f"`{u}`" for u in units[:most]) + (f" and {len(units) - most} more" if len(units) > most else "")
 
 
-def in_suite(rows: list[dict[str, Any]], units: dict[str, Optional[str]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The rows of the suite as it stands (``units``: unit id -> its signature now, None where its data is not
-    here to check), and a line for each kind left out: units the suite no longer has, and finished units that
-    ran with other settings or data than the suite's now (the next ``bench`` reruns them). Averaging either
-    into a line would mix configurations under one label."""
-    foreign = sorted({r["unit"] for r in rows if r["unit"] not in units})
-    stale = sorted({r["unit"] for r in rows if r["unit"] in units and r["status"] == "ok"
-                    and units[r["unit"]] not in (None, r.get("unit_signature"))})
+def in_suite(rows: list[dict[str, Any]], suite: str, units: dict[str, Optional[str]]
+             ) -> tuple[list[dict[str, Any]], set[str], list[str]]:
+    """Hold a folder's rows against suite ``suite`` as it stands (``units``: unit id -> its signature now, None
+    where its data is not here to check). Returns the rows to show, the units among them that ran with other
+    settings or data than the suite has now (or before rows recorded a signature, or under an older signature
+    scheme: no telling), and header lines naming what was left out or marked. Rows of this suite's units it no
+    longer has (a dropped seed or cell) are left out; rows of other suites sharing the folder (narrowed
+    suites, one per task) are shown as they are."""
+    dropped = sorted({r["unit"] for r in rows if r.get("suite") == suite and r["unit"] not in units})
+    stale = {r["unit"] for r in rows if r["unit"] in units and r["status"] == "ok"  # any suite's run of its units
+             and units[r["unit"]] not in (None, r.get("unit_signature"))}
     notes = []
     if stale:
-        notes.append(f"Left out: {len(stale)} finished unit(s) that ran with other settings or data than the suite's "
-                     f"now (rerun `bayeslora bench` to redo them): {_named(stale)}.")
-    if foreign:
-        notes.append(f"Left out: rows of {len(foreign)} unit(s) this suite no longer has: {_named(foreign)}.")
-    return [r for r in rows if r["unit"] in units and r["unit"] not in stale], notes
+        notes.append(f"‡ marks lines with {len(stale)} finished unit(s) that ran with other settings or data than the "
+                     f"suite has now, or whose signature predates the current scheme, so a line may mix "
+                     f"configurations (rerun `bayeslora bench` to redo them): {_named(sorted(stale))}.")
+    if dropped:
+        notes.append(f"Left out: rows of {len(dropped)} unit(s) this suite no longer has: {_named(dropped)}.")
+    return [r for r in rows if r["unit"] not in dropped], stale, notes
 
 
 def write_report(output: Path, files: Optional[Iterable[Path]] = None, description: Optional[str] = None,
-                 units: Optional[dict[str, Optional[str]]] = None) -> tuple[Path, list[Path]]:
+                 units: Optional[dict[str, Optional[str]]] = None, suite: Optional[str] = None
+                 ) -> tuple[Path, list[Path]]:
     """Read every results file in ``OUTPUT/results`` (or ``files``) and write the table and the plots; with
-    ``units`` (the suite's unit ids and current signatures), only the rows of the suite as it stands."""
+    ``units`` (suite ``suite``'s unit ids and current signatures) held against the suite as it stands
+    (:func:`in_suite`)."""
     output = Path(output)
     rows = latest_rows(read_rows(files if files is not None else results_files(output)))
     if not rows:
         raise FileNotFoundError(f"{output}/results: no benchmark rows to report")
     notes: list[str] = []
+    stale: set[str] = set()
     if units is not None:
-        rows, notes = in_suite(rows, units)
+        rows, stale, notes = in_suite(rows, suite, units)
         if not rows:
-            raise ValueError(f"{output}/results: no row belongs to the suite as it stands ({' '.join(notes)})")
-    text = markdown_table(rows, _header(rows, description, None if units is None else len(units), notes))
+            raise ValueError(f"{output}/results: no row belongs to suite {suite!r} as it stands ({' '.join(notes)})")
+    text = markdown_table(rows, _header(rows, description, None if units is None else len(units), notes, stale), stale)
     table = output / "bench.md"
     output.mkdir(parents=True, exist_ok=True)
     atomic_write(table, lambda handle: handle.write(text.encode()))

@@ -85,8 +85,11 @@ def _best(cells: dict[tuple, dict[str, Any]], name: str, better: Optional[str]) 
     return max(values) if better == "max" else min(values)
 
 
-def markdown_table(rows: list[dict[str, Any]], header: list[str]) -> str:
+def markdown_table(rows: list[dict[str, Any]], header: list[str], stale: frozenset[str] | set[str] = frozenset()) -> str:
+    """The tables; a line holding a unit in ``stale`` (ran with other settings than its suite's now) gets ‡."""
     lines = list(header)
+    marked = {(r["split"], r["budget"], r["train_task"], r["eval_task"], r["cell"], r["mode"])
+              for r in rows if r["unit"] in stale} if stale else set()
     for (split, budget, train_task, eval_task, kind, scoring), cells in sorted(
             aggregate(rows).items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][4] != "id", kv[0][2:])):
         shown = [c for c in COLUMNS if any(s[c[1]] is not None for s in cells.values())]
@@ -99,7 +102,8 @@ def markdown_table(rows: list[dict[str, Any]], header: list[str]) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         best = {c[1]: _best(cells, c[1], c[4]) for c in shown}
         for (cell, mode), s in sorted(cells.items(), key=line_order):
-            out = [cell, mode, "/".join(str(k) for k in s["samples"] if k is not None), str(len(s["seeds"]))]
+            mark = "‡" if (split, budget, train_task, eval_task, cell, mode) in marked else ""
+            out = [cell + mark, mode, "/".join(str(k) for k in s["samples"] if k is not None), str(len(s["seeds"]))]
             for _, name, scale, digits, _ in shown:
                 if s[name] is None:
                     out.append("")

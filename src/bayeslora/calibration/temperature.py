@@ -27,9 +27,11 @@ T_MIN, T_MAX = 1e-2, 1e2
 
 def tempered(log_probs: Tensor, mask: Tensor, temperature: float | Tensor) -> Tensor:
     """Per-draw log-probabilities (N, S, C) at temperature T, renormalised over the valid choices."""
-    valid = mask[:, None, :].to(log_probs.device)
-    finite = torch.where(valid, log_probs, torch.zeros((), dtype=log_probs.dtype))  # no -inf/T in autograd
-    return log_softmax_over_choices(finite / temperature, valid.expand_as(log_probs))
+    # a choice a draw gives probability 0 stays at 0 in that draw; as padding, it is kept out of autograd
+    # (-inf / T has a NaN gradient in T, which sent the fit to a bound)
+    valid = mask[:, None, :].to(log_probs.device) & torch.isfinite(log_probs)
+    finite = torch.where(valid, log_probs, torch.zeros((), dtype=log_probs.dtype))
+    return log_softmax_over_choices(finite / temperature, valid)
 
 
 def _nll(log_probs: Tensor, mask: Tensor, labels: Tensor, temperature: Tensor) -> Tensor:
@@ -63,8 +65,10 @@ def fit_temperature(log_probs: Tensor, mask: Tensor, labels: Tensor) -> tuple[fl
     temperature = float(log_t.detach().clamp(math.log(T_MIN), bound).exp())
     with torch.no_grad():
         # where the NLL falls all the way to a bound (a val set every answer of which is right: it falls as
-        # T -> 0), L-BFGS stops wherever the gradient got small; the bound is the minimiser, and says so
-        found = [(nll, t) for t in (temperature, T_MIN, T_MAX) if math.isfinite(nll := at(t))]
+        # T -> 0), L-BFGS stops wherever the gradient got small; the bound is the minimiser, and says so.
+        # Where L-BFGS failed (a non-finite step), a log-spaced grid over the bounds stands in for it.
+        grid = torch.logspace(math.log10(T_MIN), math.log10(T_MAX), 161).tolist() if not math.isfinite(temperature) else []
+        found = [(nll, t) for t in (temperature, T_MIN, T_MAX, *grid) if math.isfinite(t) and math.isfinite(nll := at(t))]
     end, temperature = min(found) if found else (math.inf, 1.0)
     if end > start:
         return 1.0, start, start
