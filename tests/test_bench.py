@@ -471,6 +471,13 @@ def test_the_report_leaves_out_units_the_suite_dropped_and_marks_units_that_ran_
     assert "1 unit(s) this suite no longer has: `dev/b/t/bayes/seed-9`" in notes[1]
     text = markdown_table(kept, [], stale)
     assert "| bayes‡ | mean |  | 3 |" in text and "| lora | mean |" in text and "| other | mean |" in text
+    from bayeslora.bench.report import _header
+
+    for r in kept:
+        r.update(commit="c", versions={"torch": "x"}, config={}, n_train=1, n_val=1)
+    header = "\n".join(_header(kept, None, units, notes, stale))
+    assert "3 of 4 units finished with the suite's settings, 0 failed" in header  # another suite's unit: not its
+    assert "not checked against their own suites: rows of 1 unit(s) of s-obqa" in header
     assert in_suite(rows[:2], "s", {u: "new" for u in units})[1:] == (set(), [])  # nothing to say: nothing said
 
 

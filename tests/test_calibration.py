@@ -84,6 +84,9 @@ def test_a_draw_that_gives_a_choice_probability_zero_keeps_the_fit_finite():
     assert math.isfinite(after) and after <= before and T_MIN < t < T_MAX and t == pytest.approx(t_before, rel=0.2)
     hot = tempered(draws, mask, 2.0)
     assert torch.isneginf(hot[0, 1, labels[0]]) and hot[0, 1, wrong] == 0.0  # zero stays zero in its draw
+    draws[1, 0, wrong] = float("nan")  # NaN is refused, not taken for probability 0
+    with pytest.raises(ValueError, match="NaN log-probabilities"):
+        fit_temperature(draws, mask, labels)
 
 
 @pytest.mark.parametrize("best", [1 / 4, 1.0, 8.0, 100.0])

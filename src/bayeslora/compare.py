@@ -658,8 +658,8 @@ def targets(table: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
             continue
         out.append({"budget": e["budget"], "cell": e["cell"], "set": f"{e['train_task']}→{e['eval_task']}",
                     "kind": e["kind"], "seeds": vs["seeds"], "acc_diff": 100 * vs["acc"],
-                    "nll_lower": bool(vs["nll"] and vs["nll"]["high"] < 0),
-                    "brier_lower": bool(vs["brier"] and vs["brier"]["high"] < 0),
+                    "nll_lower": None if vs["nll"] is None else vs["nll"]["high"] < 0,  # None: not finite
+                    "brier_lower": None if vs["brier"] is None else vs["brier"]["high"] < 0,
                     "examples_only": len(vs["seeds"]) == 1,  # one seed: says nothing of another training run
                     "ece_ratio": vs["ece_ratio"]})
     return out
@@ -679,7 +679,7 @@ def markdown(summary: dict[str, Any]) -> str:
                  f"of a perfectly calibrated predictor with the same confidences; Δ = paired difference to "
                  f"{plan['reference']}{_reference_modes(summary)} with a 95% interval (the variance of the mean from the "
                  f"crossed seeds × examples ANOVA, a Welch t quantile: simulated, it excludes a zero difference ~13% "
-                 f"of the time at 2 seeds and ~6% at 3 where seeds dominate, ≤ 5% where examples do); † = one seed: "
+                 f"of the time at 2 seeds and ~7% at 3 where seeds dominate, ≤ 5% where examples do); † = one seed: "
                  f"examples only, nothing said of another training run.")
     protocols = sorted({e.get("scoring") or "unrecorded" for e in summary["table"]})
     if protocols:
@@ -739,8 +739,11 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _held(lower: bool, target: dict[str, Any]) -> str:
-    """'yes' / 'no' for an interval below 0; a one-seed 'yes' says so (its interval holds examples only)."""
+def _held(lower: Optional[bool], target: dict[str, Any]) -> str:
+    """'yes' / 'no' for an interval below 0; a one-seed 'yes' says so (its interval holds examples only); 'n/a'
+    where a paired score was not finite."""
+    if lower is None:
+        return "n/a"
     return ("yes†" if target.get("examples_only") else "yes") if lower else "no"
 
 

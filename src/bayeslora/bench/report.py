@@ -13,8 +13,9 @@ from .table import markdown_table
 __all__ = ["write_report"]
 
 
-def _header(rows: list[dict[str, Any]], description: Optional[str], total: Optional[int] = None,
+def _header(rows: list[dict[str, Any]], description: Optional[str], units: Optional[Iterable[str]] = None,
             left_out: Iterable[str] = (), stale: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """``units``: the suite's unit ids (None: every row's unit counts as the suite's)."""
     ok = [r for r in rows if r.get("status") == "ok"]
     suites = sorted({r["suite"] for r in rows})
     lines = [f"# Benchmark: {', '.join(suites)}", ""]
@@ -23,11 +24,17 @@ def _header(rows: list[dict[str, Any]], description: Optional[str], total: Optio
     # no commit: run from an installed wheel, or from a copy that is not a git checkout
     commits = sorted({r.get("commit") or "unknown (not a git checkout; see versions)" for r in rows})
     splits = sorted({r["split"] for r in rows})
-    of = "" if total is None else f" of {total}"
+    mine = {r["unit"] for r in rows} if units is None else set(units)
+    of = "" if units is None else f" of {len(mine)}"
     lines.append(f"Reported on `{', '.join(splits)}`; commit(s) {', '.join(f'`{c}`' for c in commits)}; "
-                 f"{len({r['unit'] for r in ok} - set(stale))}{of} units finished with the suite's settings, "
-                 f"{len({r['unit'] for r in rows if r['status'] == 'error'})} failed.")
+                 f"{len({r['unit'] for r in ok if r['unit'] in mine} - set(stale))}{of} units finished with the "
+                 f"suite's settings, {len({r['unit'] for r in rows if r['status'] == 'error' and r['unit'] in mine})} "
+                 f"failed.")
     lines += list(left_out)
+    others = sorted({r["unit"] for r in rows if r["unit"] not in mine})
+    if others:
+        lines.append(f"Also shown as they are, not checked against their own suites: rows of {len(others)} unit(s) "
+                     f"of {', '.join(sorted({str(r.get('suite')) for r in rows if r['unit'] in others}))}.")
     if ok:
         v = ok[0]["versions"]
         lines.append("Versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)) + ".")
@@ -86,7 +93,7 @@ def write_report(output: Path, files: Optional[Iterable[Path]] = None, descripti
         rows, stale, notes = in_suite(rows, suite, units)
         if not rows:
             raise ValueError(f"{output}/results: no row belongs to suite {suite!r} as it stands ({' '.join(notes)})")
-    text = markdown_table(rows, _header(rows, description, None if units is None else len(units), notes, stale), stale)
+    text = markdown_table(rows, _header(rows, description, units, notes, stale), stale)
     table = output / "bench.md"
     output.mkdir(parents=True, exist_ok=True)
     atomic_write(table, lambda handle: handle.write(text.encode()))

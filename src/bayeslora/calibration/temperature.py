@@ -28,8 +28,11 @@ T_MIN, T_MAX = 1e-2, 1e2
 def tempered(log_probs: Tensor, mask: Tensor, temperature: float | Tensor) -> Tensor:
     """Per-draw log-probabilities (N, S, C) at temperature T, renormalised over the valid choices."""
     # a choice a draw gives probability 0 stays at 0 in that draw; as padding, it is kept out of autograd
-    # (-inf / T has a NaN gradient in T, which sent the fit to a bound)
-    valid = mask[:, None, :].to(log_probs.device) & torch.isfinite(log_probs)
+    # (-inf / T has a NaN gradient in T, which sent the fit to a bound). NaN is refused, not masked.
+    valid = mask[:, None, :].to(log_probs.device)
+    if bool(torch.isnan(log_probs).logical_and(valid).any()):
+        raise ValueError("the predictions hold NaN log-probabilities: no temperature can be fitted or applied")
+    valid = valid & (log_probs != float("-inf"))
     finite = torch.where(valid, log_probs, torch.zeros((), dtype=log_probs.dtype))
     return log_softmax_over_choices(finite / temperature, valid)
 

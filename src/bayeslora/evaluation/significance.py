@@ -44,11 +44,11 @@ def paired_difference(a: Tensor, b: Tensor) -> PairedDifference:
     σ²_seed/S + σ²_example/n + σ²_residual/(nS), estimated from the ANOVA mean squares as
     (MS_seed + MS_example − MS_residual)/(nS) (floored at MS_residual/(nS)). The interval is
     mean ± t_ν(0.975)·se with ν by Welch–Satterthwaite (near S − 1 where seeds dominate, large where
-    examples do). Simulated under no difference (n = 570, per-example sd 0.1; 1,500 cases each) it
-    excludes 0 in 4.7-5.3% of cases where an example effect shared by the seeds dominates, 2.5-3.3% where
-    seed-specific per-example noise does (2-6 seeds), and 12.9% (2 seeds), 6.4% (3), 5.3% (5) where a seed
-    effect of sd 0.02 (as the benchmark measures) dominates: estimating ν makes it somewhat liberal at 2
-    seeds; t with S − 1 degrees of freedom instead excluded 0 in 0-1% (no power at all).
+    examples do). Simulated under no difference (n = 570, per-example sd 0.1; 1,500-10,000 cases each) it
+    excludes 0 in about 5% of cases where an example effect shared by the seeds dominates, about 2% where
+    seed-specific per-example noise does (2-6 seeds; conservative), and 12.7% (2 seeds), 7.4% (3), 5.3% (5)
+    where a seed effect of sd 0.02 (as the benchmark measures) dominates: estimating ν makes it liberal at
+    2-3 seeds; t with S − 1 degrees of freedom instead excluded 0 in 0-1% (no power at all).
     The two-level percentile bootstrap it replaces (over 2-3 seeds never wider than their range, and
     shrinking their variance by (S − 1)/S) excluded 0 in 28% and 21% of the seed-dominated cases. One
     seed: the example term only, ``examples_only`` set (the table says so).
