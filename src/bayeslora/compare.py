@@ -12,7 +12,7 @@ half-trained run resumes from its checkpoint. With ``--calibrations``, each run 
 on its val slice (``temperature``; ``posterior-scale`` and ``posterior-widen`` where the method has a posterior; ``tfb`` on a
 deterministic LoRA run) and evaluated
 through it, as the extra cells ``LABEL+CALIBRATION`` (e.g. ``lora+temperature``). ``summarise`` reads everything back and writes
-``compare.json`` and ``compare.md`` (means ± std over seeds, paired bootstrap intervals against the
+``compare.json`` and ``compare.md`` (means ± std over seeds, paired intervals (seeds × examples) against the
 reference cell, the ECE noise floor beside every ECE, posterior statistics, and the issue's targets).
 """
 
